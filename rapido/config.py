@@ -1,0 +1,241 @@
+"""One typed Config: defaults <- TOML file <- ``RAPIDO_*`` environment <- command-line flags.
+
+Every field is also an environment variable (``RAPIDO_`` + the upper-cased name) and a
+flag (``--`` + the name with dashes). A bad value raises :class:`ConfigError` naming the
+key and what is allowed; the CLI turns that into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rapido.pipeline.jitter import JitterConfig
+from rapido.pipeline.media import AUDIO_RATE
+
+ENV_PREFIX = "RAPIDO_"
+SINKS = ("null", "record")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message names the key."""
+
+
+def _opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- network ------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "address to listen on (non-loopback needs api_key)")
+    port: int = _opt(8080, "HTTP port (0 picks a free one)", lo=0, hi=65535)
+    public_url: str = _opt("", "URL clients use to reach this node (default: from host:port)")
+    api_key: str = _opt("", "bearer key for /api and /ws; empty = loopback only", secret=True)
+    node_id: str = _opt("", "this node's id (default: hostname-port)")
+    region: str = _opt("local", "region this node serves, reported in session JSON")
+    log_level: str = _opt("info", "logging level",
+                          choices=("debug", "info", "warning", "error"))
+    # -- capacity and limits ----------------------------------------------------
+    max_streams: int = _opt(64, "concurrent sessions this node admits", lo=1, hi=100_000)
+    max_body_bytes: int = _opt(16 * 1024 * 1024, "largest HTTP request body",
+                               lo=1024, hi=1 << 30)
+    max_ws_message_bytes: int = _opt(256 * 1024, "largest WebSocket message",
+                                     lo=1024, hi=64 * 1024 * 1024)
+    max_queued_audio_s: float = _opt(120.0, "speech a session may hold queued (HTTP uploads)",
+                                     lo=1, hi=3600)
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long running sessions may finish",
+                                  lo=0, hi=3600)
+    session_idle_timeout_s: float = _opt(0.0, "close sessions silent this long (0 = never)",
+                                         lo=0, hi=86400)
+    # -- media --------------------------------------------------------------------
+    width: int = _opt(854, "video width", lo=64, hi=3840)
+    height: int = _opt(480, "video height", lo=64, hi=2160)
+    fps: int = _opt(25, "video frame rate (must divide 48000)", lo=1, hi=60)
+    default_sink: str = _opt("null", "sink for sessions that name none", choices=SINKS)
+    recordings_dir: str = _opt("recordings", "where the record sink writes MP4 files")
+    record_preset: str = _opt("ultrafast", "libx264 preset of the record sink",
+                              choices=("ultrafast", "superfast", "veryfast", "faster",
+                                       "fast", "medium"))
+    # -- jitter buffer (the plan's defaults) ----------------------------------------
+    jitter_target_ms: float = _opt(160.0, "initial jitter buffer target", lo=10, hi=5000)
+    jitter_min_target_ms: float = _opt(80.0, "lowest adaptive target", lo=10, hi=5000)
+    jitter_start_ms: float = _opt(128.0, "start playback at this level (at the initial "
+                                  "target; scales with it)", lo=1, hi=5000)
+    jitter_resume_ms: float = _opt(40.0, "resume after an underrun at this level", lo=1, hi=5000)
+    jitter_max_ms: float = _opt(240.0, "highest target; back-pressure above it", lo=20, hi=10000)
+    jitter_refill_pct: float = _opt(30.0, "refill signal below this %% of target", lo=1, hi=99)
+    jitter_stall_timeout_ms: float = _opt(3000.0, "end an utterance whose audio stopped this "
+                                          "long without an end", lo=100, hi=600000)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_bounds(f, getattr(self, f.name))
+        if AUDIO_RATE % self.fps:
+            raise ConfigError(f"fps: {self.fps} is not allowed; it must divide {AUDIO_RATE} "
+                              "(e.g. 20, 24, 25, 30, 40, 50, 60)")
+        if self.width % 2 or self.height % 2:
+            raise ConfigError("width/height: must be even (I420 video)")
+        try:
+            self.jitter()
+        except ValueError as exc:
+            raise ConfigError(f"jitter_*: {exc}") from None
+        if not self.api_key and not _is_loopback(self.host):
+            raise ConfigError(
+                f"host: {self.host!r} is not a loopback address and no api_key is set; "
+                "set RAPIDO_API_KEY (or --api-key) to listen beyond this machine"
+            )
+
+    # -- derived ----------------------------------------------------------------------
+
+    def jitter(self) -> JitterConfig:
+        return JitterConfig(
+            sample_rate=AUDIO_RATE,
+            frame_samples=AUDIO_RATE // self.fps,
+            target_ms=self.jitter_target_ms,
+            min_target_ms=self.jitter_min_target_ms,
+            start_ms=self.jitter_start_ms,
+            resume_ms=self.jitter_resume_ms,
+            max_ms=self.jitter_max_ms,
+            refill_pct=self.jitter_refill_pct,
+            stall_timeout_ms=self.jitter_stall_timeout_ms,
+        )
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_key)
+
+    def redacted(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for f in fields(self):
+            if f.metadata.get("secret") and out[f.name]:
+                out[f.name] = "***"
+        return out
+
+    # -- loading ------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        toml_path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Config:
+        """defaults <- TOML <- environment <- overrides (flags); later ones win."""
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            values.update(_from_toml(Path(toml_path)))
+        values.update(_from_env(os.environ if env is None else env))
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = _coerce(key, value)
+        try:
+            return cls(**values)
+        except TypeError as exc:  # pragma: no cover - keys are filtered above
+            raise ConfigError(str(exc)) from None
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _type_of(f: dataclasses.Field[Any]) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    f = _FIELDS.get(key)
+    if f is None:
+        raise ConfigError(f"{key}: unknown setting; known: {', '.join(sorted(_FIELDS))}")
+    typ = _type_of(f)
+    if isinstance(raw, typ) and not (typ is int and isinstance(raw, bool)):
+        return raw
+    if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            if typ is int:
+                return int(text)
+            if typ is float:
+                return float(text)
+            if typ is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+        except ValueError:
+            pass
+        else:
+            return text
+    raise ConfigError(f"{key}: {raw!r} is not a valid {typ.__name__}")
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any) -> None:
+    meta = f.metadata
+    typ = _type_of(f)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{f.name}: {value!r} is not a valid {typ.__name__}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{f.name}: {value!r} is not allowed; choose one of {', '.join(choices)}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and hi is not None and not (lo <= value <= hi):
+        raise ConfigError(f"{f.name}: {value!r} is out of range; allowed {lo}..{hi}")
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(path)!r} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
+    # Allow both a flat file and one with a [rapido] table.
+    table = data.get("rapido", data)
+    if not isinstance(table, dict):
+        raise ConfigError("config: [rapido] must be a table")
+    return {key.replace("-", "_"): _coerce(key.replace("-", "_"), v) for key, v in table.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            out[name] = _coerce(name, raw)
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; every flag defaults to None so unset flags don't override."""
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        shown = "" if f.metadata.get("secret") else f" (default {f.default!r})"
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']}{shown}; env {env}")
+
+
+def flag_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(ns, name) for name in _FIELDS if getattr(ns, name, None) is not None}

@@ -1,0 +1,290 @@
+"""Engine: the node's streams and the one clock that drives them all.
+
+One task ticks every frame interval and advances every stream in a single pass: with a
+hundred streams that is one wake-up per 40 ms instead of a hundred, and it gives the
+model layer one place to gather a batch. The schedule is absolute (``t0 + k * frame``)
+so it never drifts; a loop stall is caught up frame by frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rapido.config import Config
+from rapido.gpu.avatar import Avatar, default_avatar
+from rapido.metrics import Metrics
+from rapido.pipeline.jitter import JitterEvent, PlaybackFinished, PlaybackStarted, Underrun
+from rapido.pipeline.media import AUDIO_RATE
+from rapido.pipeline.render import FrameRenderer, IdleRenderer
+from rapido.pipeline.session import SessionSpec, StreamSession
+from rapido.pipeline.sinks.base import Sink
+from rapido.pipeline.sinks.null import NullSink
+from rapido.pipeline.sinks.recorder import RecorderSink
+
+log = logging.getLogger(__name__)
+
+#: A stall longer than this many frames is not caught up: the clock jumps ahead and the
+#: skipped ticks are counted as late (audio is not lost, it plays later).
+MAX_CATCH_UP_FRAMES = 5
+
+
+class AdmissionError(RuntimeError):
+    def __init__(self, code: str, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class UnknownAvatar(LookupError):
+    pass
+
+
+class Engine:
+    def __init__(self, config: Config, metrics: Metrics, *,
+                 renderer: FrameRenderer | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.renderer: FrameRenderer = renderer or IdleRenderer()
+        self.node_id = config.node_id
+        self.sessions: dict[str, StreamSession] = {}
+        self._by_lesson: dict[str, str] = {}
+        self._avatars: dict[str, Avatar] = {}
+        self._clock: asyncio.Task[None] | None = None
+        self._creating: dict[str, asyncio.Future[StreamSession]] = {}
+        self.draining = False
+        self.ready = False
+        self.ticks = 0
+        self.late_ticks = 0
+        self._frame_s = 1.0 / config.fps
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Drawing the avatar takes a moment: do it before /ready says yes, off the loop.
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._avatars["default"] = await loop.run_in_executor(
+            None, default_avatar, cfg.width, cfg.height, cfg.fps)
+        self._clock = loop.create_task(self._run_clock(), name="engine-clock")
+        self._clock.add_done_callback(self._clock_done)
+        self.ready = True
+
+    async def aclose(self) -> None:
+        self.ready = False
+        await asyncio.gather(*(self.close_session(sid, "shutdown")
+                               for sid in list(self.sessions)))
+        if self._clock is not None:
+            self._clock.cancel()
+            await asyncio.gather(self._clock, return_exceptions=True)
+            self._clock = None
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop admitting; wait up to ``timeout_s`` for speech in flight to finish.
+        Returns True if every session went quiet in time."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while any(s.busy for s in self.sessions.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self._frame_s)
+        return True
+
+    def _clock_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("engine clock died; no stream advances", exc_info=task.exception())
+            self.ready = False
+
+    # -- sessions -----------------------------------------------------------------------
+
+    @property
+    def avatars(self) -> list[str]:
+        return sorted(self._avatars)
+
+    def find_lesson(self, lesson_id: str) -> StreamSession | None:
+        sid = self._by_lesson.get(lesson_id)
+        return self.sessions.get(sid) if sid else None
+
+    async def create_session(self, spec: SessionSpec) -> tuple[StreamSession, bool]:
+        """Returns (session, created). Idempotent per lesson: a lesson with a live session
+        gets that session back, even when two creates race."""
+        existing = self.find_lesson(spec.lesson_id)
+        if existing is not None:
+            return existing, False
+        inflight = self._creating.get(spec.lesson_id)
+        if inflight is not None:
+            return await asyncio.shield(inflight), False
+        if self.draining:
+            self.metrics.sessions_rejected.labels("draining").inc()
+            raise AdmissionError("draining", "this node is shutting down; try another node")
+        if len(self.sessions) + len(self._creating) >= self.config.max_streams:
+            self.metrics.sessions_rejected.labels("at_capacity").inc()
+            raise AdmissionError(
+                "at_capacity",
+                f"this node is at its limit of {self.config.max_streams} streams")
+        avatar = self._avatars.get(spec.avatar)
+        if avatar is None:
+            raise UnknownAvatar(
+                f"avatar {spec.avatar!r} is not known; known: {', '.join(self.avatars)}")
+        fut: asyncio.Future[StreamSession] = asyncio.get_running_loop().create_future()
+        self._creating[spec.lesson_id] = fut
+        try:
+            session = self._build(spec, avatar)
+            await session.start()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: racing creates see it, nobody else has to
+            raise
+        finally:
+            self._creating.pop(spec.lesson_id, None)
+        self.sessions[session.id] = session
+        self._by_lesson[spec.lesson_id] = session.id
+        fut.set_result(session)
+        self.metrics.sessions_created.inc()
+        self.metrics.concurrent_streams.set(len(self.sessions))
+        log.info("session %s created for lesson %s (sink %s)", session.id, spec.lesson_id,
+                 spec.sink)
+        return session, True
+
+    def _build(self, spec: SessionSpec, avatar: Avatar) -> StreamSession:
+        sid = uuid.uuid4().hex
+        return StreamSession(
+            sid, spec, avatar=avatar, sink=self._make_sink(spec, sid),
+            renderer=self.renderer, jitter=self.config.jitter(), fps=self.config.fps,
+            max_queued_s=self.config.max_queued_audio_s, node_id=self.node_id,
+            on_event=self._on_event, on_frame=self._on_frame,
+        )
+
+    def _make_sink(self, spec: SessionSpec, sid: str) -> Sink:
+        cfg = self.config
+        if spec.sink == "record":
+            path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
+            return RecorderSink(path, width=cfg.width, height=cfg.height, fps=cfg.fps,
+                                preset=cfg.record_preset)
+        return NullSink()
+
+    async def close_session(self, session_id: str, reason: str = "closed") -> bool:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        if self._by_lesson.get(session.lesson_id) == session_id:
+            del self._by_lesson[session.lesson_id]
+        await session.aclose(reason)
+        self.metrics.concurrent_streams.set(len(self.sessions))
+        log.info("session %s closed (%s)", session_id, reason)
+        return True
+
+    # -- events from sessions -----------------------------------------------------------
+
+    def _on_event(self, session: StreamSession, ev: JitterEvent) -> None:
+        m = self.metrics
+        if isinstance(ev, Underrun):
+            m.underruns.inc()
+        elif isinstance(ev, PlaybackFinished):
+            m.utterances.labels(ev.reason).inc()
+        elif isinstance(ev, PlaybackStarted):
+            pass
+
+    def _on_frame(self, lateness_s: float, speaking: bool) -> None:
+        self.metrics.frame_latency.observe(max(0.0, lateness_s))
+        if lateness_s > self._frame_s:
+            self.metrics.late_frames.inc()
+
+    # -- the clock ----------------------------------------------------------------------
+
+    async def _run_clock(self) -> None:
+        loop = asyncio.get_running_loop()
+        frame_s = self._frame_s
+        next_t = loop.time()
+        m = self.metrics
+        frames_idle = m.frames.labels("idle")
+        frames_speaking = m.frames.labels("speaking")
+        idle_timeout = self.config.session_idle_timeout_s
+        last_sweep = time.monotonic()
+        while True:
+            delay = next_t - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = loop.time()
+            behind = int((now - next_t) / frame_s)
+            if behind > MAX_CATCH_UP_FRAMES:
+                # The loop was stalled far too long to catch up: skip ahead. No audio is
+                # lost; each stream's speech simply plays that much later.
+                self.late_ticks += behind
+                next_t += behind * frame_s
+            t_cpu = time.perf_counter()
+            speaking = 0
+            sessions = list(self.sessions.values())
+            for s in sessions:
+                try:
+                    s.tick(next_t)
+                except Exception:
+                    # A fault in one stream ends that stream alone.
+                    log.exception("session %s failed in its tick; closing it", s.id)
+                    m.session_errors.labels("tick").inc()
+                    loop.create_task(self.close_session(s.id, "error"),
+                                     name=f"close-{s.id}")
+                    continue
+                speaking += s.speaking
+            self.ticks += 1
+            frames_speaking.inc(speaking)
+            frames_idle.inc(len(sessions) - speaking)
+            m.speaking_streams.set(speaking)
+            m.clock_tick.observe(time.perf_counter() - t_cpu)
+            next_t += frame_s
+            if idle_timeout and time.monotonic() - last_sweep > 1.0:
+                last_sweep = time.monotonic()
+                self._close_idle(idle_timeout)
+
+    def _close_idle(self, timeout_s: float) -> None:
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            if not s.busy and not s.listeners and now - s.counters.last_activity > timeout_s:
+                asyncio.get_running_loop().create_task(
+                    self.close_session(s.id, "idle_timeout"), name=f"close-{s.id}")
+
+    # -- reporting ----------------------------------------------------------------------
+
+    def session_json(self, s: StreamSession, base_url: str) -> dict[str, Any]:
+        ws_base = base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        return {
+            "session_id": s.id,
+            "lesson_id": s.lesson_id,
+            "user_id": s.spec.user_id,
+            "user_location": s.spec.user_location,
+            "room_name": f"lesson_{s.lesson_id}",
+            "state": s.state,
+            "node": self.node_id,
+            "region": self.config.region,
+            "avatar": s.spec.avatar,
+            "sink": s.spec.sink,
+            "sample_rate": s.spec.sample_rate,
+            "audio_rate": AUDIO_RATE,
+            "fps": self.config.fps,
+            "width": self.config.width,
+            "height": self.config.height,
+            "ws_url": f"{ws_base}/ws/sessions/{s.id}",
+            "audio_url": f"{base_url}/api/sessions/{s.id}/audio",
+            "created_at": _iso(s.created_at),
+            "stats": s.stats(),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "node": self.node_id,
+            "streams": len(self.sessions),
+            "speaking": sum(s.speaking for s in self.sessions.values()),
+            "max_streams": self.config.max_streams,
+            "draining": self.draining,
+            "renderer": type(self.renderer).__name__,
+            "ticks": self.ticks,
+            "late_ticks": self.late_ticks,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -1,0 +1,191 @@
+"""REST handlers under ``/api``: sessions, uploads, interrupts. Validation lives here,
+at the edge; the engine only ever sees checked values."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from rapido.config import SINKS
+from rapido.engine import AdmissionError, Engine, UnknownAvatar
+from rapido.http.errors import ApiError, bad_request, json_response, not_found
+from rapido.http.keys import CONFIG, ENGINE, base_url
+from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
+from rapido.pipeline.media import AUDIO_RATE
+from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
+
+LESSON_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CREATE_FIELDS = {"lesson_id", "user_id", "user_location", "avatar", "sample_rate", "sink"}
+
+routes = web.RouteTableDef()
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    body = await request.read()
+    if not body:
+        raise bad_request("invalid_json", "request body is empty; send a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request("invalid_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("invalid_json", "request body must be a JSON object")
+    return data
+
+
+def parse_create(data: dict[str, Any], default_sink: str) -> SessionSpec:
+    unknown = sorted(set(data) - CREATE_FIELDS)
+    if unknown:
+        raise bad_request("unknown_field", f"unknown field(s): {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(CREATE_FIELDS))}")
+    lesson_id = data.get("lesson_id")
+    if lesson_id is None:
+        raise bad_request("missing_lesson_id", "lesson_id is required")
+    if not isinstance(lesson_id, str) or not LESSON_ID.fullmatch(lesson_id):
+        raise bad_request("invalid_lesson_id",
+                          "lesson_id must be 1-64 characters of A-Z a-z 0-9 _ -")
+    user_id = data.get("user_id")
+    if user_id is not None and (not isinstance(user_id, str) or not 1 <= len(user_id) <= 128
+                                or not user_id.isprintable()):
+        raise bad_request("invalid_user_id", "user_id must be a printable string of 1-128 "
+                          "characters")
+    location = _parse_location(data.get("user_location"))
+    avatar = data.get("avatar", "default")
+    if not isinstance(avatar, str) or not NAME.fullmatch(avatar):
+        raise bad_request("invalid_avatar", "avatar must be a name of 1-64 characters of "
+                          "A-Z a-z 0-9 _ . -")
+    rate = data.get("sample_rate", 16_000)
+    try:
+        check_rate(rate)
+    except AudioFormatError as exc:
+        raise bad_request(exc.code, str(exc)) from None
+    sink = data.get("sink", default_sink)
+    if sink not in SINKS:
+        raise bad_request("invalid_sink", f"sink must be one of {', '.join(SINKS)}")
+    return SessionSpec(lesson_id=lesson_id, user_id=user_id, user_location=location,
+                       avatar=avatar, sample_rate=rate, sink=sink)
+
+
+def _parse_location(value: Any) -> Any:
+    """Either a region code ("eu-west") or {"lat": .., "lon": ..} in degrees."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not NAME.fullmatch(value):
+            raise bad_request("invalid_user_location",
+                              "user_location as a string must be a region code of 1-64 "
+                              "characters of A-Z a-z 0-9 _ . -")
+        return value
+    if isinstance(value, dict) and set(value) == {"lat", "lon"}:
+        lat, lon = value["lat"], value["lon"]
+        if (all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lat, lon))
+                and math.isfinite(lat) and math.isfinite(lon)
+                and -90 <= lat <= 90 and -180 <= lon <= 180):
+            return {"lat": float(lat), "lon": float(lon)}
+    raise bad_request("invalid_user_location",
+                      'user_location must be a region code or {"lat": -90..90, '
+                      '"lon": -180..180}')
+
+
+def get_session(request: web.Request) -> StreamSession:
+    sid = request.match_info["session_id"]
+    session = request.app[ENGINE].sessions.get(sid)
+    if session is None:
+        raise not_found("session", sid)
+    return session
+
+
+@routes.post("/api/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    engine: Engine = request.app[ENGINE]
+    spec = parse_create(await read_json(request), request.app[CONFIG].default_sink)
+    try:
+        session, created = await engine.create_session(spec)
+    except AdmissionError as exc:
+        raise ApiError(503, exc.code, str(exc),
+                       headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except UnknownAvatar as exc:
+        raise ApiError(404, "avatar_not_found", str(exc)) from None
+    except SinkError as exc:  # e.g. the recordings directory is not writable
+        raise ApiError(500, "sink_failed", f"could not start the {spec.sink} sink: {exc}") \
+            from None
+    body = engine.session_json(session, base_url(request))
+    headers = {"Location": f"/api/sessions/{session.id}"}
+    return json_response(body, status=201 if created else 200, headers=headers)
+
+
+@routes.get("/api/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    url = base_url(request)
+    return json_response({"sessions": [engine.session_json(s, url)
+                                       for s in engine.sessions.values()]})
+
+
+@routes.get("/api/sessions/{session_id}")
+async def show_session(request: web.Request) -> web.Response:
+    session = get_session(request)
+    return json_response(request.app[ENGINE].session_json(session, base_url(request)))
+
+
+@routes.delete("/api/sessions/{session_id}")
+async def delete_session(request: web.Request) -> web.Response:
+    session = get_session(request)
+    engine = request.app[ENGINE]
+    await engine.close_session(session.id, "deleted")
+    return json_response(engine.session_json(session, base_url(request)))
+
+
+@routes.post("/api/sessions/{session_id}/interrupt")
+async def interrupt_session(request: web.Request) -> web.Response:
+    session = get_session(request)
+    try:
+        result = session.interrupt()
+    except SessionClosed as exc:
+        raise not_found("session", session.id) from exc
+    return json_response({"session_id": session.id, **result})
+
+
+@routes.post("/api/sessions/{session_id}/audio")
+async def upload_audio(request: web.Request) -> web.Response:
+    session = get_session(request)
+    ctype = request.headers.get("Content-Type", "")
+    mime = ctype.split(";", 1)[0].strip().lower()
+    body = await request.read()
+    if not body:
+        raise bad_request("empty_audio", "the request body holds no audio")
+    try:
+        if mime in ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"):
+            samples, rate = decode_wav(body)
+        elif mime == "audio/l16":
+            samples, rate = parse_l16(ctype, body)
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           "send audio/wav or audio/L16;rate=N (PCM s16 mono)")
+    except AudioFormatError as exc:
+        raise ApiError(415 if exc.code.startswith("unsupported") else 400, exc.code,
+                       str(exc)) from None
+    if len(samples) == 0:
+        raise bad_request("empty_audio", "the audio holds no samples")
+    loop = asyncio.get_running_loop()
+    samples48 = samples if rate == AUDIO_RATE else \
+        await loop.run_in_executor(None, resample, samples, rate)
+    try:
+        queued_ms = session.enqueue_utterance(samples48)
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "5"}) from None
+    except SessionClosed as exc:
+        raise not_found("session", session.id) from exc
+    return json_response({
+        "session_id": session.id,
+        "duration_ms": round(1000.0 * len(samples48) / AUDIO_RATE, 1),
+        "input_sample_rate": rate,
+        "queued_ms": round(queued_ms, 1),
+    }, status=202)

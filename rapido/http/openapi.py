@@ -1,0 +1,213 @@
+"""The OpenAPI 3.1 description of every preserved path, served at /api/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rapido import __version__
+from rapido.config import SINKS, Config
+from rapido.pipeline.audio import MAX_RATE, MIN_RATE
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_SESSION_ID = {
+    "name": "session_id", "in": "path", "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+}
+
+
+def openapi_document(config: Config) -> dict[str, Any]:
+    secured = [{"bearer": []}] if config.auth_required else []
+    errors = {"401": _error("missing or wrong API key")} if config.auth_required else {}
+    session_errors = {**errors, "404": _error("unknown session")}
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object", "required": ["error", "message"],
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "Location": {
+            "oneOf": [
+                {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$",
+                 "description": "a region code"},
+                {"type": "object", "required": ["lat", "lon"], "additionalProperties": False,
+                 "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90},
+                                "lon": {"type": "number", "minimum": -180, "maximum": 180}}},
+            ],
+        },
+        "SessionCreate": {
+            "type": "object", "required": ["lesson_id"], "additionalProperties": False,
+            "properties": {
+                "lesson_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "user_id": {"type": "string", "minLength": 1, "maxLength": 128},
+                "user_location": _ref("Location"),
+                "avatar": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$",
+                           "default": "default"},
+                "sample_rate": {"type": "integer", "minimum": MIN_RATE, "maximum": MAX_RATE,
+                                "default": 16000,
+                                "description": "rate of the PCM sent on the WebSocket"},
+                "sink": {"type": "string", "enum": list(SINKS), "default": config.default_sink},
+            },
+        },
+        "SessionStats": {
+            "type": "object",
+            "properties": {
+                "state": {"type": "string"},
+                "buffered_ms": {"type": "number"},
+                "target_ms": {"type": "number"},
+                "underruns": {"type": "integer"},
+                "frames_out": {"type": "integer"},
+                "playout_position_ms": {"type": "number"},
+                "played_ms": {"type": "number"},
+            },
+        },
+        "Session": {
+            "type": "object",
+            "required": ["session_id", "lesson_id", "room_name", "state", "node", "ws_url",
+                         "created_at"],
+            "properties": {
+                "session_id": {"type": "string"},
+                "lesson_id": {"type": "string"},
+                "user_id": {"type": ["string", "null"]},
+                "room_name": {"type": "string"},
+                "state": {"type": "string",
+                          "enum": ["idle", "speaking", "interrupted", "closed"]},
+                "node": {"type": "string"},
+                "region": {"type": "string"},
+                "avatar": {"type": "string"},
+                "sink": {"type": "string"},
+                "sample_rate": {"type": "integer"},
+                "fps": {"type": "integer"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+                "ws_url": {"type": "string"},
+                "audio_url": {"type": "string"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "stats": _ref("SessionStats"),
+            },
+        },
+        "SessionList": {
+            "type": "object", "required": ["sessions"],
+            "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
+        },
+        "AudioQueued": {
+            "type": "object", "required": ["session_id", "duration_ms", "queued_ms"],
+            "properties": {"session_id": {"type": "string"},
+                           "duration_ms": {"type": "number"},
+                           "input_sample_rate": {"type": "integer"},
+                           "queued_ms": {"type": "number"}},
+        },
+        "Interrupted": {
+            "type": "object", "required": ["session_id", "interrupted", "position_ms"],
+            "properties": {"session_id": {"type": "string"},
+                           "interrupted": {"type": "boolean"},
+                           "was_playing": {"type": "boolean"},
+                           "position_ms": {"type": "number"},
+                           "dropped_frames": {"type": "integer"}},
+        },
+    }
+    paths: dict[str, Any] = {
+        "/api/sessions": {
+            "post": {
+                "summary": "Create the avatar stream of a lesson (idempotent per lesson)",
+                "operationId": "createSession", "security": secured,
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": _ref("SessionCreate")}}},
+                "responses": {
+                    "201": _json(_ref("Session"), "created"),
+                    "200": _json(_ref("Session"), "the lesson already had a live session"),
+                    "400": _error("invalid request"),
+                    "404": _error("unknown avatar"),
+                    "413": _error("body too large"),
+                    "503": _error("at capacity or draining; see Retry-After"),
+                    **errors,
+                },
+            },
+            "get": {
+                "summary": "List live sessions", "operationId": "listSessions",
+                "security": secured,
+                "responses": {"200": _json(_ref("SessionList"), "sessions"), **errors},
+            },
+        },
+        "/api/sessions/{session_id}": {
+            "parameters": [_SESSION_ID],
+            "get": {"summary": "One session with live stats", "operationId": "getSession",
+                    "security": secured,
+                    "responses": {"200": _json(_ref("Session"), "the session"),
+                                  **session_errors}},
+            "delete": {"summary": "End a session", "operationId": "deleteSession",
+                       "security": secured,
+                       "responses": {"200": _json(_ref("Session"), "closed; final stats"),
+                                     **session_errors}},
+        },
+        "/api/sessions/{session_id}/audio": {
+            "parameters": [_SESSION_ID],
+            "post": {
+                "summary": "Queue one utterance (WAV, or raw PCM as audio/L16;rate=N)",
+                "operationId": "uploadAudio", "security": secured,
+                "requestBody": {"required": True, "content": {
+                    "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                    "audio/L16": {"schema": {"type": "string", "format": "binary"}},
+                }},
+                "responses": {
+                    "202": _json(_ref("AudioQueued"), "queued behind earlier utterances"),
+                    "400": _error("malformed audio"),
+                    "413": _error("body too large"),
+                    "415": _error("unsupported audio format"),
+                    "429": _error("too much speech queued"),
+                    **session_errors,
+                },
+            },
+        },
+        "/api/sessions/{session_id}/interrupt": {
+            "parameters": [_SESSION_ID],
+            "post": {"summary": "Barge-in: flush buffered speech and queued frames",
+                     "operationId": "interruptSession", "security": secured,
+                     "responses": {"200": _json(_ref("Interrupted"), "flushed"),
+                                   **session_errors}},
+        },
+        "/ws/sessions/{session_id}": {
+            "parameters": [_SESSION_ID],
+            "get": {
+                "summary": "WebSocket: PCM s16le mono in (binary), JSON control in "
+                           "(start, end, interrupt, ping); events out (ready, "
+                           "playback_started, playback_finished, underrun, refill, error, "
+                           "pong, closed)",
+                "operationId": "sessionSocket", "security": secured,
+                "responses": {"101": {"description": "switching to WebSocket"},
+                              "400": _error("not a WebSocket request"), **session_errors},
+            },
+        },
+        "/health": {"get": {"summary": "Liveness", "operationId": "health",
+                            "responses": {"200": _json({"type": "object"}, "alive")}}},
+        "/ready": {"get": {"summary": "Readiness: 503 while starting or draining",
+                           "operationId": "ready",
+                           "responses": {"200": _json({"type": "object"}, "ready"),
+                                         "503": _json({"type": "object"}, "not ready")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                             "responses": {"200": {"description": "text exposition format",
+                                                   "content": {"text/plain": {}}}}}},
+        "/api/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
+                                      "responses": {"200": _json({"type": "object"},
+                                                                 "OpenAPI 3.1")}}},
+    }
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "rapido", "version": __version__,
+                 "description": "Speech audio in, a lip-synced talking-avatar stream out."},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    if config.auth_required:
+        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return doc

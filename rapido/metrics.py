@@ -1,0 +1,82 @@
+"""Every Prometheus metric of a node, in one place, on the node's own registry.
+
+Names from the plan are kept as they are (``concurrent_streams_total`` is a gauge despite
+its suffix: dashboards were drawn against that name). A registry per node, not the
+global one, so several nodes can live in one test process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# The *_created series double the exposition for no use on our dashboards.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5, 1.0)
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry(auto_describe=True)
+        # -- the plan's names -----------------------------------------------------------
+        self.concurrent_streams = Gauge(
+            "concurrent_streams_total", "Live avatar streams on this node", registry=r)
+        self.speaking_streams = Gauge(
+            "speaking_streams", "Streams playing speech right now", registry=r)
+        self.gpu_utilization = Gauge(
+            "gpu_utilization_percent", "GPU utilisation (0 on a CPU-only node)", registry=r)
+        self.gpu_memory_used = Gauge(
+            "gpu_memory_used_bytes", "GPU memory in use (0 on a CPU-only node)", registry=r)
+        self.underruns = Counter(
+            "audio_buffer_underruns", "Playout needed speech mid-utterance and had none",
+            registry=r)  # exported as audio_buffer_underruns_total
+        self.frame_latency = Histogram(
+            "frame_processing_latency_seconds",
+            "How late a frame left for its sink, against its place on the stream's clock",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.livekit_connection = Histogram(
+            "livekit_connection_seconds", "Time to connect to a LiveKit room", registry=r)
+        self.video_quality = Gauge(
+            "video_quality_score",
+            "1.0 = full quality; lower while the node degrades on purpose", registry=r)
+        self.video_quality.set(1.0)
+        # -- pipeline ------------------------------------------------------------------
+        self.frames = Counter("frames", "Video frames sent to sinks", ["kind"], registry=r)
+        self.late_frames = Counter(
+            "late_frames", "Frames more than one frame interval late", registry=r)
+        self.audio_in = Counter(
+            "audio_received_seconds", "Speech received, after resampling", registry=r)
+        self.concealed = Counter(
+            "audio_concealed_seconds", "Silence inserted during underruns", registry=r)
+        self.utterances = Counter(
+            "utterances", "Utterances finished", ["outcome"], registry=r)
+        self.sessions_created = Counter(
+            "sessions_created", "Sessions created", registry=r)
+        self.sessions_rejected = Counter(
+            "sessions_rejected", "Session creates refused", ["reason"], registry=r)
+        self.session_errors = Counter(
+            "session_errors", "Faults that ended or degraded a session", ["kind"], registry=r)
+        self.clock_tick = Histogram(
+            "clock_tick_seconds", "CPU time of one clock tick over all streams",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.bad_input = Counter(
+            "bad_input", "Rejected inputs from outside", ["where", "code"], registry=r)
+        # -- HTTP ------------------------------------------------------------------------
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "HTTP request duration", ["route", "method"],
+            buckets=_HTTP_BUCKETS, registry=r)
+        self.ws_connections = Gauge(
+            "websocket_connections", "Open WebSocket connections", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

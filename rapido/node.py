@@ -1,0 +1,99 @@
+"""One node: engine + HTTP (+ cluster, later) and its lifecycle.
+
+Shutdown order, as aiohttp would have it: stop admitting (``/ready`` goes 503) -> let
+speech in flight finish, up to the drain timeout -> close sessions (sinks finalise,
+clients get ``closed``) -> stop the listener and cancel what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from aiohttp import web
+
+from rapido.config import Config, _is_loopback
+from rapido.engine import Engine
+from rapido.http.app import make_app
+from rapido.http.keys import ENGINE
+from rapido.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.app = make_app(config, self.metrics)
+        self.runner: web.AppRunner | None = None
+        self.port = config.port
+
+    @property
+    def engine(self) -> Engine:
+        return self.app[ENGINE]
+
+    @property
+    def url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                    shutdown_timeout=5.0)
+        await self.runner.setup()  # runs cleanup_ctx: the engine starts here
+        site = web.TCPSite(self.runner, self.config.host, self.config.port,
+                           reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        if not self.config.node_id:
+            self.engine.node_id = f"{socket.gethostname()}-{self.port}"
+        if not self.config.auth_required:
+            log.warning("no api_key configured: listening on loopback %s only",
+                        self.config.host)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        log.info("draining: no new sessions; waiting up to %.0f s for speech in flight",
+                 timeout)
+        quiet = await self.engine.drain(timeout)
+        if not quiet:
+            log.warning("drain timeout: closing %d sessions with speech in flight",
+                        sum(s.busy for s in self.engine.sessions.values()))
+        return quiet
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+async def serve(config: Config) -> int:
+    """Run a node until SIGTERM/SIGINT; drain, then exit 0."""
+    node = Node(config)
+    await node.start()
+    print(f"rapido serving at {node.url}/  (health {node.url}/health)", flush=True)
+    if not _is_loopback(config.host) and config.auth_required:
+        log.info("listening on %s with API key auth", config.host)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown requested")
+    try:
+        await node.drain()
+    finally:
+        await node.stop()
+    log.info("stopped")
+    return 0

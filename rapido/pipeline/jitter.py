@@ -1,0 +1,478 @@
+"""AudioJitterBuffer: smooths bursty speech arrival into a steady 40 ms-per-frame playout.
+
+Pure and synchronous: time comes in as an argument, nothing here sleeps, reads a clock or
+touches a socket, so it is tested by feeding arrival traces and looking at the state.
+
+Shape of the logic (after WebRTC's NetEQ):
+
+* Every pushed chunk gives a *relative arrival delay*: (arrival - media time) minus its
+  minimum over the last ``window_s``. Those delays go into a histogram that forgets
+  (half-life measured in media time), and the *target level* is a high quantile of it plus
+  two frames of headroom, clamped to ``[min_target_ms, max_ms]``.
+* An utterance starts playing once ``start_ratio * target`` is buffered (128 ms at the
+  initial 160 ms target), or as soon as its end is known.
+* Playout needing audio mid-utterance with none buffered is an *underrun*: the frame is
+  concealed with silence, one concealment event is counted, and playout resumes once
+  ``resume_ms`` is buffered again. The silence between utterances is not an underrun.
+* Nothing is ever dropped. ``max_ms`` is where the *caller* stops reading its source
+  (back-pressure, see :attr:`has_room`); the buffer itself accepts every push. Only
+  :meth:`flush` (barge-in) discards audio, and it reports how much.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rapido.pipeline.media import AUDIO_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class JitterConfig:
+    sample_rate: int = AUDIO_RATE
+    frame_samples: int = AUDIO_RATE // 25
+    target_ms: float = 160.0  # initial target, before any arrival has been measured
+    min_target_ms: float = 80.0
+    start_ms: float = 128.0  # start level at the initial target; scales with the target
+    resume_ms: float = 40.0
+    max_ms: float = 240.0
+    refill_pct: float = 30.0
+    quantile: float = 0.95
+    window_s: float = 2.0
+    half_life_s: float = 1.5  # of media time: the histogram forgets at the rate speech arrives
+    stall_timeout_ms: float = 3000.0  # an open utterance with no audio this long ends
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.sample_rate > 0, "sample_rate must be > 0"),
+            (self.frame_samples > 0, "frame_samples must be > 0"),
+            (0 < self.min_target_ms <= self.target_ms <= self.max_ms,
+             "need 0 < min_target_ms <= target_ms <= max_ms"),
+            (0 < self.start_ms <= self.target_ms, "need 0 < start_ms <= target_ms"),
+            (0 < self.resume_ms <= self.max_ms, "need 0 < resume_ms <= max_ms"),
+            (0 < self.refill_pct < 100, "refill_pct must be in (0, 100)"),
+            (0.5 <= self.quantile < 1.0, "quantile must be in [0.5, 1)"),
+            (self.window_s > 0 and self.half_life_s > 0, "window_s and half_life_s must be > 0"),
+            (self.stall_timeout_ms > 0, "stall_timeout_ms must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"jitter buffer: {message}")
+
+    @property
+    def frame_ms(self) -> float:
+        return 1000.0 * self.frame_samples / self.sample_rate
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackStarted:
+    utterance: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackFinished:
+    utterance: int
+    position_ms: float  # speech of this utterance actually played
+    interrupted: bool
+    reason: str  # "end" | "interrupt" | "stalled"
+
+
+@dataclass(frozen=True, slots=True)
+class Underrun:
+    utterance: int
+    position_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refill:
+    buffered_ms: float
+    target_ms: float
+
+
+JitterEvent = PlaybackStarted | PlaybackFinished | Underrun | Refill
+
+
+@dataclass(slots=True)
+class PullResult:
+    audio: np.ndarray  # int16, exactly frame_samples long
+    real_samples: int  # samples of speech in this frame (the rest is padding/concealment)
+    concealed_samples: int
+    utterance: int | None  # utterance whose speech this frame carries, if any
+    events: list[JitterEvent]
+
+    @property
+    def speaking(self) -> bool:
+        return self.real_samples > 0
+
+
+@dataclass(slots=True)
+class JitterStats:
+    """Counters named after W3C webrtc-stats' inbound-rtp jitter buffer fields."""
+
+    emitted_samples: int = 0  # speech samples played out (jitterBufferEmittedCount)
+    concealed_samples: int = 0
+    concealment_events: int = 0  # == underruns
+    padded_samples: int = 0  # silence appended after an utterance's last partial frame
+    delay_sample_seconds: float = 0.0  # sum over emitted samples of time spent buffered
+    received_samples: int = 0
+    flushed_samples: int = 0  # discarded by interrupts, and only by them
+    utterances_started: int = 0
+    utterances_finished: int = 0
+
+    @property
+    def underruns(self) -> int:
+        return self.concealment_events
+
+    @property
+    def mean_delay_ms(self) -> float:
+        if not self.emitted_samples:
+            return 0.0
+        return 1000.0 * self.delay_sample_seconds / self.emitted_samples
+
+
+# -- internals -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Chunk:
+    samples: np.ndarray
+    arrival: float
+    offset: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.samples) - self.offset
+
+
+@dataclass(slots=True)
+class _Utterance:
+    id: int
+    chunks: deque[_Chunk] = field(default_factory=deque)
+    buffered: int = 0
+    ended: bool = False
+    first_arrival: float = 0.0
+    last_arrival: float = 0.0
+    played: int = 0
+    started: bool = False
+
+
+_HIST_BIN_MS = 5.0
+_HIST_BINS = 200  # 0 .. 1 s of relative delay; anything later lands in the last bin
+
+
+class AudioJitterBuffer:
+    """One stream's buffer. ``push``/``end_utterance`` on arrival, ``pull`` once per frame."""
+
+    IDLE = "idle"
+    BUFFERING = "buffering"
+    PLAYING = "playing"
+    UNDERRUN = "underrun"
+
+    def __init__(self, config: JitterConfig | None = None) -> None:
+        self.config = cfg = config or JitterConfig()
+        self.stats = JitterStats()
+        self._rate = cfg.sample_rate
+        self._fs = cfg.frame_samples
+        self._silence = np.zeros(self._fs, dtype=np.int16)
+        self._silence.flags.writeable = False
+        # Utterances in arrival order; the head is the one playing (or about to).
+        self._utts: deque[_Utterance] = deque()
+        self._open: _Utterance | None = None  # input side: receiving audio, no end yet
+        self._next_id = 1
+        self._state = self.IDLE
+        self._concealed_run = 0  # samples concealed in the current underrun
+        self._refill_armed = True
+        self._buffered = 0
+        # Arrival-delay estimation, per input-side utterance.
+        self._media_s = 0.0
+        self._window: deque[tuple[float, float]] = deque()
+        self._hist = np.zeros(_HIST_BINS, dtype=np.float64)
+        initial = max(0.0, cfg.target_ms - self._headroom_ms())
+        self._hist[min(_HIST_BINS - 1, int(initial / _HIST_BIN_MS))] = 1.0
+        self._target_ms = cfg.target_ms
+
+    # -- input side ---------------------------------------------------------------
+
+    def start_utterance(self, now: float) -> int:
+        """Begin a new utterance explicitly (an open one is ended first). Returns its id."""
+        if self._open is not None:
+            self.end_utterance(now)
+        return self._open_utterance(now).id
+
+    def push(self, samples: np.ndarray, now: float) -> None:
+        """Queue speech. Never drops: back-pressure is the caller's job (:attr:`has_room`)."""
+        if samples.dtype != np.int16 or samples.ndim != 1:
+            raise ValueError("push() takes a 1-D int16 array of mono samples")
+        n = len(samples)
+        if n == 0:
+            return
+        utt = self._open if self._open is not None else self._open_utterance(now)
+        self._measure_arrival(n, now)
+        utt.chunks.append(_Chunk(samples, now))
+        utt.buffered += n
+        utt.last_arrival = now
+        self._buffered += n
+        self.stats.received_samples += n
+
+    def end_utterance(self, now: float) -> int | None:
+        """Mark the end of the utterance being received; returns its id (None if none open)."""
+        utt = self._open
+        if utt is None:
+            return None
+        utt.ended = True
+        utt.last_arrival = now
+        self._open = None
+        if utt.buffered == 0 and not utt.started and utt is self._utts[-1]:
+            # An utterance with no audio at all has nothing to play: forget it.
+            self._utts.pop()
+        return utt.id
+
+    # -- output side --------------------------------------------------------------
+
+    def pull(self, now: float) -> PullResult:
+        """Audio for the next video frame. Always exactly ``frame_samples`` long."""
+        events: list[JitterEvent] = []
+        utt = self._utts[0] if self._utts else None
+        if utt is None:
+            self._state = self.IDLE
+            return PullResult(self._silence, 0, 0, None, events)
+
+        if self._state in (self.IDLE, self.BUFFERING):
+            if not self._ready_to_start(utt, now):
+                self._state = self.BUFFERING
+                return PullResult(self._silence, 0, 0, None, events)
+            self._state = self.PLAYING
+            utt.started = True
+            self.stats.utterances_started += 1
+            self._refill_armed = True
+            events.append(PlaybackStarted(utt.id))
+        elif self._state == self.UNDERRUN:
+            if utt.buffered >= self._ms_to_samples(self.config.resume_ms) or utt.ended:
+                self._state = self.PLAYING
+                self._concealed_run = 0
+            else:
+                return self._conceal(utt, now, events)
+
+        # PLAYING
+        if utt.buffered < self._fs and not utt.ended:
+            if utt.buffered == 0:
+                self._state = self.UNDERRUN
+                self.stats.concealment_events += 1
+                events.append(Underrun(utt.id, self._position_ms(utt)))
+                return self._conceal(utt, now, events)
+            # Play what there is, conceal the rest of the frame: an underrun starts here.
+            out = np.empty(self._fs, dtype=np.int16)
+            got = self._take(utt, out, now)
+            out[got:] = 0
+            self._state = self.UNDERRUN
+            self.stats.concealment_events += 1
+            self.stats.concealed_samples += self._fs - got
+            self._concealed_run = self._fs - got
+            events.append(Underrun(utt.id, self._position_ms(utt)))
+            return PullResult(out, got, self._fs - got, utt.id, events)
+
+        out = np.empty(self._fs, dtype=np.int16)
+        got = self._take(utt, out, now)
+        if got < self._fs:  # the utterance's last, partial frame
+            out[got:] = 0
+            self.stats.padded_samples += self._fs - got
+        if utt.ended and utt.buffered == 0:
+            self._finish(utt, events, interrupted=False, reason="end")
+        else:
+            self._check_refill(events)
+        return PullResult(out, got, 0, utt.id, events)
+
+    def flush(self, now: float) -> list[JitterEvent]:
+        """Barge-in: discard every buffered sample of every utterance, at once.
+
+        Returns a ``PlaybackFinished(interrupted=True)`` for the utterance that was playing
+        or buffering, carrying the position where its playback stopped."""
+        events: list[JitterEvent] = []
+        for i, utt in enumerate(self._utts):
+            self.stats.flushed_samples += utt.buffered
+            if i == 0 and (utt.started or utt.buffered or not utt.ended):
+                events.append(
+                    PlaybackFinished(utt.id, self._position_ms(utt), True, "interrupt")
+                )
+        if self._utts and self._utts[0].started:
+            self.stats.utterances_finished += 1
+        self._utts.clear()
+        self._open = None
+        self._buffered = 0
+        self._state = self.IDLE
+        self._concealed_run = 0
+        self._window.clear()
+        return events
+
+    # -- state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffered
+
+    @property
+    def buffered_ms(self) -> float:
+        return 1000.0 * self._buffered / self._rate
+
+    @property
+    def has_room(self) -> bool:
+        """False once ``max_ms`` is buffered: the caller should stop reading its source."""
+        return self._buffered < self._ms_to_samples(self.config.max_ms)
+
+    @property
+    def target_ms(self) -> float:
+        return self._target_ms
+
+    @property
+    def start_level_ms(self) -> float:
+        return self._target_ms * self.config.start_ms / self.config.target_ms
+
+    @property
+    def current_utterance(self) -> int | None:
+        if self._utts and self._utts[0].started:
+            return self._utts[0].id
+        return None
+
+    @property
+    def receiving(self) -> bool:
+        """An utterance is open on the input side (audio came, no end yet)."""
+        return self._open is not None
+
+    @property
+    def pending_utterances(self) -> int:
+        return len(self._utts)
+
+    @property
+    def position_ms(self) -> float:
+        """Playback position inside the current utterance."""
+        return self._position_ms(self._utts[0]) if self._utts else 0.0
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next ``n`` buffered samples of the head utterance without consuming them
+        (the model's look-ahead window); shorter if fewer are buffered."""
+        if not self._utts or n <= 0:
+            return self._silence[:0]
+        parts: list[np.ndarray] = []
+        need = n
+        for chunk in self._utts[0].chunks:
+            part = chunk.samples[chunk.offset : chunk.offset + need]
+            parts.append(part)
+            need -= len(part)
+            if need <= 0:
+                break
+        return np.concatenate(parts) if parts else self._silence[:0]
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _open_utterance(self, now: float) -> _Utterance:
+        utt = _Utterance(self._next_id, first_arrival=now, last_arrival=now)
+        self._next_id += 1
+        self._utts.append(utt)
+        self._open = utt
+        # Each utterance has its own media clock: arrival delays restart from it.
+        self._media_s = 0.0
+        self._window.clear()
+        return utt
+
+    def _ready_to_start(self, utt: _Utterance, now: float) -> bool:
+        if utt.ended:
+            return utt.buffered > 0
+        if utt.buffered >= self._ms_to_samples(self.start_level_ms):
+            return True
+        # A short utterance whose end never came must not wait forever.
+        return utt.buffered > 0 and now - utt.last_arrival >= self.config.stall_timeout_ms / 1e3
+
+    def _take(self, utt: _Utterance, out: np.ndarray, now: float) -> int:
+        want = len(out)
+        got = 0
+        chunks = utt.chunks
+        delay = 0.0
+        while got < want and chunks:
+            chunk = chunks[0]
+            n = min(want - got, chunk.remaining)
+            out[got : got + n] = chunk.samples[chunk.offset : chunk.offset + n]
+            chunk.offset += n
+            got += n
+            delay += n * max(0.0, now - chunk.arrival)
+            if chunk.remaining == 0:
+                chunks.popleft()
+        utt.buffered -= got
+        utt.played += got
+        self._buffered -= got
+        self.stats.emitted_samples += got
+        self.stats.delay_sample_seconds += delay
+        return got
+
+    def _conceal(self, utt: _Utterance, now: float, events: list[JitterEvent]) -> PullResult:
+        self.stats.concealed_samples += self._fs
+        self._concealed_run += self._fs
+        if 1000.0 * self._concealed_run / self._rate >= self.config.stall_timeout_ms:
+            # The source went away mid-utterance without an end: stop waiting for it.
+            if self._open is utt:
+                self._open = None
+            utt.ended = True
+            self._finish(utt, events, interrupted=False, reason="stalled")
+        return PullResult(self._silence, 0, self._fs, utt.id, events)
+
+    def _finish(
+        self, utt: _Utterance, events: list[JitterEvent], *, interrupted: bool, reason: str
+    ) -> None:
+        events.append(PlaybackFinished(utt.id, self._position_ms(utt), interrupted, reason))
+        self.stats.utterances_finished += 1
+        self._utts.popleft()
+        self._concealed_run = 0
+        self._state = self.IDLE
+
+    def _check_refill(self, events: list[JitterEvent]) -> None:
+        head = self._utts[0]
+        if head.ended:
+            return  # the rest is already here: asking for more would be noise
+        level = 1000.0 * head.buffered / self._rate
+        low = self._target_ms * self.config.refill_pct / 100.0
+        if level < low and self._refill_armed:
+            self._refill_armed = False
+            events.append(Refill(level, self._target_ms))
+        elif level >= low:
+            self._refill_armed = True
+
+    def _measure_arrival(self, n: int, now: float) -> None:
+        cfg = self.config
+        self._media_s += n / self._rate
+        # Chunks landing in an already full buffer say nothing about underrun risk, and
+        # under back-pressure they would read as large delays against the early burst.
+        informative = self._buffered < self._ms_to_samples(self._target_ms)
+        delay = now - self._media_s
+        window = self._window
+        window.append((now, delay))
+        while window and now - window[0][0] > cfg.window_s:
+            window.popleft()
+        if not informative:
+            return
+        rel_ms = 1000.0 * (delay - min(d for _, d in window))
+        forget = 0.5 ** ((n / self._rate) / cfg.half_life_s)
+        self._hist *= forget
+        self._hist[min(_HIST_BINS - 1, int(rel_ms / _HIST_BIN_MS))] += 1.0 - forget
+        cdf = np.cumsum(self._hist)
+        q_bin = int(np.searchsorted(cdf, cfg.quantile * cdf[-1]))
+        q_ms = (q_bin + 1) * _HIST_BIN_MS
+        self._target_ms = min(cfg.max_ms, max(cfg.min_target_ms, q_ms + self._headroom_ms()))
+
+    def _headroom_ms(self) -> float:
+        # Playout takes a whole frame at a time, at a tick phase unrelated to arrivals.
+        return 2.0 * self.config.frame_ms
+
+    def _ms_to_samples(self, ms: float) -> int:
+        return int(math.ceil(ms * self._rate / 1000.0))
+
+    def _position_ms(self, utt: _Utterance) -> float:
+        return 1000.0 * utt.played / self._rate

@@ -1,0 +1,421 @@
+"""StreamSession: one lesson's avatar stream, from speech in to frames out.
+
+States: ``idle`` (silent, idle frames), ``speaking`` (an utterance is playing),
+``interrupted`` (barge-in flushed everything; idle frames until the next utterance) and
+``closed``. The engine's clock calls :meth:`tick` once per frame; everything else is
+driven by the session's clients (WebSocket, HTTP uploads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rapido.gpu.avatar import Avatar
+from rapido.pipeline.audio import Resampler
+from rapido.pipeline.jitter import (
+    AudioJitterBuffer,
+    JitterConfig,
+    JitterEvent,
+    PlaybackFinished,
+    PlaybackStarted,
+    Refill,
+    Underrun,
+)
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk
+from rapido.pipeline.render import FrameJob, FrameRenderer
+from rapido.pipeline.sinks.base import Sink
+
+log = logging.getLogger(__name__)
+
+IDLE = "idle"
+SPEAKING = "speaking"
+INTERRUPTED = "interrupted"
+CLOSED = "closed"
+
+Event = dict[str, Any]
+
+
+class SessionClosed(RuntimeError):
+    pass
+
+
+class QueueFull(RuntimeError):
+    """More queued speech than the session may hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A validated create request: the edge checked every field."""
+
+    lesson_id: str
+    user_id: str | None = None
+    user_location: Any = None
+    avatar: str = "default"
+    sample_rate: int = 16_000
+    sink: str = "null"
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    frames_out: int = 0
+    speaking_frames: int = 0
+    degraded_frames: int = 0
+    late_frames: int = 0
+    max_lateness_s: float = 0.0
+    utterances: int = 0
+    interrupts: int = 0
+    played_ms: float = 0.0  # speech played out, all utterances together
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+class StreamSession:
+    def __init__(
+        self,
+        session_id: str,
+        spec: SessionSpec,
+        *,
+        avatar: Avatar,
+        sink: Sink,
+        renderer: FrameRenderer,
+        jitter: JitterConfig,
+        fps: int,
+        max_queued_s: float,
+        node_id: str = "",
+        on_event: Callable[[StreamSession, JitterEvent], None] | None = None,
+        on_frame: Callable[[float, bool], None] | None = None,
+    ) -> None:
+        self.id = session_id
+        self.spec = spec
+        self.node_id = node_id
+        self.avatar = avatar
+        self.sink = sink
+        self.renderer = renderer
+        self.fps = fps
+        self.frame_s = 1.0 / fps
+        self.created_at = time.time()
+        self.jb = AudioJitterBuffer(jitter)
+        self.counters = SessionCounters()
+        self._state = IDLE
+        self._on_event = on_event
+        self._on_frame = on_frame
+        self._resampler = Resampler(spec.sample_rate)
+        self._frame_index = 0
+        self._pending: deque[FrameJob] = deque()
+        self._listeners: set[asyncio.Queue[Event | None]] = set()
+        self._room = asyncio.Event()  # set while the jitter buffer can take more
+        self._room.set()
+        self._epoch = 0  # bumped by interrupt: feeds that started before it stop
+        # HTTP uploads: whole utterances waiting for their turn to enter the buffer.
+        self._queued: deque[np.ndarray] = deque()
+        self._queued_samples = 0
+        self._feeder: asyncio.Task[None] | None = None
+        self._max_queued = int(max_queued_s * AUDIO_RATE)
+
+    # -- info ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def lesson_id(self) -> str:
+        return self.spec.lesson_id
+
+    @property
+    def closed(self) -> bool:
+        return self._state == CLOSED
+
+    @property
+    def busy(self) -> bool:
+        """Speech is playing, buffered, arriving or queued: closing now would cut it."""
+        return bool(
+            self.jb.buffered_samples or self.jb.receiving or self._queued
+            or self._state == SPEAKING or self.jb.pending_utterances
+        )
+
+    @property
+    def speaking(self) -> bool:
+        return self._state == SPEAKING
+
+    def stats(self) -> dict[str, Any]:
+        c, js = self.counters, self.jb.stats
+        return {
+            "state": self._state,
+            "buffer_state": self.jb.state,
+            "buffered_ms": round(self.jb.buffered_ms, 1),
+            "target_ms": round(self.jb.target_ms, 1),
+            "queued_ms": round(1000.0 * self._queued_samples / AUDIO_RATE, 1),
+            "underruns": js.underruns,
+            "concealed_ms": round(1000.0 * js.concealed_samples / AUDIO_RATE, 1),
+            "emitted_ms": round(1000.0 * js.emitted_samples / AUDIO_RATE, 1),
+            "received_ms": round(1000.0 * js.received_samples / AUDIO_RATE, 1),
+            "mean_buffer_delay_ms": round(js.mean_delay_ms, 1),
+            "frames_out": c.frames_out,
+            "speaking_frames": c.speaking_frames,
+            "late_frames": c.late_frames,
+            "utterances": js.utterances_finished,
+            "interrupts": c.interrupts,
+            "playout_position_ms": round(self.jb.position_ms, 1),
+            "played_ms": round(c.played_ms, 1),
+            "current_utterance": self.jb.current_utterance,
+            "sink": self.sink.stats(),
+        }
+
+    # -- ingest -----------------------------------------------------------------------
+
+    async def feed(self, samples: np.ndarray) -> None:
+        """Speech at the session's input rate. Waits (back-pressure) while the buffer is
+        full; never drops. Returns early if the session is interrupted or closed."""
+        self._check_open()
+        self.counters.last_activity = time.monotonic()
+        await self._push48(self._resampler.push(samples), self._epoch)
+
+    def start_utterance(self) -> None:
+        self._check_open()
+        self._finish_input()
+        self.jb.start_utterance(self._now())
+
+    async def end_utterance(self) -> None:
+        self._check_open()
+        if not self.jb.receiving:
+            return
+        tail = self._resampler.flush()
+        await self._push48(tail, self._epoch)
+        self.jb.end_utterance(self._now())
+
+    def enqueue_utterance(self, samples48: np.ndarray) -> float:
+        """Queue a whole utterance (already at AUDIO_RATE) behind the ones before it.
+        Returns the queued speech in ms. Raises QueueFull past the session's limit."""
+        self._check_open()
+        if self._queued_samples + len(samples48) > self._max_queued:
+            raise QueueFull(
+                f"session would hold {1000.0 * (self._queued_samples + len(samples48)) / AUDIO_RATE:.0f} ms"
+                f" of queued speech; the limit is {1000.0 * self._max_queued / AUDIO_RATE:.0f} ms"
+            )
+        self._queued.append(samples48)
+        self._queued_samples += len(samples48)
+        self.counters.last_activity = time.monotonic()
+        if self._feeder is None or self._feeder.done():
+            self._feeder = asyncio.get_running_loop().create_task(
+                self._feed_queued(), name=f"session-{self.id}-feeder")
+            self._feeder.add_done_callback(_log_task_failure)
+        return 1000.0 * self._queued_samples / AUDIO_RATE
+
+    async def _feed_queued(self) -> None:
+        step = AUDIO_RATE // 50  # 20 ms pieces, as a real-time source would send
+        while self._queued and not self.closed:
+            samples = self._queued[0]
+            epoch = self._epoch
+            self._finish_input()
+            self.jb.start_utterance(self._now())
+            for start in range(0, len(samples), step):
+                if not await self._push48(samples[start : start + step], epoch):
+                    break
+            else:
+                self.jb.end_utterance(self._now())
+            if self._queued and epoch == self._epoch:
+                self._queued.popleft()
+                self._queued_samples -= len(samples)
+
+    async def _push48(self, samples48: np.ndarray, epoch: int) -> bool:
+        if len(samples48) == 0:
+            return True
+        while not self.jb.has_room:
+            self._room.clear()
+            await self._room.wait()
+            if self.closed or epoch != self._epoch:
+                return False
+        if self.closed or epoch != self._epoch:
+            return False
+        self.jb.push(samples48, self._now())
+        if not self.jb.has_room:
+            self._room.clear()
+        return True
+
+    def _finish_input(self) -> None:
+        """An utterance left open by a client is closed before another one starts."""
+        if self.jb.receiving:
+            tail = self._resampler.flush()
+            if len(tail):
+                self.jb.push(tail, self._now())
+            self.jb.end_utterance(self._now())
+
+    # -- control ----------------------------------------------------------------------
+
+    def interrupt(self) -> dict[str, Any]:
+        """Barge-in: flush buffered and queued speech and queued frames at once."""
+        self._check_open()
+        now = self._now()
+        was_playing = self.jb.current_utterance is not None
+        position = self.jb.position_ms
+        self._epoch += 1
+        self._queued.clear()
+        self._queued_samples = 0
+        self._resampler = Resampler(self.spec.sample_rate)
+        events = self.jb.flush(now)
+        # Frames already made but not yet handed over are stale speech: drop them too.
+        dropped = len(self._pending)
+        self._pending.clear()
+        self.sink.interrupt()
+        self._room.set()
+        self.counters.interrupts += 1
+        self._state = INTERRUPTED
+        for ev in events:
+            self._handle(ev)
+        return {"interrupted": bool(events), "was_playing": was_playing,
+                "position_ms": round(position, 1), "dropped_frames": dropped}
+
+    # -- the clock --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """One frame: take its audio from the buffer and have its picture made."""
+        if self.closed:
+            return
+        pull = self.jb.pull(now)
+        if self.jb.has_room:
+            self._room.set()
+        for ev in pull.events:
+            self._handle(ev)
+        lookahead = None
+        if pull.speaking and self.renderer.lookahead_samples:
+            lookahead = self.jb.peek(self.renderer.lookahead_samples)
+        job = FrameJob(
+            index=self._frame_index, due=now, audio=pull.audio, speaking=pull.speaking,
+            avatar=self.avatar, lookahead=lookahead, on_done=self._job_done,
+        )
+        self._frame_index += 1
+        if pull.real_samples:
+            self.counters.played_ms += 1000.0 * pull.real_samples / AUDIO_RATE
+        self._pending.append(job)
+        self.renderer.submit(job)
+
+    def _job_done(self, job: FrameJob) -> None:
+        # Hand over every finished job at the head, in order.
+        pending = self._pending
+        if self.closed:
+            return
+        now = self._now()
+        while pending and pending[0].video is not None:
+            j = pending.popleft()
+            assert j.video is not None
+            self.sink.write(MediaChunk(j.index, j.video, j.audio, j.speaking))
+            c = self.counters
+            c.frames_out += 1
+            c.speaking_frames += j.speaking
+            c.degraded_frames += j.degraded
+            late = now - j.due
+            if late > c.max_lateness_s:
+                c.max_lateness_s = late
+            if late > self.frame_s:
+                c.late_frames += 1
+            if self._on_frame is not None:
+                self._on_frame(late, j.speaking)
+
+    # -- events -----------------------------------------------------------------------
+
+    def subscribe(self, maxsize: int = 256) -> asyncio.Queue[Event | None]:
+        q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=maxsize)
+        self._listeners.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
+        self._listeners.discard(q)
+
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
+
+    def emit(self, event: Event) -> None:
+        for q in list(self._listeners):
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                # A client that stops reading its events is cut off rather than letting
+                # its queue grow without bound; the None tells its writer to close.
+                self._listeners.discard(q)
+                _drain_and_close(q)
+
+    def _handle(self, ev: JitterEvent) -> None:
+        if isinstance(ev, PlaybackStarted):
+            self._state = SPEAKING
+            self.emit({"type": "playback_started", "utterance": ev.utterance})
+        elif isinstance(ev, PlaybackFinished):
+            if self._state == SPEAKING:
+                self._state = INTERRUPTED if ev.interrupted else IDLE
+            self.emit({"type": "playback_finished", "utterance": ev.utterance,
+                       "position_ms": round(ev.position_ms, 1),
+                       "interrupted": ev.interrupted, "reason": ev.reason})
+        elif isinstance(ev, Underrun):
+            self.emit({"type": "underrun", "utterance": ev.utterance,
+                       "position_ms": round(ev.position_ms, 1)})
+        elif isinstance(ev, Refill):
+            self.emit({"type": "refill", "buffered_ms": round(ev.buffered_ms, 1),
+                       "target_ms": round(ev.target_ms, 1)})
+        if self._on_event is not None:
+            self._on_event(self, ev)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sink.start()
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self.closed:
+            return
+        if self.jb.current_utterance is not None or self.jb.pending_utterances:
+            for ev in self.jb.flush(self._now()):
+                self._handle(ev)
+        self._state = CLOSED
+        self._epoch += 1
+        self._room.set()  # wake any feed() waiting on back-pressure
+        self._pending.clear()
+        self._queued.clear()
+        self._queued_samples = 0
+        for q in list(self._listeners):
+            try:
+                q.put_nowait({"type": "closed", "reason": reason})
+            except asyncio.QueueFull:
+                pass
+            _close_queue(q)
+        self._listeners.clear()
+        if self._feeder is not None:
+            self._feeder.cancel()
+            await asyncio.gather(self._feeder, return_exceptions=True)
+        try:
+            await self.sink.aclose()
+        except Exception:
+            log.exception("session %s: sink failed to close", self.id)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosed(f"session {self.id} is closed")
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
+
+
+def _close_queue(q: asyncio.Queue[Event | None]) -> None:
+    try:
+        q.put_nowait(None)
+    except asyncio.QueueFull:
+        _drain_and_close(q)
+
+
+def _drain_and_close(q: asyncio.Queue[Event | None]) -> None:
+    while not q.empty():
+        q.get_nowait()
+    q.put_nowait(None)
+
+
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s failed", task.get_name(), exc_info=task.exception())

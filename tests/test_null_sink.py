@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk, VideoFrame, frame_samples
+from rapido.pipeline.sinks.base import Sink
+from rapido.pipeline.sinks.null import NullSink
+
+FPS = 25
+SPF = frame_samples(FPS)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _chunk(index: int, *, speaking: bool = False) -> MediaChunk:
+    picture = np.zeros((6, 4), dtype=np.uint8)
+    picture.flags.writeable = False
+    return MediaChunk(
+        index=index,
+        video=VideoFrame(picture, 4, 4),
+        audio=np.zeros(SPF, dtype=np.int16),
+        speaking=speaking,
+    )
+
+
+def test_is_a_sink() -> None:
+    sink = NullSink()
+    assert isinstance(sink, Sink)
+    assert sink.kind == "null"
+
+
+async def test_counts_frames_audio_speaking_and_interrupts() -> None:
+    sink = NullSink()
+    await sink.start()
+    for i in range(30):
+        sink.write(_chunk(i, speaking=i % 3 == 0))
+    sink.interrupt()
+    sink.interrupt()
+
+    stats = sink.stats()
+    assert stats["frames"] == 30
+    assert stats["audio_samples"] == 30 * SPF == 30 * AUDIO_RATE // FPS
+    assert stats["speaking_frames"] == 10
+    assert stats["interrupts"] == 2
+    assert sink.playout_frames == 30
+    await sink.aclose()
+    await sink.aclose()
+    assert sink.closed
+
+
+def test_fps_is_exact_for_a_steady_stream_and_decays_when_it_stalls() -> None:
+    clock = FakeClock()
+    sink = NullSink(clock=clock)
+    assert sink.stats()["fps"] == 0.0
+
+    start = clock.now
+    for i in range(100):  # 4 s at 25 fps: the 2 s window has long been full
+        clock.now = start + i / FPS
+        sink.write(_chunk(i))
+    assert sink.stats()["fps"] == pytest.approx(25.0, rel=1e-6)
+
+    # Only the last ~2 s count: a slower second half shows up as the recent rate.
+    for i in range(100, 150):
+        clock.now = start + 99 / FPS + (i - 99) / 10
+        sink.write(_chunk(i))
+    assert sink.stats()["fps"] == pytest.approx(10.0, rel=1e-6)
+
+    clock.now += 1.0  # a stall: fewer frames, and the idle time counts
+    stalled = sink.stats()["fps"]
+    assert 0.0 < stalled < 10.0
+
+    clock.now += 2.0  # nothing in the window any more
+    assert sink.stats()["fps"] == 0.0
+    assert sink.stats()["frames"] == 150
+
+
+def test_rejects_a_non_positive_window() -> None:
+    with pytest.raises(ValueError):
+        NullSink(fps_window_s=0)
