@@ -334,7 +334,10 @@ def _ellipse(
     # First-order distance (k - 1) / |grad k| is accurate near the edge, which is all AA
     # needs; deep inside it only has to stay clearly negative.
     d = k * (k - 1.0) / np.maximum(g, 1e-9)
-    return np.where(k < 0.5, (k - 1.0) * min(rx, ry), d)
+    d = np.where(k < 0.5, (k - 1.0) * min(rx, ry), d)
+    # Far from a thin ellipse (a closing eyelid) that estimate collapses toward zero and
+    # would smear a line across the face; the bounding box distance is a lower bound.
+    return np.maximum(d, np.maximum(np.abs(dx) - rx, np.abs(dy) - ry))
 
 
 def _polygon(px: np.ndarray, py: np.ndarray, pts: list[tuple[float, float]]) -> np.ndarray:
@@ -583,9 +586,12 @@ def _draw_head(p: _Painter) -> None:
 
 def _draw_eye(p: _Painter, ex: float, ey: float, openness: float, side: float) -> None:
     rx, ry = 13.0, 11.0
-    # The upper lid slides down the eyeball: at openness 1 it is the top of the eye
-    # ellipse, at 0 it lies on the bottom, so a shut eye is a downward curve.
-    lid_ry = ry * (2.0 * openness - 1.0)
+    # The upper lid slides down over the eyeball while the lower lid rises a little; shut,
+    # both meet on a shallow downward curve, the usual cartoon closed eye. Each lid is
+    # half an ellipse of width rx about the eye's centre line; a negative height means
+    # the lid has passed below that line.
+    lid_ry = ry * (1.45 * openness - 0.45)
+    bottom_ry = ry * (0.45 + 0.55 * openness)
 
     def below_lid(g: _Grid) -> np.ndarray:
         d_lid = _ellipse(g.u, g.v, ex, ey, rx, max(abs(lid_ry), 0.25))
@@ -596,7 +602,7 @@ def _draw_eye(p: _Painter, ex: float, ey: float, openness: float, side: float) -
         return np.where(g.v > ey, -d_lid, abs(lid_ry) + (ey - g.v))
 
     def opening(g: _Grid) -> np.ndarray:
-        return np.maximum(_ellipse(g.u, g.v, ex, ey, rx, ry), below_lid(g))
+        return np.maximum(_ellipse(g.u, g.v, ex, ey, rx, bottom_ry), below_lid(g))
 
     box = (ex - rx - 4, ex + rx + 4, ey - ry - 5, ey + ry + 4)
     if openness > 0.02:
@@ -635,8 +641,9 @@ def _draw_eye(p: _Painter, ex: float, ey: float, openness: float, side: float) -
 
 
 def _blink_openness(n_frames: int, fps: int) -> np.ndarray:
-    """Eye openness per loop frame: one blink every ~3.5 s, fast to close, slower to open,
-    placed away from the loop seam so frame 0 is open-eyed."""
+    """Eye openness per loop frame: at least one blink, about one per 3.5 s of loop (people
+    blink 15-20 times a minute), quick to close and slower to open, placed away from the
+    loop seam so frame 0 and the last frame are open-eyed."""
     open_ = np.ones(n_frames, dtype=np.float32)
     length = max(3, round(0.16 * fps))  # ~160 ms, a relaxed human blink
     closing = max(1, length // 4)

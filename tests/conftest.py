@@ -1,0 +1,62 @@
+"""Shared fixtures: real nodes on loopback, real HTTP and WebSocket clients."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from rapido.bench.run import speech_like
+from rapido.config import Config
+from rapido.node import Node
+
+API_KEY = "test-key-123"
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
+    """Start real nodes on 127.0.0.1 with a free port; all are stopped after the test."""
+    nodes: list[Node] = []
+
+    async def factory(**overrides: Any) -> Node:
+        base = Config(port=0, recordings_dir=str(tmp_path / "rec"), log_level="warning")
+        node = Node(dataclasses.replace(base, **overrides))
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in reversed(nodes):
+        await node.stop()
+
+
+@pytest.fixture
+async def node(make_node: NodeFactory) -> Node:
+    return await make_node()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def create_session(http: aiohttp.ClientSession, node: Node, lesson: str,
+                         headers: dict[str, str] | None = None, **fields: Any
+                         ) -> dict[str, Any]:
+    async with http.post(f"{node.url}/api/sessions", json={"lesson_id": lesson, **fields},
+                         headers=headers) as r:
+        assert r.status in (200, 201), await r.text()
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+def speech(seconds: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
+    return speech_like(seconds, rate=rate, seed=seed)

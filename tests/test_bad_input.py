@@ -1,0 +1,278 @@
+"""Bad input, one test each: a clear 4xx or an ``error`` event, and nothing else changes.
+
+Every test runs beside a *neighbour*: another session that is speaking through its own
+WebSocket the whole time. After the bad input the neighbour must have kept playing: its
+frames advanced, it never underran, and its utterance finished where it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from rapido.node import Node
+from tests.conftest import API_KEY, NodeFactory, create_session, speech
+from tests.test_ws import CHUNK, next_event, send_jittered
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@dataclass
+class Neighbour:
+    node: Node
+    session_id: str
+    task: asyncio.Task[dict[str, Any]]
+    seconds: float
+
+    async def check(self) -> None:
+        """The neighbour's utterance played through, untouched by the bad input."""
+        finished = await asyncio.wait_for(self.task, 30)
+        assert finished["interrupted"] is False
+        assert abs(finished["position_ms"] - self.seconds * 1000) <= 40
+        s = self.node.engine.sessions[self.session_id]
+        assert s.jb.stats.underruns == 0
+        assert s.jb.stats.emitted_samples == s.jb.stats.received_samples
+
+
+@pytest.fixture
+async def keyed_node(make_node: NodeFactory) -> Node:
+    return await make_node(api_key=API_KEY, max_ws_message_bytes=4096, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def neighbour(keyed_node: Node, http: aiohttp.ClientSession
+                    ) -> AsyncIterator[Neighbour]:
+    s = await create_session(http, keyed_node, "neighbour", headers=AUTH)
+    seconds = 1.5
+
+    async def speak() -> dict[str, Any]:
+        async with http.ws_connect(s["ws_url"], headers=AUTH) as ws:
+            await next_event(ws, "ready")
+            await send_jittered(ws, speech(seconds), jitter_s=0.01)
+            await ws.send_json({"type": "end"})
+            return await next_event(ws, "playback_finished")
+
+    n = Neighbour(keyed_node, s["session_id"], asyncio.create_task(speak()), seconds)
+    await asyncio.sleep(0.2)  # it is mid-utterance when the bad input arrives
+    yield n
+    n.task.cancel()
+
+
+async def post(http: aiohttp.ClientSession, url: str, *, data: Any = None,
+               json: Any = None, headers: dict[str, str] | None = None
+               ) -> tuple[int, dict[str, Any]]:
+    async with http.post(url, data=data, json=json,
+                         headers=AUTH if headers is None else headers) as r:
+        return r.status, await r.json()
+
+
+def assert_error(status: int, body: dict[str, Any], want_status: int, code: str) -> None:
+    assert status == want_status, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and len(body["message"]) > 10
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+async def test_malformed_json(keyed_node: Node, http: aiohttp.ClientSession,
+                              neighbour: Neighbour) -> None:
+    status, body = await post(http, f"{keyed_node.url}/api/sessions", data=b'{"lesson_id": ',
+                              headers={**AUTH, "Content-Type": "application/json"})
+    assert_error(status, body, 400, "invalid_json")
+    status, body = await post(http, f"{keyed_node.url}/api/sessions", json=["lesson_id"])
+    assert_error(status, body, 400, "invalid_json")
+    await neighbour.check()
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    ({}, "missing_lesson_id"),
+    ({"lesson_id": ""}, "invalid_lesson_id"),
+    ({"lesson_id": "has space"}, "invalid_lesson_id"),
+    ({"lesson_id": "x" * 65}, "invalid_lesson_id"),
+    ({"lesson_id": "../etc"}, "invalid_lesson_id"),
+    ({"lesson_id": 42}, "invalid_lesson_id"),
+    ({"lesson_id": "ok", "colour": "red"}, "unknown_field"),
+    ({"lesson_id": "ok", "sink": "tape"}, "invalid_sink"),
+    ({"lesson_id": "ok", "user_location": {"lat": 91, "lon": 0}}, "invalid_user_location"),
+])
+async def test_invalid_create_fields(keyed_node: Node, http: aiohttp.ClientSession,
+                                     neighbour: Neighbour, payload: dict[str, Any],
+                                     code: str) -> None:
+    status, body = await post(http, f"{keyed_node.url}/api/sessions", json=payload)
+    assert_error(status, body, 400, code)
+    assert set(keyed_node.engine.sessions) == {neighbour.session_id}
+    await neighbour.check()
+
+
+@pytest.mark.parametrize("rate", [7999, 48001, 0, -16000, 16000.5, "16000", True])
+async def test_sample_rate_out_of_range(keyed_node: Node, http: aiohttp.ClientSession,
+                                        neighbour: Neighbour, rate: Any) -> None:
+    status, body = await post(http, f"{keyed_node.url}/api/sessions",
+                              json={"lesson_id": "rate", "sample_rate": rate})
+    assert_error(status, body, 400, "invalid_sample_rate")
+    assert "8000" in body["message"] and "48000" in body["message"]
+    await neighbour.check()
+
+
+async def test_unknown_session(keyed_node: Node, http: aiohttp.ClientSession,
+                               neighbour: Neighbour) -> None:
+    url = keyed_node.url
+    for method, path in (("GET", "/api/sessions/nope"), ("DELETE", "/api/sessions/nope"),
+                         ("POST", "/api/sessions/nope/interrupt"),
+                         ("POST", "/api/sessions/nope/audio")):
+        async with http.request(method, url + path, headers=AUTH, data=b"x") as r:
+            assert_error(r.status, await r.json(), 404, "session_not_found")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{url}/ws/sessions/nope", headers=AUTH)
+    assert info.value.status == 404
+    await neighbour.check()
+
+
+async def test_wrong_or_missing_api_key(keyed_node: Node, http: aiohttp.ClientSession,
+                                        neighbour: Neighbour) -> None:
+    url = f"{keyed_node.url}/api/sessions"
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Bearer"}):
+        status, body = await post(http, url, json={"lesson_id": "intruder"}, headers=headers)
+        assert_error(status, body, 401, "unauthorized")
+    async with http.delete(f"{url}/{neighbour.session_id}") as r:
+        assert r.status == 401
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{keyed_node.url}/ws/sessions/{neighbour.session_id}",
+                              headers={"Authorization": "Bearer nope"})
+    assert info.value.status == 401
+    assert set(keyed_node.engine.sessions) == {neighbour.session_id}
+    await neighbour.check()
+
+
+def _wav(tag: int, bits: int, channels: int = 1, rate: int = 16000,
+         payload: bytes = b"\x00" * 320) -> bytes:
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * channels * bits // 8,
+                      channels * bits // 8, bits)
+    return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(payload)) + b"WAVE"
+            + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", len(payload)) + payload)
+
+
+@pytest.mark.parametrize(("wav", "status", "code"), [
+    (_wav(tag=7, bits=8), 415, "unsupported_wav"),  # mu-law
+    (_wav(tag=2, bits=4), 415, "unsupported_wav"),  # MS ADPCM
+    (_wav(tag=1, bits=12), 415, "unsupported_wav"),
+    (_wav(tag=1, bits=16, channels=9), 415, "unsupported_wav"),
+    (_wav(tag=1, bits=16, rate=96000), 400, "invalid_sample_rate"),
+    (b"RIFF\x00\x00\x00\x00WAVEjunk", 400, "invalid_wav"),
+    (b"ID3\x03 not a wav at all", 400, "invalid_wav"),
+])
+async def test_unsupported_wav(keyed_node: Node, http: aiohttp.ClientSession,
+                               neighbour: Neighbour, wav: bytes, status: int,
+                               code: str) -> None:
+    url = f"{keyed_node.url}/api/sessions/{neighbour.session_id}/audio"
+    got, body = await post(http, url, data=wav, headers={**AUTH, "Content-Type": "audio/wav"})
+    assert_error(got, body, status, code)
+    await neighbour.check()
+
+
+async def test_unsupported_content_type_and_odd_l16(
+        keyed_node: Node, http: aiohttp.ClientSession, neighbour: Neighbour) -> None:
+    url = f"{keyed_node.url}/api/sessions/{neighbour.session_id}/audio"
+    got, body = await post(http, url, data=b"abc", headers={**AUTH, "Content-Type": "audio/mpeg"})
+    assert_error(got, body, 415, "unsupported_media_type")
+    got, body = await post(http, url, data=b"abc",
+                           headers={**AUTH, "Content-Type": "audio/L16;rate=16000"})
+    assert_error(got, body, 400, "odd_length_pcm")
+    got, body = await post(http, url, data=b"abcd", headers={**AUTH, "Content-Type": "audio/L16"})
+    assert_error(got, body, 400, "invalid_content_type")
+    await neighbour.check()
+
+
+async def test_oversize_body(keyed_node: Node, http: aiohttp.ClientSession,
+                             neighbour: Neighbour) -> None:
+    url = f"{keyed_node.url}/api/sessions/{neighbour.session_id}/audio"
+    big = b"\x00\x00" * (64 * 1024)
+    got, body = await post(http, url, data=big,
+                           headers={**AUTH, "Content-Type": "audio/L16;rate=16000"})
+    assert_error(got, body, 413, "body_too_large")
+    await neighbour.check()
+
+
+# -- WebSocket ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def victim_ws(keyed_node: Node, http: aiohttp.ClientSession
+                    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    s = await create_session(http, keyed_node, "victim", headers=AUTH)
+    async with http.ws_connect(s["ws_url"], headers=AUTH) as ws:
+        await next_event(ws, "ready")
+        yield ws
+
+
+async def _still_works(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """After an error event the same connection still takes speech and control."""
+    await ws.send_bytes(speech(0.2).tobytes())
+    await ws.send_json({"type": "end"})
+    finished = await next_event(ws, "playback_finished")
+    assert abs(finished["position_ms"] - 200) <= 40
+
+
+async def test_ws_odd_length_pcm(victim_ws: aiohttp.ClientWebSocketResponse,
+                                 neighbour: Neighbour) -> None:
+    await victim_ws.send_bytes(b"\x01\x02\x03")
+    err = await next_event(victim_ws, "error")
+    assert err["code"] == "odd_length_pcm" and "even" in err["message"]
+    await _still_works(victim_ws)
+    await neighbour.check()
+
+
+async def test_ws_text_not_json(victim_ws: aiohttp.ClientWebSocketResponse,
+                                neighbour: Neighbour) -> None:
+    await victim_ws.send_str("hello there")
+    err = await next_event(victim_ws, "error")
+    assert err["code"] == "invalid_json"
+    await victim_ws.send_str('["end"]')
+    assert (await next_event(victim_ws, "error"))["code"] == "invalid_message"
+    await victim_ws.send_str('{"type": "dance"}')
+    err = await next_event(victim_ws, "error")
+    assert err["code"] == "unknown_type" and "dance" in err["message"]
+    await _still_works(victim_ws)
+    await neighbour.check()
+
+
+async def test_ws_oversize_message(victim_ws: aiohttp.ClientWebSocketResponse,
+                                   neighbour: Neighbour) -> None:
+    await victim_ws.send_bytes(b"\x00" * 6000)  # over the 4096-byte limit
+    err = await next_event(victim_ws, "error")
+    assert err["code"] == "message_too_large" and "4096" in err["message"]
+    await victim_ws.send_str('{"type": "ping", "pad": "' + "x" * 5000 + '"}')
+    assert (await next_event(victim_ws, "error"))["code"] == "message_too_large"
+    await _still_works(victim_ws)
+    await neighbour.check()
+
+
+async def test_ws_far_oversize_message_closes_only_that_socket(
+        victim_ws: aiohttp.ClientWebSocketResponse, neighbour: Neighbour) -> None:
+    await victim_ws.send_bytes(b"\x00" * 20000)  # beyond what the server will even read
+    msg = await victim_ws.receive(timeout=5)
+    while msg.type == aiohttp.WSMsgType.TEXT:
+        msg = await victim_ws.receive(timeout=5)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert victim_ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    await neighbour.check()
+
+
+async def test_audio_after_chunk_boundaries_is_exact(keyed_node: Node,
+                                                     victim_ws: aiohttp.ClientWebSocketResponse
+                                                     ) -> None:
+    """Odd chunk sizes (in samples) are fine; only odd byte counts are refused."""
+    audio = speech(0.5)
+    for start in range(0, len(audio), CHUNK + 1):
+        await victim_ws.send_bytes(audio[start : start + CHUNK + 1].tobytes())
+    await victim_ws.send_json({"type": "end"})
+    finished = await next_event(victim_ws, "playback_finished")
+    assert abs(finished["position_ms"] - 500.0) <= 1.0

@@ -1,0 +1,146 @@
+"""The WebSocket stream through a real server: speech in, events out, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from rapido.node import Node
+from tests.conftest import NodeFactory, create_session, speech
+
+CHUNK = 320  # 20 ms at 16 kHz
+
+
+async def next_event(ws: aiohttp.ClientWebSocketResponse, kind: str,
+                     timeout: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await ws.receive_json(timeout=max(0.01, deadline - time.monotonic()))
+        if msg["type"] == kind:
+            return msg
+
+
+async def send_jittered(ws: aiohttp.ClientWebSocketResponse, audio: np.ndarray,
+                        jitter_s: float = 0.03, seed: int = 1) -> None:
+    """20 ms chunks on a real-time schedule, each one late by a random amount, in order."""
+    rng = random.Random(seed)
+    t0 = time.monotonic()
+    last = t0
+    for i, start in enumerate(range(0, len(audio), CHUNK)):
+        due = max(last, t0 + (i + 1) * 0.02 + rng.uniform(0, jitter_s))
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        last = due
+        await ws.send_bytes(audio[start : start + CHUNK].tobytes())
+
+
+async def test_stream_with_jitter_plays_to_the_right_position(
+        node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "ws-play", sample_rate=16_000)
+    async with http.ws_connect(s["ws_url"]) as ws:
+        ready = await next_event(ws, "ready")
+        assert ready["session_id"] == s["session_id"] and ready["sample_rate"] == 16_000
+        audio = speech(2.0)
+        await ws.send_json({"type": "start"})
+        sender = asyncio.create_task(send_jittered(ws, audio))
+        started = await next_event(ws, "playback_started")
+        t_start = time.monotonic()
+        await sender
+        await ws.send_json({"type": "end"})
+        finished = await next_event(ws, "playback_finished")
+        elapsed = time.monotonic() - t_start
+        assert finished["utterance"] == started["utterance"]
+        assert finished["interrupted"] is False
+        assert abs(finished["position_ms"] - 2000.0) <= 40.0
+        # Played at real time, not faster: the audio clock paces it.
+        assert elapsed >= 1.8
+        await ws.send_json({"type": "ping", "id": 7})
+        assert (await next_event(ws, "pong"))["id"] == 7
+    session = node.engine.sessions[s["session_id"]]
+    assert session.jb.stats.underruns == 0
+    assert session.jb.stats.emitted_samples == session.jb.stats.received_samples
+
+
+async def test_interrupt_mid_utterance(node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "ws-int")
+    session = node.engine.sessions[s["session_id"]]
+    async with http.ws_connect(s["ws_url"]) as ws:
+        await next_event(ws, "ready")
+        sender = asyncio.create_task(send_jittered(ws, speech(4.0), jitter_s=0.0))
+        await next_event(ws, "playback_started")
+        await asyncio.sleep(0.6)
+        await ws.send_json({"type": "interrupt"})
+        finished = await next_event(ws, "playback_finished")
+        speaking_at_stop = session.counters.speaking_frames
+        assert finished["interrupted"] is True
+        assert finished["reason"] == "interrupt"
+        assert 300.0 <= finished["position_ms"] <= 1500.0
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        await asyncio.sleep(0.3)
+    # Within one frame: the frame after the interrupt was already silent, and no speech
+    # reached the sink since.
+    assert session.counters.speaking_frames == speaking_at_stop
+    assert session.state == "interrupted"
+    assert session.jb.stats.flushed_samples > 0
+
+
+async def test_fast_sender_is_slowed_not_dropped(make_node: NodeFactory,
+                                                 http: aiohttp.ClientSession) -> None:
+    node = await make_node()
+    s = await create_session(http, node, "ws-fast", sample_rate=16_000)
+    session = node.engine.sessions[s["session_id"]]
+    max_ms = node.config.jitter_max_ms
+    audio = speech(2.5)
+    peak = 0.0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, session.jb.buffered_ms)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    async with http.ws_connect(s["ws_url"]) as ws:
+        await next_event(ws, "ready")
+        for start in range(0, len(audio), CHUNK):  # as fast as the socket takes it
+            await ws.send_bytes(audio[start : start + CHUNK].tobytes())
+        await ws.send_json({"type": "end"})
+        finished = await next_event(ws, "playback_finished")
+    watcher.cancel()
+    assert abs(finished["position_ms"] - 2500.0) <= 40.0
+    # The buffer never held more than its maximum plus one message: the rest waited in
+    # the socket, because the server stopped reading.
+    assert peak <= max_ms + 20.0 + 1.0
+    assert session.jb.stats.emitted_samples == session.jb.stats.received_samples
+    assert session.jb.stats.flushed_samples == 0
+
+
+async def test_resampling_keeps_duration(node: Node, http: aiohttp.ClientSession) -> None:
+    for rate in (8_000, 44_100):
+        s = await create_session(http, node, f"rate{rate}", sample_rate=rate)
+        async with http.ws_connect(s["ws_url"]) as ws:
+            await next_event(ws, "ready")
+            audio = speech(0.7, rate=rate)
+            step = rate // 50
+            for start in range(0, len(audio), step):
+                await ws.send_bytes(audio[start : start + step].tobytes())
+            await ws.send_json({"type": "end"})
+            finished = await next_event(ws, "playback_finished")
+        assert abs(finished["position_ms"] - 700.0) <= 1.0, rate
+
+
+async def test_session_delete_closes_socket(node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "ws-del")
+    async with http.ws_connect(s["ws_url"]) as ws:
+        await next_event(ws, "ready")
+        async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
+            assert r.status == 200
+        closed = await next_event(ws, "closed")
+        assert closed["reason"] == "deleted"
+        msg = await ws.receive(timeout=5)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
