@@ -215,7 +215,9 @@ async def victim_ws(keyed_node: Node, http: aiohttp.ClientSession
 
 async def _still_works(ws: aiohttp.ClientWebSocketResponse) -> None:
     """After an error event the same connection still takes speech and control."""
-    await ws.send_bytes(speech(0.2).tobytes())
+    audio = speech(0.2)
+    for start in range(0, len(audio), CHUNK):
+        await ws.send_bytes(audio[start : start + CHUNK].tobytes())
     await ws.send_json({"type": "end"})
     finished = await next_event(ws, "playback_finished")
     assert abs(finished["position_ms"] - 200) <= 40
