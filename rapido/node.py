@@ -13,6 +13,7 @@ import signal
 import socket
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from rapido.config import Config, _is_loopback
 from rapido.engine import Engine
@@ -21,6 +22,22 @@ from rapido.http.keys import ENGINE
 from rapido.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request line or header from a client with a traceback at
+    ERROR; it already answered 400, so that is the client's fault, not ours: keep it at
+    DEBUG so the error log stays for our own faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            log.debug("bad HTTP from a client: %s", exc)
+            return False
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_ClientProtocolErrors())
 
 
 class Node:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,7 @@ HEAVY_BURST_TAIL_S = 0.030  # extra delay of a burst's release after its last ch
 TTS_SPEED = (3.0, 5.0)
 STALL_S = (0.300, 0.600)
 STALL_EVERY_S = 2.5
+STALL_SPACING_S = 0.5  # at least this much normal delivery between two stalls
 STALL_JITTER_SIGMA_S = 0.003
 STALL_JITTER_CLIP_S = 0.010
 
@@ -163,15 +165,32 @@ def _perturb(profile: str, due: np.ndarray, chunk_s: float,
         times = due + jitter
         length = due[-1] - due[0] + chunk_s
         stalls = max(1, round(length / STALL_EVERY_S))
-        # Stalls start in the middle 70 % of the utterance, so each one is mid-utterance.
+        # Stalls start in the middle 70 % of the utterance, so each one is mid-utterance,
+        # and are kept apart so that two never merge into one longer than STALL_S.
+        clear_at = -math.inf
         for at in np.sort(rng.uniform(due[0] + 0.15 * length, due[0] + 0.85 * length, stalls)):
             stall = rng.uniform(*STALL_S)
+            if at < clear_at:
+                continue
+            clear_at = at + stall + STALL_SPACING_S
             # Nothing arrives during [at, at + stall): whatever fell due in it, and
             # whatever was already late into it, arrives when the stall ends.
             held = (times >= at) & (times < at + stall)
             times[held] = at + stall
         return times
     raise AssertionError(profile)  # _check_profile ran first
+
+
+def concat_traces(traces: Sequence[list[Arrival]], *, gap_s: float = 1.0) -> list[Arrival]:
+    """One trace that plays ``traces`` one after another (e.g. a heavy section, then a
+    steady one): each is shifted to start ``gap_s`` after the previous one's last arrival."""
+    if not (math.isfinite(gap_s) and gap_s >= 0):
+        raise ValueError(f"concat_traces: gap_s must be >= 0, got {gap_s!r}")
+    out: list[Arrival] = []
+    for trace in traces:
+        shift = out[-1].t + gap_s if out else 0.0
+        out.extend(dataclasses.replace(a, t=a.t + shift) for a in trace)
+    return out
 
 
 def _check_profile(profile: str) -> None:

@@ -160,6 +160,7 @@ class _Utterance:
     last_arrival: float = 0.0
     played: int = 0
     started: bool = False
+    stalled: bool = False  # ended by the stall timeout, not by its source
 
 
 _HIST_BIN_MS = 5.0
@@ -194,7 +195,10 @@ class AudioJitterBuffer:
         self._window: deque[tuple[float, float]] = deque()
         self._hist = np.zeros(_HIST_BINS, dtype=np.float64)
         initial = max(0.0, cfg.target_ms - self._headroom_ms())
-        self._hist[min(_HIST_BINS - 1, int(initial / _HIST_BIN_MS))] = 1.0
+        # The quantile reads a bin as its upper edge, so seed the bin whose upper edge is
+        # the initial delay: the target stays at cfg.target_ms until arrivals move it.
+        seed_bin = math.ceil(initial / _HIST_BIN_MS) - 1
+        self._hist[min(_HIST_BINS - 1, max(0, seed_bin))] = 1.0
         self._target_ms = cfg.target_ms
 
     # -- input side ---------------------------------------------------------------
@@ -253,7 +257,15 @@ class AudioJitterBuffer:
             self._refill_armed = True
             events.append(PlaybackStarted(utt.id))
         elif self._state == self.UNDERRUN:
-            if utt.buffered >= self._ms_to_samples(self.config.resume_ms) or utt.ended:
+            if utt.ended and utt.buffered == 0:
+                # Its source ended (or stalled) during the underrun with nothing more to
+                # play: finish here, without a frame of "padding" that held no speech.
+                self._finish(utt, events, interrupted=False, reason=self._end_reason(utt))
+                return PullResult(self._silence, 0, 0, utt.id, events)
+            # At least a whole frame: resuming on less would underrun again at once and
+            # count one stall as several underruns.
+            resume = max(self._fs, self._ms_to_samples(self.config.resume_ms))
+            if utt.buffered >= resume or utt.ended:
                 self._state = self.PLAYING
                 self._concealed_run = 0
             else:
@@ -283,7 +295,7 @@ class AudioJitterBuffer:
             out[got:] = 0
             self.stats.padded_samples += self._fs - got
         if utt.ended and utt.buffered == 0:
-            self._finish(utt, events, interrupted=False, reason="end")
+            self._finish(utt, events, interrupted=False, reason=self._end_reason(utt))
         else:
             self._check_refill(events)
         return PullResult(out, got, 0, utt.id, events)
@@ -389,8 +401,13 @@ class AudioJitterBuffer:
             return utt.buffered > 0
         if utt.buffered >= self._ms_to_samples(self.start_level_ms):
             return True
-        # A short utterance whose end never came must not wait forever.
-        return utt.buffered > 0 and now - utt.last_arrival >= self.config.stall_timeout_ms / 1e3
+        # A short utterance whose end never came must not wait forever. Its source has
+        # been silent for the stall timeout, so what is here is all there is: play it as
+        # ended, rather than run dry after it and wait out the timeout a second time.
+        if utt.buffered > 0 and now - utt.last_arrival >= self.config.stall_timeout_ms / 1e3:
+            self._stall(utt)
+            return True
+        return False
 
     def _take(self, utt: _Utterance, out: np.ndarray, now: float) -> int:
         want = len(out)
@@ -418,11 +435,24 @@ class AudioJitterBuffer:
         self._concealed_run += self._fs
         if 1000.0 * self._concealed_run / self._rate >= self.config.stall_timeout_ms:
             # The source went away mid-utterance without an end: stop waiting for it.
-            if self._open is utt:
-                self._open = None
-            utt.ended = True
-            self._finish(utt, events, interrupted=False, reason="stalled")
+            self._stall(utt)
+            if utt.buffered == 0:
+                self._finish(utt, events, interrupted=False, reason="stalled")
+            # Otherwise a scrap too short to resume on came in during the underrun: the
+            # next pull plays it (the utterance has ended now) and then finishes. Nothing
+            # is dropped, and the buffer's level stays true.
         return PullResult(self._silence, 0, self._fs, utt.id, events)
+
+    def _stall(self, utt: _Utterance) -> None:
+        """End an utterance whose source went silent without ending it."""
+        if self._open is utt:
+            self._open = None
+        utt.ended = True
+        utt.stalled = True
+
+    @staticmethod
+    def _end_reason(utt: _Utterance) -> str:
+        return "stalled" if utt.stalled else "end"
 
     def _finish(
         self, utt: _Utterance, events: list[JitterEvent], *, interrupted: bool, reason: str

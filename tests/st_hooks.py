@@ -1,0 +1,8 @@
+"""Schemathesis hooks (loaded through SCHEMATHESIS_HOOKS): send generated binary bodies
+for the audio media types as they are, like application/octet-stream."""
+
+from __future__ import annotations
+
+import schemathesis
+
+schemathesis.serializer.alias(["audio/wav", "audio/L16"], "application/octet-stream")

@@ -1,0 +1,89 @@
+"""Config: defaults <- TOML <- environment <- flags, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rapido.config import Config, ConfigError
+
+
+def test_defaults_are_the_plans() -> None:
+    c = Config()
+    j = c.jitter()
+    assert (c.width, c.height, c.fps) == (854, 480, 25)
+    assert (j.target_ms, j.start_ms, j.resume_ms, j.max_ms, j.refill_pct) == (
+        160.0, 128.0, 40.0, 240.0, 30.0)
+    assert c.host == "127.0.0.1" and not c.auth_required
+
+
+def test_layering(tmp_path: Path) -> None:
+    toml = tmp_path / "rapido.toml"
+    toml.write_text('[rapido]\nport = 9000\nmax_streams = 10\nregion = "eu"\n')
+    env = {"RAPIDO_MAX_STREAMS": "20", "RAPIDO_REGION": "us"}
+    c = Config.load(toml_path=toml, env=env, overrides={"region": "ap"})
+    assert c.port == 9000  # from the file
+    assert c.max_streams == 20  # env beats the file
+    assert c.region == "ap"  # flags beat env
+    flat = tmp_path / "flat.toml"
+    flat.write_text("jitter-target-ms = 200\n")
+    assert Config.load(toml_path=flat, env={}).jitter_target_ms == 200.0
+
+
+@pytest.mark.parametrize(("source", "key", "fragment"), [
+    ({"RAPIDO_PORT": "eighty"}, "port", "not a valid int"),
+    ({"RAPIDO_PORT": "70000"}, "port", "0..65535"),
+    ({"RAPIDO_LOG_LEVEL": "loud"}, "log_level", "debug, info"),
+    ({"RAPIDO_FPS": "7"}, "fps", "divide 48000"),
+    ({"RAPIDO_HOST": "0.0.0.0"}, "host", "api_key"),
+    ({"RAPIDO_JITTER_MIN_TARGET_MS": "500"}, "jitter_", "min_target_ms"),
+    ({"RAPIDO_WIDTH": "853"}, "width", "even"),
+])
+def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.load(env=source)
+    assert str(info.value).startswith(key)
+    assert fragment in str(info.value)
+
+
+def test_non_loopback_with_key_is_allowed() -> None:
+    c = Config.load(env={"RAPIDO_HOST": "0.0.0.0", "RAPIDO_API_KEY": "k"})
+    assert c.auth_required and c.redacted()["api_key"] == "***"
+
+
+def test_bad_toml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Config.load(toml_path=bad, env={})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("prot = 3\n")
+    with pytest.raises(ConfigError, match="prot: unknown setting"):
+        Config.load(toml_path=unknown, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        Config.load(toml_path=tmp_path / "missing.toml", env={})
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rapido", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def test_cli_bad_value_exits_2_with_one_line() -> None:
+    r = _cli("serve", "--port", "notaport")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "port" in lines[0] and "int" in lines[0]
+    r = _cli("serve", "--host", "0.0.0.0")
+    assert r.returncode == 2 and "RAPIDO_API_KEY" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [[], ["serve"], ["bench"]])
+def test_cli_help(cmd: list[str]) -> None:
+    r = _cli(*cmd, "--help")
+    assert r.returncode == 0 and "usage: rapido" in r.stdout
+    if cmd == ["serve"]:
+        assert "--max-streams" in r.stdout and "RAPIDO_MAX_STREAMS" in r.stdout

@@ -1,0 +1,85 @@
+"""The engine end to end: a recorded session holds exactly what was sent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+
+from rapido.node import Node
+from rapido.pipeline.audio import resample
+from rapido.pipeline.media import AUDIO_RATE
+from tests.conftest import NodeFactory, create_session, speech
+from tests.test_ws import next_event, send_jittered
+
+FRAME = AUDIO_RATE // 25
+
+
+def decode(path: Path) -> tuple[int, np.ndarray]:
+    with av.open(str(path)) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    if audio.dtype != np.int16:  # AAC decodes to float planar
+        audio = np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    return frames, audio
+
+
+async def test_recorded_mp4_holds_the_audio_sent(make_node: NodeFactory, tmp_path: Path,
+                                                 http: aiohttp.ClientSession) -> None:
+    node = await make_node(recordings_dir=str(tmp_path / "rec"))
+    s = await create_session(http, node, "rec", sample_rate=16_000, sink="record")
+    sent = [speech(1.2, seed=1), speech(0.8, seed=2)]
+    async with http.ws_connect(s["ws_url"]) as ws:
+        await next_event(ws, "ready")
+        for utterance in sent:
+            await send_jittered(ws, utterance, jitter_s=0.02)
+            await ws.send_json({"type": "end"})
+            await next_event(ws, "playback_finished")
+    async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
+        stats = (await r.json())["stats"]
+    path = Path(stats["sink"]["path"])
+    assert path.exists() and path.stat().st_size > 10_000
+    frames, audio = decode(path)
+
+    # Video frames x 40 ms equals the audio duration within one frame.
+    assert frames == stats["frames_out"]
+    assert abs(frames * FRAME - len(audio)) <= FRAME
+
+    # Each utterance is in the file, resampled, intact, starting on a frame boundary.
+    # Each utterance is in the file, resampled and intact, starting on a frame boundary
+    # (frame n covers audio [n*40 ms, (n+1)*40 ms)): search the frame-aligned offsets.
+    x = audio.astype(np.float64)
+    cursor = 0
+    for utterance in sent:
+        want = resample(utterance, 16_000).astype(np.float64)
+        best, offset = -1.0, -1
+        for start in range(cursor - cursor % FRAME, len(x) - len(want) + 1, FRAME):
+            for off in range(max(0, start - 2), start + 3):
+                got = x[off : off + len(want)]
+                if len(got) < len(want):
+                    continue
+                sim = float(got @ want / (np.sqrt((got @ got) * (want @ want)) + 1e-9))
+                if sim > best:
+                    best, offset = sim, off
+        assert best > 0.99, best
+        assert offset >= cursor
+        cursor = offset + len(want)
+    # Everything else in the recording is silence: nothing extra was played.
+    speech_energy = sum(float(np.sum(resample(u, 16_000).astype(np.float64) ** 2))
+                        for u in sent)
+    total_energy = float(np.sum(audio.astype(np.float64) ** 2))
+    assert abs(total_energy - speech_energy) / speech_energy < 0.02
+
+
+async def test_idle_session_shows_idle_frames(node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "idle")
+    session = node.engine.sessions[s["session_id"]]
+    before = session.counters.frames_out
+    await asyncio.sleep(0.5)
+    assert session.counters.frames_out - before >= 8
+    assert session.counters.speaking_frames == 0
+    assert session.sink.stats()["speaking_frames"] == 0
