@@ -56,6 +56,7 @@ class Engine:
         self._avatars: dict[str, Avatar] = {}
         self._clock: asyncio.Task[None] | None = None
         self._creating: dict[str, asyncio.Future[StreamSession]] = {}
+        self._closing: set[asyncio.Task[bool]] = set()
         self.draining = False
         self.ready = False
         self.ticks = 0
@@ -78,6 +79,8 @@ class Engine:
         self.ready = False
         await asyncio.gather(*(self.close_session(sid, "shutdown")
                                for sid in list(self.sessions)))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self._clock is not None:
             self._clock.cancel()
             await asyncio.gather(self._clock, return_exceptions=True)
@@ -226,8 +229,7 @@ class Engine:
                     # A fault in one stream ends that stream alone.
                     log.exception("session %s failed in its tick; closing it", s.id)
                     m.session_errors.labels("tick").inc()
-                    loop.create_task(self.close_session(s.id, "error"),
-                                     name=f"close-{s.id}")
+                    self._close_later(s.id, "error")
                     continue
                 speaking += s.speaking
             self.ticks += 1
@@ -240,12 +242,18 @@ class Engine:
                 last_sweep = time.monotonic()
                 self._close_idle(idle_timeout)
 
+    def _close_later(self, session_id: str, reason: str) -> None:
+        """Close a session from the clock without holding the clock up."""
+        task = asyncio.get_running_loop().create_task(
+            self.close_session(session_id, reason), name=f"close-{session_id}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _close_idle(self, timeout_s: float) -> None:
         now = time.monotonic()
         for s in list(self.sessions.values()):
             if not s.busy and not s.listeners and now - s.counters.last_activity > timeout_s:
-                asyncio.get_running_loop().create_task(
-                    self.close_session(s.id, "idle_timeout"), name=f"close-{s.id}")
+                self._close_later(s.id, "idle_timeout")
 
     # -- reporting ----------------------------------------------------------------------
 

@@ -84,11 +84,10 @@ def check_integrity(r: PlayResult) -> None:
     # Concealment only happens mid-utterance: between an utterance's start and finish.
     active = np.zeros(r.frames, dtype=bool)
     starts = {e.event.utterance: e.frame for e in r.of_type(PlaybackStarted)}
-    for e in r.of_type(PlaybackFinished):
-        active[starts[e.event.utterance] : e.frame + 1] = True
+    for fin in r.of_type(PlaybackFinished):
+        active[starts[fin.event.utterance] : fin.frame + 1] = True
     assert not np.any((r.concealed > 0) & ~active), "concealment outside an utterance"
-    for e in r.of_type(Underrun):
-        assert active[e.frame]
+    assert all(active[u.frame] for u in r.of_type(Underrun))
 
 
 # -- steady arrival ----------------------------------------------------------------------

@@ -19,13 +19,23 @@ socket are independent). Nothing sleeps; time is the trace's.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 
-from rapido.pipeline.jitter import AudioJitterBuffer, JitterEvent, JitterStats, PlaybackStarted
+from rapido.pipeline.jitter import (
+    AudioJitterBuffer,
+    JitterEvent,
+    JitterStats,
+    PlaybackFinished,
+    PlaybackStarted,
+    Refill,
+    Underrun,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +168,8 @@ def _perturb(profile: str, due: np.ndarray, chunk_s: float,
         return times
     if profile == "tts_fast":
         speed = rng.uniform(*TTS_SPEED)
-        return due[0] + (due - due[0]) / speed
+        start = float(due[0])
+        return start + (due - start) / speed
     if profile == "stalls":
         jitter = np.minimum(np.abs(rng.normal(0.0, STALL_JITTER_SIGMA_S, n)),
                             STALL_JITTER_CLIP_S)
@@ -239,7 +250,7 @@ def trace_stats(trace: list[Arrival], rate: int) -> dict[str, float]:
             span = t[-1] - t[0]
             speeds.append(float(offsets[-1] / span) if span > 0 else math.inf)
         run = 1
-        for a, b in zip(t[:-1], t[1:], strict=True):
+        for a, b in itertools.pairwise(t):
             run = run + 1 if b - a <= BURST_EPS_S else 1
             if run == BURST_MIN_CHUNKS:
                 bursts += 1
@@ -302,11 +313,14 @@ def counter_audio(start: int, n: int) -> np.ndarray:
     return (np.arange(start, start + n, dtype=np.int64) % COUNTER_PERIOD).astype(np.int16)
 
 
+E = TypeVar("E", bound=PlaybackStarted | PlaybackFinished | Underrun | Refill)
+
+
 @dataclass(frozen=True, slots=True)
-class TimedEvent:
-    t: float
-    frame: int  # index of the pull that reported it (-1: not from a pull)
-    event: JitterEvent
+class TimedEvent(Generic[E]):
+    t: float  # tick time of the pull that reported it
+    frame: int  # index of that pull
+    event: E
 
 
 @dataclass(slots=True)
@@ -321,7 +335,7 @@ class PlayResult:
     concealed: np.ndarray  # concealment samples in each frame
     target_ms: np.ndarray  # the buffer's target after each pull
     buffered_ms: np.ndarray  # the buffer's level after each pull
-    events: list[TimedEvent]
+    events: list[TimedEvent[JitterEvent]]
     stats: JitterStats  # a snapshot taken after the last pull
     played: np.ndarray  # int16: every real sample played out, in order
     pushed: np.ndarray  # int16: every sample pushed, in order
@@ -335,10 +349,12 @@ class PlayResult:
     def frames(self) -> int:
         return len(self.frame_t)
 
-    def of_type(self, kind: type) -> list[TimedEvent]:
-        return [e for e in self.events if isinstance(e.event, kind)]
+    def of_type(self, kind: type[E]) -> list[TimedEvent[E]]:
+        """The events of one kind, typed as that kind."""
+        return [TimedEvent(e.t, e.frame, ev) for e in self.events
+                if isinstance(ev := e.event, kind)]
 
-    def first_frame(self, kind: type) -> int | None:
+    def first_frame(self, kind: type[JitterEvent]) -> int | None:
         found = self.of_type(kind)
         return found[0].frame if found else None
 
@@ -394,7 +410,7 @@ def play_trace(
         raise ValueError(f"play_trace: tail_s must be >= 0, got {tail_s}")
     if audio is not None and (audio.dtype != np.int16 or audio.ndim != 1 or not len(audio)):
         raise ValueError("play_trace: audio must be a non-empty 1-D int16 array")
-    for a, b in zip(trace[:-1], trace[1:], strict=False):
+    for a, b in itertools.pairwise(trace):
         if b.t < a.t:
             raise ValueError(f"play_trace: arrival times go backwards ({a.t} -> {b.t})")
 
@@ -412,7 +428,7 @@ def play_trace(
     target: list[float] = []
     level: list[float] = []
     played: list[np.ndarray] = []
-    events: list[TimedEvent] = []
+    events: list[TimedEvent[JitterEvent]] = []
     push_t: list[float] = []
 
     i = 0  # next arrival

@@ -17,11 +17,12 @@ from rapido.http.errors import ApiError, bad_request, json_response, not_found
 from rapido.http.keys import CONFIG, ENGINE, base_url
 from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
 from rapido.pipeline.media import AUDIO_RATE
-from rapido.pipeline.sinks.base import SinkError
 from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
+from rapido.pipeline.sinks.base import SinkError
 
 LESSON_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+USER_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
 CREATE_FIELDS = {"lesson_id", "user_id", "user_location", "avatar", "sample_rate", "sink"}
 
 routes = web.RouteTableDef()
@@ -52,10 +53,9 @@ def parse_create(data: dict[str, Any], default_sink: str) -> SessionSpec:
         raise bad_request("invalid_lesson_id",
                           "lesson_id must be 1-64 characters of A-Z a-z 0-9 _ -")
     user_id = data.get("user_id")
-    if user_id is not None and (not isinstance(user_id, str) or not 1 <= len(user_id) <= 128
-                                or not user_id.isprintable()):
-        raise bad_request("invalid_user_id", "user_id must be a printable string of 1-128 "
-                          "characters")
+    if user_id is not None and (not isinstance(user_id, str) or not USER_ID.fullmatch(user_id)):
+        raise bad_request("invalid_user_id", "user_id must be a string of 1-128 characters "
+                          "without control characters")
     location = _parse_location(data.get("user_location"))
     avatar = data.get("avatar", "default")
     if not isinstance(avatar, str) or not NAME.fullmatch(avatar):

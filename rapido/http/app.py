@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
@@ -136,7 +135,7 @@ def make_app(config: Config, metrics: Metrics | None = None,
     app[CONFIG] = config
     app[METRICS] = metrics
     app[ENGINE] = engine or Engine(config, metrics)
-    app[WEBSOCKETS] = weakref.WeakSet()
+    app[WEBSOCKETS] = set()
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),
@@ -160,5 +159,6 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_websockets(app: web.Application) -> None:
-    for sock in list(app[WEBSOCKETS]):
+    socks = app[WEBSOCKETS].copy()
+    for sock in socks:
         await sock.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 from aiohttp import web
 
 from rapido.config import Config
@@ -13,7 +11,7 @@ from rapido.metrics import Metrics
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
-WEBSOCKETS = web.AppKey("websockets", weakref.WeakSet[web.WebSocketResponse])
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 
 
 def base_url(request: web.Request) -> str:

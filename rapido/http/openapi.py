@@ -28,7 +28,7 @@ _SESSION_ID = {
 
 
 def openapi_document(config: Config) -> dict[str, Any]:
-    secured = [{"bearer": []}] if config.auth_required else []
+    secured: list[dict[str, list[str]]] = [{"bearer": []}] if config.auth_required else []
     errors = {"401": _error("missing or wrong API key")} if config.auth_required else {}
     session_errors = {**errors, "404": _error("unknown session")}
     schemas: dict[str, Any] = {
@@ -49,7 +49,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
             "type": "object", "required": ["lesson_id"], "additionalProperties": False,
             "properties": {
                 "lesson_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                "user_id": {"type": "string", "minLength": 1, "maxLength": 128},
+                "user_id": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f]{1,128}$"},
                 "user_location": _ref("Location"),
                 "avatar": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$",
                            "default": "default"},

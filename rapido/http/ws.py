@@ -78,6 +78,7 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
         pass
     finally:
         session.unsubscribe(events)
+        request.app[WEBSOCKETS].discard(ws)
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
         metrics.ws_connections.dec()

@@ -502,7 +502,7 @@ class AudioJitterBuffer:
         return 2.0 * self.config.frame_ms
 
     def _ms_to_samples(self, ms: float) -> int:
-        return int(math.ceil(ms * self._rate / 1000.0))
+        return math.ceil(ms * self._rate / 1000.0)
 
     def _position_ms(self, utt: _Utterance) -> float:
         return 1000.0 * utt.played / self._rate

@@ -196,9 +196,10 @@ class StreamSession:
         Returns the queued speech in ms. Raises QueueFull past the session's limit."""
         self._check_open()
         if self._queued_samples + len(samples48) > self._max_queued:
+            total_ms = 1000.0 * (self._queued_samples + len(samples48)) / AUDIO_RATE
             raise QueueFull(
-                f"session would hold {1000.0 * (self._queued_samples + len(samples48)) / AUDIO_RATE:.0f} ms"
-                f" of queued speech; the limit is {1000.0 * self._max_queued / AUDIO_RATE:.0f} ms"
+                f"session would hold {total_ms:.0f} ms of queued speech; "
+                f"the limit is {1000.0 * self._max_queued / AUDIO_RATE:.0f} ms"
             )
         self._queued.append(samples48)
         self._queued_samples += len(samples48)
