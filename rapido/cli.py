@@ -54,8 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rapido: config error: {exc}", file=sys.stderr)
         return 2
+    level = config.log_level.upper()
+    if args.command == "bench" and level in ("DEBUG", "INFO"):
+        level = "WARNING"  # a session line per stream would bury the table
     logging.basicConfig(
-        level=config.log_level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _install_uvloop()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,7 @@ class Engine:
         if self._by_lesson.get(session.lesson_id) == session_id:
             del self._by_lesson[session.lesson_id]
         await session.aclose(reason)
+        self._account_audio([session])
         self.metrics.concurrent_streams.set(len(self.sessions))
         log.info("session %s closed (%s)", session_id, reason)
         return True
@@ -238,9 +240,24 @@ class Engine:
             m.speaking_streams.set(speaking)
             m.clock_tick.observe(time.perf_counter() - t_cpu)
             next_t += frame_s
-            if idle_timeout and time.monotonic() - last_sweep > 1.0:
+            if time.monotonic() - last_sweep > 1.0:
                 last_sweep = time.monotonic()
-                self._close_idle(idle_timeout)
+                self._account_audio()
+                if idle_timeout:
+                    self._close_idle(idle_timeout)
+
+    def _account_audio(self, sessions: Iterable[StreamSession] | None = None) -> None:
+        """Fold the streams' audio counters into the node's, once a second (not per
+        frame: this is bookkeeping, not the hot path) and when a stream closes."""
+        received = concealed = 0
+        for s in self.sessions.values() if sessions is None else sessions:
+            js = s.jb.stats
+            received += js.received_samples - s.counters.reported_received
+            concealed += js.concealed_samples - s.counters.reported_concealed
+            s.counters.reported_received = js.received_samples
+            s.counters.reported_concealed = js.concealed_samples
+        self.metrics.audio_in.inc(received / AUDIO_RATE)
+        self.metrics.concealed.inc(concealed / AUDIO_RATE)
 
     def _close_later(self, session_id: str, reason: str) -> None:
         """Close a session from the clock without holding the clock up."""

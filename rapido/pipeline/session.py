@@ -73,6 +73,8 @@ class SessionCounters:
     utterances: int = 0
     interrupts: int = 0
     played_ms: float = 0.0  # speech played out, all utterances together
+    reported_received: int = 0  # samples already folded into the node's metrics
+    reported_concealed: int = 0
     last_activity: float = field(default_factory=time.monotonic)
 
 
