@@ -1,0 +1,106 @@
+"""Audio at the edge: WAV and L16 parsing, streaming resampling."""
+
+from __future__ import annotations
+
+import io
+import struct
+import wave
+
+import numpy as np
+import pytest
+
+from rapido.pipeline.audio import (
+    AudioFormatError,
+    Resampler,
+    check_rate,
+    decode_wav,
+    parse_l16,
+    pcm_s16le,
+    resample,
+)
+from rapido.pipeline.media import AUDIO_RATE
+from tests.conftest import speech
+
+
+def _wav(samples: np.ndarray, rate: int, width: int, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(samples.tobytes())
+    return buf.getvalue()
+
+
+def test_wav_16bit_mono_is_exact() -> None:
+    x = speech(0.3)
+    got, rate = decode_wav(_wav(x, 16_000, 2))
+    assert rate == 16_000 and np.array_equal(got, x)
+
+
+def test_wav_other_widths_and_stereo() -> None:
+    x = speech(0.2).astype(np.int32)
+    # 8-bit unsigned
+    u8 = ((x >> 8) + 128).astype(np.uint8)
+    got, _ = decode_wav(_wav(u8, 8_000, 1))
+    assert np.max(np.abs(got.astype(np.int32) - (x >> 8 << 8))) <= 300
+    # 24-bit little-endian
+    v = x << 8
+    b24 = np.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], axis=1).astype(np.uint8)
+    got, _ = decode_wav(_wav(b24, 16_000, 3))
+    assert np.max(np.abs(got.astype(np.int32) - x)) <= 1
+    # stereo 16-bit: left = x, right = -x/2 -> mean
+    st = np.stack([x, -x // 2], axis=1).astype(np.int16)
+    got, _ = decode_wav(_wav(st, 16_000, 2, channels=2))
+    assert np.max(np.abs(got.astype(np.int32) - (x - x // 2) // 2)) <= 2
+
+
+def test_wav_float32() -> None:
+    x = np.linspace(-0.5, 0.5, 1000, dtype=np.float32)
+    fmt = struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32)
+    data = x.tobytes()
+    blob = (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+            + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    got, rate = decode_wav(blob)
+    assert rate == 16000 and abs(int(got[0]) + 16384) <= 1 and abs(int(got[-1]) - 16384) <= 1
+    nan = np.array([0.1, np.nan], dtype=np.float32).tobytes()
+    bad = blob[:40] + struct.pack("<I", len(nan)) + nan
+    with pytest.raises(AudioFormatError, match="NaN"):
+        decode_wav(bad)
+
+
+def test_l16() -> None:
+    x = speech(0.1)
+    got, rate = parse_l16("audio/L16; rate=16000; channels=1", x.astype(">i2").tobytes())
+    assert rate == 16000 and np.array_equal(got, x)
+    got, _ = parse_l16("audio/L16;rate=16000;endian=little", x.tobytes())
+    assert np.array_equal(got, x)
+    for ctype, code in (("audio/L16", "invalid_content_type"),
+                        ("audio/L16;rate=abc", "invalid_sample_rate"),
+                        ("audio/L16;rate=4000", "invalid_sample_rate"),
+                        ("audio/L16;rate=16000;channels=2", "unsupported_channels")):
+        with pytest.raises(AudioFormatError) as info:
+            parse_l16(ctype, b"\x00\x00")
+        assert info.value.code == code
+
+
+def test_rates_and_odd_pcm() -> None:
+    assert check_rate(8000) == 8000 and check_rate(48000) == 48000
+    for bad in (7999, 48001, 16000.0, True, None, "16000"):
+        with pytest.raises(AudioFormatError):
+            check_rate(bad)
+    with pytest.raises(AudioFormatError, match="even"):
+        pcm_s16le(b"\x00\x01\x02")
+    assert len(pcm_s16le(b"\x00\x01\x02\x03")) == 2
+
+
+@pytest.mark.parametrize("rate", [8_000, 16_000, 22_050, 24_000, 44_100, 48_000])
+def test_streaming_resampler_matches_one_shot_and_keeps_length(rate: int) -> None:
+    x = speech(1.0, rate=rate)
+    r = Resampler(rate)
+    parts = [r.push(x[i : i + 317]) for i in range(0, len(x), 317)]  # odd chunk sizes
+    parts.append(r.flush())
+    streamed = np.concatenate(parts)
+    whole = resample(x, rate)
+    assert abs(len(streamed) - AUDIO_RATE) <= 1
+    assert np.array_equal(streamed, whole)
