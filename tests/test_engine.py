@@ -83,3 +83,21 @@ async def test_idle_session_shows_idle_frames(node: Node, http: aiohttp.ClientSe
     assert session.counters.frames_out - before >= 8
     assert session.counters.speaking_frames == 0
     assert session.sink.stats()["speaking_frames"] == 0
+
+
+async def test_idle_timeout_closes_forgotten_sessions(make_node: NodeFactory,
+                                                      http: aiohttp.ClientSession) -> None:
+    node = await make_node(session_idle_timeout_s=1.0)
+    forgotten = await create_session(http, node, "forgotten")
+    watched = await create_session(http, node, "watched")
+    async with http.ws_connect(watched["ws_url"]) as ws:
+        await next_event(ws, "ready")
+        for _ in range(60):
+            if forgotten["session_id"] not in node.engine.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert forgotten["session_id"] not in node.engine.sessions
+        # A session with a listener is not idle, however silent it is.
+        assert watched["session_id"] in node.engine.sessions
+    async with http.get(f"{node.url}/metrics") as r:
+        assert "concurrent_streams_total 1.0" in await r.text()

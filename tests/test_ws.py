@@ -144,3 +144,27 @@ async def test_session_delete_closes_socket(node: Node, http: aiohttp.ClientSess
         assert closed["reason"] == "deleted"
         msg = await ws.receive(timeout=5)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_errors_and_pongs_go_only_to_their_own_connection(
+        node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "two-clients")
+    async with http.ws_connect(s["ws_url"]) as a, http.ws_connect(s["ws_url"]) as b:
+        await next_event(a, "ready")
+        await next_event(b, "ready")
+        await a.send_str("not json")
+        await a.send_json({"type": "ping", "id": "a1"})
+        assert (await next_event(a, "error"))["code"] == "invalid_json"
+        assert (await next_event(a, "pong"))["id"] == "a1"
+        # b sees the session's events (playback) but not a's error, pong or ready.
+        audio = speech(0.3)
+        for start in range(0, len(audio), CHUNK):
+            await a.send_bytes(audio[start : start + CHUNK].tobytes())
+        await a.send_json({"type": "end"})
+        seen = []
+        while True:
+            msg = await b.receive_json(timeout=10)
+            seen.append(msg["type"])
+            if msg["type"] == "playback_finished":
+                break
+        assert seen == ["playback_started", "playback_finished"], seen

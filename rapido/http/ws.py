@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -42,11 +42,18 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
         _write_events(ws, events), name=f"ws-writer-{session.id}")
     engine = request.app[ENGINE]
 
+    def reply(event: Event) -> None:
+        """To this connection only: errors and pongs are nobody else's business."""
+        try:
+            events.put_nowait(event)
+        except asyncio.QueueFull:
+            pass  # a client this far behind is being cut off by the session anyway
+
     def error(code: str, message: str) -> None:
         metrics.bad_input.labels("ws", code).inc()
-        session.emit({"type": "error", "code": code, "message": message})
+        reply({"type": "error", "code": code, "message": message})
 
-    session.emit({
+    reply({
         "type": "ready", "session_id": session.id, "lesson_id": session.lesson_id,
         "sample_rate": session.spec.sample_rate, "audio_rate": AUDIO_RATE,
         "fps": session.fps, "node": engine.node_id, "state": session.state,
@@ -70,7 +77,7 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
                 if len(msg.data) > limit:
                     error("message_too_large", f"text message is over the {limit} byte limit")
                     continue
-                await _control(session, msg.data, error)
+                await _control(session, msg.data, reply, error)
             elif msg.type == WSMsgType.ERROR:
                 log.info("session %s: websocket error: %s", session.id, ws.exception())
                 break
@@ -85,7 +92,8 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _control(session: StreamSession, text: str, error: Any) -> None:
+async def _control(session: StreamSession, text: str, reply: Callable[[Event], None],
+                   error: Callable[[str, str], None]) -> None:
     try:
         msg = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -96,11 +104,11 @@ async def _control(session: StreamSession, text: str, error: Any) -> None:
         return
     kind = msg["type"]
     if kind == "ping":
-        reply: Event = {"type": "pong"}
+        pong: Event = {"type": "pong"}
         if "id" in msg and isinstance(msg["id"], str | int | float) \
                 and not isinstance(msg["id"], bool):
-            reply["id"] = msg["id"]
-        session.emit(reply)
+            pong["id"] = msg["id"]
+        reply(pong)
     elif kind == "start":
         session.start_utterance()
     elif kind == "end":
