@@ -41,6 +41,29 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-streams-search", type=int, default=512,
                        help="upper bound of the --capacity search")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--model", help="model for speaking frames (default: the config's)")
+    bench.add_argument("--max-batch", type=int, help="largest model batch")
+    bench.add_argument("--max-wait-ms", type=float, help="batch fill wait")
+
+    model = sub.add_parser("model", help="build or check lip-sync models",
+                           description="Build the built-in models (deterministic ONNX "
+                           "exports with a manifest) or check a model against its manifest.")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    build = msub.add_parser("build", help="export a built-in model to ONNX + manifest")
+    build.add_argument("--model", default="rapido-lite", choices=("rapido-lite", "wav2lip-96"))
+    build.add_argument("--out", metavar="DIR", help="output folder (default: the model cache)")
+    check = msub.add_parser("check", help="validate a manifest and its ONNX graph")
+    check.add_argument("manifest", help="the manifest file (.json)")
+
+    avatar = sub.add_parser("avatar", help="manage avatars",
+                            description="Make avatars from your own pictures.")
+    asub = avatar.add_subparsers(dest="avatar_command", required=True, metavar="ACTION")
+    imp = asub.add_parser("import", help="make an avatar from an image or a short video")
+    imp.add_argument("source", metavar="IMAGE_OR_VIDEO")
+    imp.add_argument("--face-box", required=True, metavar="X,Y,W,H",
+                     help="the face in source pixels")
+    imp.add_argument("--name", required=True, help="the name sessions use ([A-Za-z0-9_.-])")
+    imp.add_argument("--avatars-dir", help="where to save (default: the config's avatars_dir)")
     return p
 
 
@@ -49,8 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = Config.load(toml_path=args.config, overrides=flag_overrides(args))
+        elif args.command == "bench":
+            config = Config.load(toml_path=args.config, overrides={
+                "model": args.model, "max_batch": args.max_batch,
+                "max_wait_ms": args.max_wait_ms})
         else:
-            config = Config.load(toml_path=args.config)
+            config = Config.load()
     except ConfigError as exc:
         print(f"rapido: config error: {exc}", file=sys.stderr)
         return 2
@@ -66,9 +93,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rapido.node import serve
 
         return asyncio.run(serve(config))
+    if args.command == "model":
+        return _model(config, args)
+    if args.command == "avatar":
+        return _avatar(config, args)
     from rapido.bench.run import bench_main
 
     return bench_main(config, args)
+
+
+def _model(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rapido.gpu.manifest import ModelError, check_onnx, load_manifest
+    from rapido.gpu.registry import build_builtin, default_model_dir
+
+    try:
+        if args.model_command == "build":
+            root = Path(config.model_dir) if config.model_dir else default_model_dir()
+            out = Path(args.out) if args.out else root / args.model
+            path = build_builtin(args.model, out)
+            print(f"built {args.model}: {path}")
+            return 0
+        manifest = load_manifest(args.manifest)
+        if manifest.format == "onnx":
+            check_onnx(manifest)
+        print(f"ok: {manifest.name} ({manifest.format}, crop {manifest.crop_size})")
+        return 0
+    except ModelError as exc:
+        print(f"rapido: model: {exc}", file=sys.stderr)
+        return 2
+
+
+def _avatar(config: Config, args: argparse.Namespace) -> int:
+    from rapido.gpu.avatar_import import AvatarImportError, import_to_dir, parse_box
+
+    try:
+        path = import_to_dir(args.source, parse_box(args.face_box), args.name,
+                             args.avatars_dir or config.avatars_dir, width=config.width,
+                             height=config.height, fps=config.fps)
+    except AvatarImportError as exc:
+        print(f"rapido: avatar: {exc}", file=sys.stderr)
+        return 2
+    print(f"avatar {args.name!r} saved to {path}; sessions can use \"avatar\": "
+          f"\"{args.name}\"")
+    return 0
 
 
 def _install_uvloop() -> None:

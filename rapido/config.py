@@ -22,6 +22,7 @@ from rapido.pipeline.media import AUDIO_RATE
 
 ENV_PREFIX = "RAPIDO_"
 SINKS = ("null", "record")
+BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
 
 
 class ConfigError(ValueError):
@@ -63,9 +64,26 @@ class Config:
     fps: int = _opt(25, "video frame rate (must divide 48000)", lo=1, hi=60)
     default_sink: str = _opt("null", "sink for sessions that name none", choices=SINKS)
     recordings_dir: str = _opt("recordings", "where the record sink writes MP4 files")
+    record_crf: int = _opt(23, "libx264 quality of the record sink (0 = lossless)", lo=0, hi=51)
     record_preset: str = _opt("ultrafast", "libx264 preset of the record sink",
                               choices=("ultrafast", "superfast", "veryfast", "faster",
                                        "fast", "medium"))
+    # -- model --------------------------------------------------------------------------
+    model: str = _opt("rapido-lite", "lip-sync model: rapido-lite, wav2lip-96, a manifest "
+                      "file (.json), or none (idle frames only)")
+    backend: str = _opt("auto", "model backend", choices=("auto", "onnx", "torch"))
+    device: str = _opt("auto", "model device", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "torch backend precision on CUDA",
+                      choices=("auto", "float32", "float16", "bfloat16"))
+    max_batch: int = _opt(8, "largest model batch", lo=1, hi=256)
+    max_wait_ms: float = _opt(30.0, "longest a frame waits for its batch to fill", lo=0, hi=1000)
+    frame_budget_ms: float = _opt(120.0, "a speaking frame not rendered this long after its "
+                                  "tick is shown idle (a deadline miss)", lo=10, hi=5000)
+    intra_op_threads: int = _opt(0, "ONNX Runtime CPU threads (0 = its default)", lo=0, hi=256)
+    model_dir: str = _opt("", "where built-in models are built and cached "
+                          "(default: $XDG_CACHE_HOME/rapido/models)")
+    trt_cache_dir: str = _opt("", "TensorRT engine cache (default: under model_dir)")
+    avatars_dir: str = _opt("avatars", "imported avatars (python -m rapido avatar import)")
     # -- jitter buffer (the plan's defaults) ----------------------------------------
     jitter_target_ms: float = _opt(160.0, "initial jitter buffer target", lo=10, hi=5000)
     jitter_min_target_ms: float = _opt(80.0, "lowest adaptive target", lo=10, hi=5000)
@@ -89,6 +107,10 @@ class Config:
             self.jitter()
         except ValueError as exc:
             raise ConfigError(f"jitter_*: {exc}") from None
+        if self.model not in BUILTIN_MODELS and not self.model.endswith(".json"):
+            raise ConfigError(
+                f"model: {self.model!r} is not allowed; use {', '.join(BUILTIN_MODELS)} "
+                "or the path of a model manifest (.json)")
         if not self.api_key and not _is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address and no api_key is set; "

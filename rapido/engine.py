@@ -16,8 +16,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rapido.config import Config
-from rapido.gpu.avatar import Avatar, default_avatar
+from rapido.gpu.avatar import Avatar, default_avatar, load_avatar
+from rapido.gpu.backends import ModelBackend, make_backend
+from rapido.gpu.compositor import Blend
+from rapido.gpu.lipsync import LipSyncRenderer
+from rapido.gpu.registry import default_model_dir, resolve_model
 from rapido.metrics import Metrics
 from rapido.pipeline.jitter import JitterEvent, PlaybackFinished, PlaybackStarted, Underrun
 from rapido.pipeline.media import AUDIO_RATE
@@ -51,6 +57,7 @@ class Engine:
         self.config = config
         self.metrics = metrics
         self.renderer: FrameRenderer = renderer or IdleRenderer()
+        self._own_renderer = renderer is None
         self.node_id = config.node_id
         self.sessions: dict[str, StreamSession] = {}
         self._by_lesson: dict[str, str] = {}
@@ -72,14 +79,60 @@ class Engine:
         cfg = self.config
         self._avatars["default"] = await loop.run_in_executor(
             None, default_avatar, cfg.width, cfg.height, cfg.fps)
+        self._avatars.update(await loop.run_in_executor(None, self._load_avatars))
+        if self._own_renderer and cfg.model != "none":
+            # Building a model (first use) and opening a session take seconds: off the loop.
+            backend, blend, name = await loop.run_in_executor(None, self._open_model)
+            self.renderer = LipSyncRenderer(
+                backend, blend=blend, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
+                budget_ms=cfg.frame_budget_ms, batcher_metrics=self.metrics.batcher,
+                on_quality=self.metrics.video_quality.set, model_name=name)
+            # Compositors are per avatar and take a moment: have them ready before /ready.
+            for avatar in self._avatars.values():
+                await loop.run_in_executor(None, self.renderer.compositor, avatar)
+            log.info("lip sync: model %s on %s", name, backend.name)
         self._clock = loop.create_task(self._run_clock(), name="engine-clock")
         self._clock.add_done_callback(self._clock_done)
         self.ready = True
+
+    def _open_model(self) -> tuple[ModelBackend, Blend, str]:
+        cfg = self.config
+        model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir()
+        manifest = resolve_model(cfg.model, model_dir)
+        backend = make_backend(
+            manifest, kind=cfg.backend, device=cfg.device, dtype=cfg.dtype,
+            intra_op_threads=cfg.intra_op_threads, max_batch=cfg.max_batch,
+            trt_cache_dir=Path(cfg.trt_cache_dir) if cfg.trt_cache_dir
+            else model_dir / "trt-cache")
+        # The first runs of a session allocate and pick kernels (and on a GPU build
+        # engines or capture graphs): do it now, not on the first speaking frames.
+        s = backend.crop_size
+        for size in sorted({b for b in backend.preferred_batch_sizes if b <= cfg.max_batch}
+                           | {1}):
+            backend.run(np.full((size, 1, 80, 16), -4.0, np.float32),
+                        np.zeros((size, 6, s, s), np.float32))
+        # The built-in renderer only redraws the mouth; Wav2Lip-style models the whole
+        # lower half of the face.
+        blend: Blend = "mouth" if manifest.name == "rapido-lite" else "lower_half"
+        return backend, blend, manifest.name
+
+    def _load_avatars(self) -> dict[str, Avatar]:
+        root = Path(self.config.avatars_dir)
+        found: dict[str, Avatar] = {}
+        if not root.is_dir():
+            return found
+        for path in sorted(root.glob("*.npz")):
+            try:
+                found[path.stem] = load_avatar(path)
+            except (OSError, ValueError) as exc:
+                log.error("avatar %s is unusable and was skipped: %s", path, exc)
+        return found
 
     async def aclose(self) -> None:
         self.ready = False
         await asyncio.gather(*(self.close_session(sid, "shutdown")
                                for sid in list(self.sessions)))
+        await self.renderer.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._clock is not None:
@@ -168,7 +221,7 @@ class Engine:
         if spec.sink == "record":
             path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
             return RecorderSink(path, width=cfg.width, height=cfg.height, fps=cfg.fps,
-                                preset=cfg.record_preset)
+                                preset=cfg.record_preset, crf=cfg.record_crf)
         return NullSink()
 
     async def close_session(self, session_id: str, reason: str = "closed") -> bool:
@@ -305,7 +358,7 @@ class Engine:
             "speaking": sum(s.speaking for s in self.sessions.values()),
             "max_streams": self.config.max_streams,
             "draining": self.draining,
-            "renderer": type(self.renderer).__name__,
+            "renderer": self.renderer.info(),
             "ticks": self.ticks,
             "late_ticks": self.late_ticks,
         }

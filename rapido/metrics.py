@@ -16,6 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from rapido.gpu.batcher import BatcherMetrics
+
 # The *_created series double the exposition for no use on our dashboards.
 disable_created_metrics()
 
@@ -69,6 +71,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.bad_input = Counter(
             "bad_input", "Rejected inputs from outside", ["where", "code"], registry=r)
+        self.batcher = BatcherMetrics(r)
         # -- HTTP ------------------------------------------------------------------------
         self.http_requests = Counter(
             "http_requests", "HTTP requests", ["route", "method", "status"], registry=r)

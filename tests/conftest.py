@@ -20,13 +20,21 @@ API_KEY = "test-key-123"
 NodeFactory = Callable[..., Awaitable[Node]]
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-in models are built once per test run (as a node does on first use)."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.fixture
-async def make_node(tmp_path: Path) -> AsyncIterator[NodeFactory]:
-    """Start real nodes on 127.0.0.1 with a free port; all are stopped after the test."""
+async def make_node(tmp_path: Path, model_dir: Path) -> AsyncIterator[NodeFactory]:
+    """Start real nodes on 127.0.0.1 with a free port; all are stopped after the test.
+    They run the real lip-sync model (rapido-lite) unless a test says otherwise."""
     nodes: list[Node] = []
 
     async def factory(**overrides: Any) -> Node:
-        base = Config(port=0, recordings_dir=str(tmp_path / "rec"), log_level="warning")
+        base = Config(port=0, recordings_dir=str(tmp_path / "rec"), log_level="warning",
+                      model_dir=str(model_dir), avatars_dir=str(tmp_path / "avatars"))
         node = Node(dataclasses.replace(base, **overrides))
         await node.start()
         nodes.append(node)

@@ -42,6 +42,7 @@ async def test_recorded_mp4_holds_the_audio_sent(make_node: NodeFactory, tmp_pat
     async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
         stats = (await r.json())["stats"]
     path = Path(stats["sink"]["path"])
+    assert stats["sink"]["dropped_frames"] == 0, stats
     assert path.exists() and path.stat().st_size > 10_000
     frames, audio = decode(path)
 

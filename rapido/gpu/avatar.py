@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +27,9 @@ __all__ = [
     "default_avatar",
     "draw_default_avatar",
     "i420_to_rgb",
+    "load_avatar",
     "rgb_to_i420",
+    "save_avatar",
 ]
 
 # --------------------------------------------------------------------------- colour
@@ -785,3 +789,45 @@ def default_avatar(width: int = 854, height: int = 480, fps: int = 25) -> Avatar
 @functools.lru_cache(maxsize=4)
 def _cached_default(width: int, height: int, fps: int) -> Avatar:
     return draw_default_avatar(width, height, fps)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_avatar(avatar: Avatar, path: str | Path) -> Path:
+    """Write an avatar as one ``.npz`` (frames, boxes, size, fps); returns the path."""
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp.npz")
+    np.savez_compressed(
+        tmp, frames_i420=avatar.frames_i420, face_boxes=avatar.face_boxes,
+        mouth_boxes=avatar.mouth_boxes,
+        meta=np.array([avatar.width, avatar.height, avatar.fps], dtype=np.int32))
+    tmp.replace(dst)  # a reader never sees half a file
+    return dst
+
+
+def load_avatar(path: str | Path) -> Avatar:
+    """Read an avatar written by :func:`save_avatar`; ValueError says what is wrong."""
+    src = Path(path)
+    try:
+        with np.load(src, allow_pickle=False) as data:
+            missing = {"frames_i420", "face_boxes", "mouth_boxes", "meta"} - set(data.files)
+            if missing:
+                raise ValueError(
+                    f"{src}: not an avatar file (missing {', '.join(sorted(missing))})")
+            width, height, fps = (int(v) for v in data["meta"])
+            frames = np.array(data["frames_i420"])
+            face = np.array(data["face_boxes"], dtype=np.int32)
+            mouth = np.array(data["mouth_boxes"], dtype=np.int32)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{src}: cannot read avatar: {exc}") from None
+    for label, boxes in (("face", face), ("mouth", mouth)):
+        if boxes.ndim != 2 or boxes.shape[1:] != (4,):
+            raise ValueError(f"{src}: {label} boxes must be (N, 4)")
+        x, y, w, h = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+        if np.any(w <= 0) or np.any(h <= 0) or np.any(x < 0) or np.any(y < 0) \
+                or np.any(x + w > width) or np.any(y + h > height):
+            raise ValueError(f"{src}: a {label} box lies outside the {width}x{height} frame")
+    return Avatar(name=src.stem, width=width, height=height, fps=fps, frames_i420=frames,
+                  face_boxes=face, mouth_boxes=mouth)

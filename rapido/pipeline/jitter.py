@@ -384,6 +384,16 @@ class AudioJitterBuffer:
                 break
         return np.concatenate(parts) if parts else self._silence[:0]
 
+    def lookahead(self, utterance: int, n: int) -> tuple[np.ndarray, bool]:
+        """Up to ``n`` samples that follow what ``utterance`` has played so far, and
+        whether they are all it will ever have (its end has arrived and is within
+        them). An utterance that has finished playing has nothing more: ``(empty, True)``."""
+        if not self._utts or self._utts[0].id != utterance:
+            return self._silence[:0], True
+        head = self._utts[0]
+        ahead = self.peek(n)
+        return ahead, head.ended and head.buffered <= n
+
     # -- helpers --------------------------------------------------------------------
 
     def _open_utterance(self, now: float) -> _Utterance:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,9 +26,15 @@ class FrameJob:
     audio: np.ndarray  # this frame's audio at AUDIO_RATE
     speaking: bool
     avatar: Avatar
-    lookahead: np.ndarray | None = None  # audio after this frame, for models that need it
+    stream: str = ""  # the session this frame belongs to
+    utterance: int | None = None  # the utterance whose speech this frame carries
+    utt_pos: int = 0  # where this frame's speech starts inside its utterance (samples)
+    real_samples: int = 0  # speech samples in ``audio`` (the rest is padding/silence)
+    lookahead: np.ndarray | None = None  # speech after this frame, for models that need it
+    utt_complete: bool = False  # ``lookahead`` reaches the utterance's end
     video: VideoFrame | None = None
     degraded: bool = False  # the picture is a fallback (model error or overload)
+    events: list[Any] = field(default_factory=list)  # playback events this frame carries
     on_done: Callable[[FrameJob], None] | None = field(default=None, repr=False)
 
     def done(self) -> None:
@@ -44,6 +50,14 @@ class FrameRenderer(Protocol):
         """Fill ``job.video`` now or later, then call ``job.done()`` exactly once."""
         ...
 
+    def close_stream(self, stream: str) -> None:
+        """Forget per-stream state (the stream ended)."""
+        ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
 
 class IdleRenderer:
     """Every frame is the avatar's idle frame: silence costs no model time.
@@ -55,3 +69,12 @@ class IdleRenderer:
     def submit(self, job: FrameJob) -> None:
         job.video = job.avatar.idle_frame(job.index)
         job.done()
+
+    def close_stream(self, stream: str) -> None:
+        pass
+
+    def info(self) -> dict[str, Any]:
+        return {"renderer": "idle", "model": None}
+
+    async def aclose(self) -> None:
+        pass

@@ -110,6 +110,8 @@ class StreamSession:
         self._on_frame = on_frame
         self._resampler = Resampler(spec.sample_rate)
         self._frame_index = 0
+        self._utt: int | None = None  # utterance of the last frame, and its position
+        self._utt_pos = 0
         self._pending: deque[FrameJob] = deque()
         self._listeners: set[asyncio.Queue[Event | None]] = set()
         self._room = asyncio.Event()  # set while the jitter buffer can take more
@@ -264,8 +266,10 @@ class StreamSession:
         self._queued_samples = 0
         self._resampler = Resampler(self.spec.sample_rate)
         events = self.jb.flush(now)
-        # Frames already made but not yet handed over are stale speech: drop them too.
+        # Frames already made but not yet handed over are stale speech: drop them too,
+        # and tell what they would have told, as an interruption at the last frame out.
         dropped = len(self._pending)
+        events = self._dropped_events(events)
         self._pending.clear()
         self.sink.interrupt()
         self._room.set()
@@ -276,6 +280,24 @@ class StreamSession:
         return {"interrupted": bool(events), "was_playing": was_playing,
                 "position_ms": round(position, 1), "dropped_frames": dropped}
 
+    def _dropped_events(self, flushed: list[JitterEvent]) -> list[JitterEvent]:
+        """The playback events of frames dropped by an interrupt, then the buffer's own,
+        with positions counting only speech that reached the sink."""
+        unplayed: dict[int, int] = {}
+        carried: list[JitterEvent] = []
+        for job in self._pending:
+            if job.utterance is not None:
+                unplayed[job.utterance] = unplayed.get(job.utterance, 0) + job.real_samples
+            carried.extend(job.events)
+        out: list[JitterEvent] = []
+        for ev in carried + flushed:
+            if isinstance(ev, PlaybackFinished):
+                lost = 1000.0 * unplayed.get(ev.utterance, 0) / AUDIO_RATE
+                ev = PlaybackFinished(ev.utterance, max(0.0, ev.position_ms - lost), True,
+                                      "interrupt")
+            out.append(ev)
+        return out
+
     # -- the clock --------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
@@ -285,15 +307,26 @@ class StreamSession:
         pull = self.jb.pull(now)
         if self.jb.has_room:
             self._room.set()
+        # Playback events belong to the frame: they go out when it reaches the sink (a
+        # model may hold it a few frames), so a client never hears "finished" early.
+        frame_events = [ev for ev in pull.events
+                        if isinstance(ev, PlaybackStarted | PlaybackFinished)]
         for ev in pull.events:
-            self._handle(ev)
-        lookahead = None
-        if pull.speaking and self.renderer.lookahead_samples:
-            lookahead = self.jb.peek(self.renderer.lookahead_samples)
+            if not isinstance(ev, PlaybackStarted | PlaybackFinished):
+                self._handle(ev)
+        if pull.utterance != self._utt:
+            self._utt, self._utt_pos = pull.utterance, 0
+        lookahead, complete = None, False
+        if pull.speaking and pull.utterance is not None and self.renderer.lookahead_samples:
+            lookahead, complete = self.jb.lookahead(pull.utterance,
+                                                    self.renderer.lookahead_samples)
         job = FrameJob(
             index=self._frame_index, due=now, audio=pull.audio, speaking=pull.speaking,
-            avatar=self.avatar, lookahead=lookahead, on_done=self._job_done,
+            avatar=self.avatar, stream=self.id, utterance=pull.utterance,
+            utt_pos=self._utt_pos, real_samples=pull.real_samples, lookahead=lookahead,
+            utt_complete=complete, on_done=self._job_done, events=frame_events,
         )
+        self._utt_pos += pull.real_samples
         self._frame_index += 1
         if pull.real_samples:
             self.counters.played_ms += 1000.0 * pull.real_samples / AUDIO_RATE
@@ -309,6 +342,8 @@ class StreamSession:
         while pending and pending[0].video is not None:
             j = pending.popleft()
             assert j.video is not None
+            for ev in j.events:
+                self._handle(ev)
             self.sink.write(MediaChunk(j.index, j.video, j.audio, j.speaking))
             c = self.counters
             c.frames_out += 1
@@ -392,6 +427,7 @@ class StreamSession:
         if self._feeder is not None:
             self._feeder.cancel()
             await asyncio.gather(self._feeder, return_exceptions=True)
+        self.renderer.close_stream(self.id)
         try:
             await self.sink.aclose()
         except Exception:

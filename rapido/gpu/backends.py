@@ -1,0 +1,643 @@
+"""Model backends: run a contract model on a batch, synchronously, from one worker thread.
+
+Every backend takes float32 numpy ``mel [B, 1, 80, 16]`` and ``face [B, 6, S, S]`` and
+returns float32 numpy ``[B, 3, S, S]`` (see :mod:`rapido.gpu.manifest` for the contract).
+``run`` validates shapes cheaply and raises ``ValueError``: the batcher fails that batch
+with the message and carries on.
+
+* :class:`OnnxBackend`: onnxruntime, trying TensorRT -> CUDA -> CPU (only providers this
+  onnxruntime build reports); a provider that fails to create a session is logged and
+  the next one tried. On GPU providers outputs are bound on the device with I/O binding
+  and copied to the host once.
+* :class:`TorchBackend`: any contract ``nn.Module``; fp16/bf16 and CUDA graphs (one per
+  batch-size bucket, captured on first use) on CUDA; float32 eager on CPU.
+* :func:`make_backend`: picks one for a manifest and logs which and why.
+
+The TensorRT, CUDA and CUDA-graph paths only run on a GPU machine; they are kept short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from rapido.gpu.manifest import (
+    FACE_CHANNELS,
+    MEL_BINS,
+    MEL_FRAMES,
+    ModelError,
+    ModelManifest,
+    check_onnx,
+    import_factory,
+)
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    import torch
+
+__all__ = [
+    "BackendKind",
+    "DeviceKind",
+    "ModelBackend",
+    "OnnxBackend",
+    "TorchBackend",
+    "check_batch",
+    "make_backend",
+]
+
+log = logging.getLogger(__name__)
+
+BackendKind = Literal["auto", "onnx", "torch"]
+DeviceKind = Literal["auto", "cpu", "cuda"]
+TorchDtype = Literal["float32", "float16", "bfloat16"]
+
+TRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_GPU_PROVIDERS = (TRT, CUDA)
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """What the batcher drives. ``run`` is synchronous and called from one thread."""
+
+    name: str
+    device: str
+    crop_size: int
+    preferred_batch_sizes: tuple[int, ...]
+
+    def run(self, mel: np.ndarray, face: np.ndarray) -> np.ndarray: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def check_batch(mel: object, face: object, crop_size: int, max_batch: int) -> int:
+    """Validate one batch against the contract; returns B. Costs a few attribute reads."""
+    for arg, x, tail in (("mel", mel, (1, MEL_BINS, MEL_FRAMES)),
+                         ("face", face, (FACE_CHANNELS, crop_size, crop_size))):
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"{arg} must be a numpy array, got {type(x).__name__}")
+        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != tail:
+            want = ", ".join(map(str, tail))
+            raise ValueError(f"{arg} must be float32 [B, {want}], "
+                             f"got {x.dtype} {list(x.shape)}")
+    assert isinstance(mel, np.ndarray) and isinstance(face, np.ndarray)
+    b = mel.shape[0]
+    if face.shape[0] != b:
+        raise ValueError(f"mel has batch {b} but face has batch {face.shape[0]}")
+    if not 1 <= b <= max_batch:
+        raise ValueError(f"batch of {b} is outside 1..{max_batch} for this backend")
+    return int(b)
+
+
+def _check_out(out: np.ndarray, b: int, crop_size: int) -> np.ndarray:
+    want = (b, 3, crop_size, crop_size)
+    if out.shape != want:
+        # The model broke the contract; say so rather than hand garbage to compositing.
+        raise RuntimeError(f"model returned {list(out.shape)}, the contract wants {list(want)}")
+    if out.dtype != np.float32:
+        out = out.astype(np.float32)
+    return out
+
+
+def _batch_sizes(sizes: Sequence[int], max_batch: int) -> tuple[int, ...]:
+    """The manifest's sizes up to ``max_batch``, plus ``max_batch`` itself: the operator's
+    limit is a size the backend must serve (and, on torch/CUDA, a graph bucket)."""
+    return tuple(sorted({b for b in sizes if 1 <= b <= max_batch} | {max_batch}))
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+class OnnxBackend:
+    """onnxruntime session for an ONNX manifest; see the module docstring.
+
+    ``providers`` restricts and orders what is tried (default TensorRT, CUDA, CPU).
+    ``intra_op_threads`` 0 lets onnxruntime pick (one per physical core).
+    ``trt_cache_dir`` enables TensorRT's engine and timing caches there: building an
+    engine takes minutes, loading a cached one seconds. ``max_batch`` defaults to the
+    manifest's largest batch size and bounds both ``run`` and the TensorRT profile."""
+
+    def __init__(self, manifest: ModelManifest, *, providers: Sequence[str] | None = None,
+                 intra_op_threads: int = 0, trt_cache_dir: Path | None = None,
+                 max_batch: int | None = None, trt_fp16: bool = True, device_id: int = 0,
+                 check: bool = True) -> None:
+        import onnxruntime as ort
+
+        if manifest.format != "onnx" or manifest.path is None:
+            raise ModelError(f"{manifest.where()}: format: OnnxBackend needs format 'onnx'",
+                             field="format")
+        if check:
+            check_onnx(manifest)  # clear messages before onnxruntime's terse ones
+        self.manifest = manifest
+        self.crop_size = manifest.crop_size
+        self.max_batch = max_batch if max_batch is not None else manifest.max_batch
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        self.preferred_batch_sizes = _batch_sizes(manifest.batch_sizes, self.max_batch)
+        self._trt_fp16 = trt_fp16
+        self._trt_cache_dir = trt_cache_dir
+        self._device_id = device_id
+        self._intra_op_threads = intra_op_threads
+
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers is not None else [TRT, CUDA, CPU]
+        chain = [p for p in wanted if p in available]
+        skipped = [p for p in wanted if p not in available]
+        if skipped:
+            log.debug("onnxruntime %s lacks %s; not trying them", ort.__version__, skipped)
+        if not chain:
+            raise ModelError(f"none of the providers {wanted} is available in this "
+                             f"onnxruntime (available: {available})")
+        self._available = available
+        self._skipped = skipped
+        self._tried: list[dict[str, Any]] = []
+        self._session: ort.InferenceSession | None = None
+        for i, first in enumerate(chain):
+            # Keep the rest of the chain behind the first: TensorRT hands the nodes it
+            # cannot run to CUDA, and CUDA to CPU.
+            rest = chain[i:]
+            try:
+                # enable_fallback=0: onnxruntime's own fallback only print()s; this loop
+                # logs each failure and keeps info() truthful.
+                sess = ort.InferenceSession(
+                    str(manifest.path), sess_options=self._session_options(ort),
+                    providers=[(p, self._provider_options(p)) for p in rest],
+                    enable_fallback=0)
+                # Nor may a failing provider be swapped for the CPU mid-serve, silently:
+                # a failed batch is reported, and name/info() stay true.
+                sess.disable_fallback()
+            except Exception as e:
+                log.warning("%s: %s failed to create a session, trying the next: %s",
+                            manifest.name, first, e)
+                self._tried.append({"provider": first, "ok": False, "error": str(e)[:500]})
+                continue
+            got = sess.get_providers()
+            # onnxruntime may itself drop a provider that fails to initialise; what the
+            # session reports is what runs.
+            if got[0] != first:
+                log.warning("%s: %s was dropped by onnxruntime, session runs on %s",
+                            manifest.name, first, got[0])
+                self._tried.append({"provider": first, "ok": False,
+                                    "error": f"dropped by onnxruntime; session has {got}"})
+            self._tried.append({"provider": got[0], "ok": True, "error": None})
+            self._session = sess
+            break
+        if self._session is None:
+            raise ModelError(f"{manifest.where()}: no execution provider could load "
+                             f"{manifest.path}: " + "; ".join(
+                                 f"{t['provider']}: {t['error']}" for t in self._tried))
+        self.provider: str = self._session.get_providers()[0]
+        self.device = "cpu" if self.provider == CPU else f"cuda:{device_id}"
+        self.name = f"onnxruntime/{self.provider}"
+        self._io_binding = self.provider in _GPU_PROVIDERS
+
+        types = {i.name: i.type for i in self._session.get_inputs()}
+        types.update({o.name: o.type for o in self._session.get_outputs()})
+        # fp16 graph I/O is allowed by the manifest contract; cast at the boundary.
+        self._mel_dtype = np.float16 if types[manifest.mel_input] == "tensor(float16)" \
+            else np.float32
+        self._face_dtype = np.float16 if types[manifest.face_input] == "tensor(float16)" \
+            else np.float32
+        self._out_type = types[manifest.output]
+        # Many published exports have a fixed batch (often 1). Serve them at that size:
+        # smaller batches are padded up, and the batcher is told the only size it fits.
+        b0 = next(i.shape[0] for i in self._session.get_inputs()
+                  if i.name == manifest.face_input)
+        self.fixed_batch: int | None = b0 if isinstance(b0, int) and b0 > 0 else None
+        if self.fixed_batch is not None:
+            self.max_batch = self.fixed_batch
+            self.preferred_batch_sizes = (self.fixed_batch,)
+        log.info("%s: onnxruntime session on %s (providers %s)", manifest.name,
+                 self.provider, self._session.get_providers())
+
+    def _session_options(self, ort: Any) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One batch at a time from one thread: parallelism belongs inside each operator.
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = self._intra_op_threads
+        so.inter_op_num_threads = 1
+        return so
+
+    def _provider_options(self, provider: str) -> dict[str, Any]:
+        m = self.manifest
+        if provider == TRT:
+            opts: dict[str, Any] = {"device_id": self._device_id,
+                                    "trt_fp16_enable": self._trt_fp16}
+            if self._trt_cache_dir is not None:
+                cache = Path(self._trt_cache_dir)
+                cache.mkdir(parents=True, exist_ok=True)
+                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+            # One explicit profile for batch 1..max_batch, tuned at max_batch (the
+            # batches that matter under load); without it TensorRT rebuilds the engine
+            # whenever a larger batch shows up. Format: "name:1x1x80x16,name2:...".
+            s = m.crop_size
+
+            def shapes(b: int) -> str:
+                return (f"{m.mel_input}:{b}x1x{MEL_BINS}x{MEL_FRAMES},"
+                        f"{m.face_input}:{b}x{FACE_CHANNELS}x{s}x{s}")
+
+            if self._dynamic_batch():
+                opts.update(trt_profile_min_shapes=shapes(1),
+                            trt_profile_opt_shapes=shapes(self.max_batch),
+                            trt_profile_max_shapes=shapes(self.max_batch))
+            return opts
+        if provider == CUDA:
+            # Shapes are few and fixed per batch size: search conv algorithms once.
+            return {"device_id": self._device_id, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        return {}
+
+    def _dynamic_batch(self) -> bool:
+        # A static-batch graph must not get a profile (TensorRT refuses one for static
+        # inputs); check_onnx has already made the manifest agree with it.
+        import onnx
+
+        assert self.manifest.path is not None
+        g = onnx.load(str(self.manifest.path), load_external_data=False).graph
+        for vi in g.input:
+            if vi.name == self.manifest.face_input:
+                d = vi.type.tensor_type.shape.dim
+                return not (len(d) > 0 and d[0].HasField("dim_value"))
+        return True
+
+    def run(self, mel: np.ndarray, face: np.ndarray) -> np.ndarray:
+        b = check_batch(mel, face, self.crop_size, self.max_batch)
+        sess = self._session
+        if sess is None:
+            raise RuntimeError(f"{self.name}: backend is closed")
+        m = self.manifest
+        mel_in = np.ascontiguousarray(mel, dtype=self._mel_dtype)
+        face_in = np.ascontiguousarray(face, dtype=self._face_dtype)
+        if self.fixed_batch is not None and b < self.fixed_batch:
+            pad = self.fixed_batch - b  # zero rows; their outputs are sliced away
+            mel_in = np.concatenate([mel_in, np.zeros((pad, *mel_in.shape[1:]), mel_in.dtype)])
+            face_in = np.concatenate([face_in,
+                                      np.zeros((pad, *face_in.shape[1:]), face_in.dtype)])
+        if self._io_binding:
+            # Inputs are copied host->device once by the binding; the output is allocated
+            # on the device and copied back once, instead of ORT's default of staging
+            # every tensor through host memory it owns.
+            binding = sess.io_binding()
+            binding.bind_cpu_input(m.mel_input, mel_in)
+            binding.bind_cpu_input(m.face_input, face_in)
+            binding.bind_output(m.output, "cuda", self._device_id)
+            sess.run_with_iobinding(binding)
+            out = binding.copy_outputs_to_cpu()[0]
+        else:
+            out = sess.run([m.output], {m.mel_input: mel_in, m.face_input: face_in})[0]
+        return _check_out(np.asarray(out)[:b], b, self.crop_size)
+
+    def info(self) -> dict[str, Any]:
+        import onnxruntime as ort
+
+        sess = self._session
+        return {
+            "backend": "onnxruntime",
+            "name": self.name,
+            "model": self.manifest.name,
+            "path": str(self.manifest.path),
+            "onnxruntime": ort.__version__,
+            "provider": self.provider,
+            "session_providers": sess.get_providers() if sess is not None else [],
+            "providers_available": list(self._available),
+            "providers_unavailable": list(self._skipped),  # wanted, not in this build
+            "providers_tried": [dict(t) for t in self._tried],
+            "device": self.device,
+            "dtype": "float16" if self._face_dtype == np.float16 else "float32",
+            "output_type": self._out_type,
+            "trt_fp16": self._trt_fp16 if self.provider == TRT else None,
+            "trt_cache_dir": str(self._trt_cache_dir) if self._trt_cache_dir else None,
+            "io_binding": self._io_binding,
+            "intra_op_threads": self._intra_op_threads,
+            "crop_size": self.crop_size,
+            "max_batch": self.max_batch,
+            "fixed_batch": self.fixed_batch,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "closed": sess is None,
+        }
+
+    def close(self) -> None:
+        # Dropping the session frees its arena (and the GPU memory with it).
+        self._session = None
+
+
+# --------------------------------------------------------------------------- torch
+
+_TORCH_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+class _Graph:
+    """One captured CUDA graph for a batch bucket, with its static input/output tensors."""
+
+    def __init__(self, graph: Any, mel: torch.Tensor, face: torch.Tensor,
+                 out: torch.Tensor) -> None:
+        self.graph, self.mel, self.face, self.out = graph, mel, face, out
+
+
+class TorchBackend:
+    """A contract ``nn.Module`` served by torch; see the module docstring.
+
+    On CPU the dtype is forced to float32 (half-precision convolutions on CPU are slow
+    or missing) and ``info()`` says so. On CUDA with ``cuda_graphs`` a batch is padded
+    up to the smallest bucket that holds it, the bucket's graph (captured on first use)
+    is replayed and the result sliced; the padding rows hold stale inputs, which is
+    harmless because contract models treat batch rows independently (eval-mode
+    BatchNorm uses running statistics).
+
+    The backend takes the module over: it is moved and cast in place (``Module.to``),
+    put in eval mode and its gradients switched off."""
+
+    def __init__(self, module: torch.nn.Module, *, crop_size: int, device: str = "cpu",
+                 dtype: TorchDtype = "float32", cuda_graphs: bool = True,
+                 batch_buckets: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+                 label: str = "") -> None:
+        import torch
+
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {_TORCH_DTYPES}, got {dtype!r}")
+        if not batch_buckets or any(b < 1 for b in batch_buckets):
+            raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ModelError(f"device {device!r} requested but torch "
+                                 f"{torch.__version__} sees no CUDA device")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.type != "cpu":
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        self.notes: list[str] = []
+        self.dtype_requested: str = dtype
+        if dev.type == "cpu" and dtype != "float32":
+            self.notes.append(f"{dtype} requested; CPU runs float32")
+            log.info("TorchBackend: %s requested on CPU; using float32", dtype)
+            dtype = "float32"
+        self.crop_size = crop_size
+        self.label = label or type(module).__name__
+        self.dtype: str = dtype
+        self._torch_dtype = getattr(torch, dtype)
+        self._dev = dev
+        self.device = str(dev)
+        self.batch_buckets = tuple(sorted(set(batch_buckets)))
+        self.max_batch = self.batch_buckets[-1]
+        self.preferred_batch_sizes = self.batch_buckets
+        self.cuda_graphs = cuda_graphs and dev.type == "cuda"
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_error: str | None = None
+        if dev.type == "cuda":
+            # Few fixed shapes: let cuDNN benchmark its algorithms once per shape.
+            torch.backends.cudnn.benchmark = True
+        self._module: torch.nn.Module | None = (
+            module.to(device=dev, dtype=self._torch_dtype).eval().requires_grad_(False))
+        self.name = f"torch/{self.device}/{self.dtype}" + ("+cudagraphs" if
+                                                           self.cuda_graphs else "")
+
+    @classmethod
+    def from_manifest(cls, manifest: ModelManifest, *, device: str = "cpu",
+                      dtype: TorchDtype = "float32", cuda_graphs: bool = True,
+                      batch_buckets: tuple[int, ...] | None = None) -> TorchBackend:
+        """Build the module with ``manifest.torch_factory``. A checkpoint is passed as the
+        factory's ``checkpoint`` keyword when it has one; otherwise it is loaded with
+        :func:`rapido.gpu.models.load_checkpoint` after building."""
+        import torch
+
+        if manifest.torch_factory is None:
+            raise ModelError(f"{manifest.where()}: torch_factory: needed to serve the model "
+                             f"with torch", field="torch_factory")
+        factory = import_factory(manifest.torch_factory)
+        ckpt = manifest.checkpoint
+        try:
+            takes_ckpt = "checkpoint" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_ckpt = False
+        module = factory(checkpoint=str(ckpt)) if ckpt is not None and takes_ckpt \
+            else factory()
+        if not isinstance(module, torch.nn.Module):
+            raise ModelError(f"torch_factory {manifest.torch_factory} returned "
+                             f"{type(module).__name__}, not an nn.Module",
+                             field="torch_factory")
+        if ckpt is not None and not takes_ckpt:
+            from rapido.gpu.models import load_checkpoint
+
+            load_checkpoint(module, ckpt)
+        return cls(module, crop_size=manifest.crop_size, device=device, dtype=dtype,
+                   cuda_graphs=cuda_graphs, label=manifest.name,
+                   batch_buckets=batch_buckets or manifest.batch_sizes)
+
+    def _bucket(self, b: int) -> int:
+        return next(x for x in self.batch_buckets if x >= b)
+
+    def _capture(self, bucket: int) -> _Graph:
+        import torch
+
+        module = self._module
+        assert module is not None
+        s = self.crop_size
+        mel = torch.zeros(bucket, 1, MEL_BINS, MEL_FRAMES, device=self._dev,
+                          dtype=self._torch_dtype)
+        face = torch.zeros(bucket, FACE_CHANNELS, s, s, device=self._dev,
+                           dtype=self._torch_dtype)
+        # Warm up on a side stream first (cuDNN autotuning, lazy allocations must not
+        # happen during capture), as the CUDA graphs documentation prescribes.
+        side = torch.cuda.Stream(self._dev)
+        side.wait_stream(torch.cuda.current_stream(self._dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                module(mel, face)
+        torch.cuda.current_stream(self._dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = module(mel, face)
+        log.info("%s: captured a CUDA graph for batch bucket %d", self.label, bucket)
+        return _Graph(graph, mel, face, out)
+
+    def run(self, mel: np.ndarray, face: np.ndarray) -> np.ndarray:
+        import torch
+
+        b = check_batch(mel, face, self.crop_size, self.max_batch)
+        module = self._module
+        if module is None:
+            raise RuntimeError(f"{self.name}: backend is closed")
+        # from_numpy shares memory (no copy for contiguous float32) but refuses negative
+        # strides; ascontiguousarray is a no-op for what the batcher normally sends.
+        mel_t = torch.from_numpy(np.ascontiguousarray(mel))
+        face_t = torch.from_numpy(np.ascontiguousarray(face))
+        on_gpu = self._dev.type == "cuda"
+        # Capture and replay must happen on this backend's GPU, whatever is current.
+        with torch.inference_mode(), (torch.cuda.device(self._dev) if on_gpu
+                                      else contextlib.nullcontext()):
+            g = self._graph_for(b) if self.cuda_graphs else None
+            if g is not None:
+                g.mel[:b].copy_(mel_t)  # host -> device (and cast) into the static input
+                g.face[:b].copy_(face_t)
+                g.graph.replay()
+                out = g.out[:b]
+            else:
+                out = module(mel_t.to(self._dev, self._torch_dtype),
+                             face_t.to(self._dev, self._torch_dtype))
+            # .cpu() always makes a fresh host tensor (the graph's static output is
+            # reused by the next replay); the half -> float cast happens on the host,
+            # after copying half the bytes.
+            return _check_out(out.cpu().float().numpy(), b, self.crop_size)
+
+    def _graph_for(self, b: int) -> _Graph | None:
+        """The CUDA graph of b's bucket, captured on first use; None to run eagerly."""
+        if self._graph_error is not None:
+            return None
+        bucket = self._bucket(b)
+        g = self._graphs.get(bucket)
+        if g is None:
+            try:
+                g = self._graphs[bucket] = self._capture(bucket)
+            except Exception as e:  # a module that cannot be captured still runs, eagerly
+                self._graph_error = f"{type(e).__name__}: {e}"
+                self.name = self.name.removesuffix("+cudagraphs")
+                log.warning("%s: CUDA graph capture failed, running eagerly: %s",
+                            self.label, self._graph_error)
+                return None
+        return g
+
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "backend": "torch",
+            "name": self.name,
+            "model": self.label,
+            "torch": torch.__version__,
+            "device": self.device,
+            "dtype": self.dtype,
+            "dtype_requested": self.dtype_requested,
+            "notes": list(self.notes),
+            "cuda_graphs": self.cuda_graphs and self._graph_error is None,
+            "cuda_graph_buckets_captured": sorted(self._graphs),
+            "cuda_graph_error": self._graph_error,
+            "crop_size": self.crop_size,
+            "max_batch": self.max_batch,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "closed": self._module is None,
+        }
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._module = None
+        if self._dev.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- choice
+
+
+_GPU_DTYPES: dict[str, TorchDtype] = {"auto": "float16", "float16": "float16",
+                                      "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def _ort_gpu() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return any(p in ort.get_available_providers() for p in _GPU_PROVIDERS)
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _choose(manifest: ModelManifest, kind: str, device: str
+            ) -> tuple[Literal["onnx", "torch"], Literal["cpu", "cuda"], str]:
+    """(kind, device, why) for a manifest; pure apart from probing what is installed."""
+    if kind not in ("auto", "onnx", "torch"):
+        raise ValueError(f"kind must be 'auto', 'onnx' or 'torch', got {kind!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    ort_gpu, torch_cuda = _ort_gpu(), _torch_cuda()
+    has_onnx = manifest.format == "onnx"
+    has_torch = manifest.torch_factory is not None
+    if kind == "onnx" and not has_onnx:
+        raise ModelError(f"{manifest.where()}: format: kind 'onnx' needs an ONNX model, "
+                         f"the manifest is format {manifest.format!r}", field="format")
+    if kind == "torch" and not has_torch:
+        raise ModelError(f"{manifest.where()}: torch_factory: kind 'torch' needs one",
+                         field="torch_factory")
+
+    chosen: Literal["onnx", "torch"]
+    if kind == "auto":
+        if not has_onnx:
+            chosen, why = "torch", "the manifest is format 'torch'"
+        elif device != "cpu" and not ort_gpu and torch_cuda and has_torch:
+            chosen, why = "torch", ("onnxruntime has no GPU provider but torch sees CUDA "
+                                    "and the manifest has a torch_factory")
+        else:
+            chosen, why = "onnx", "the manifest is format 'onnx' (onnxruntime serves it)"
+    else:
+        chosen = "onnx" if kind == "onnx" else "torch"
+        why = f"kind {kind!r} was asked for"
+
+    gpu_ok = ort_gpu if chosen == "onnx" else torch_cuda
+    dev: Literal["cpu", "cuda"]
+    if device == "auto":
+        dev = "cuda" if gpu_ok else "cpu"
+        why += "; " + ("a GPU is available" if gpu_ok else f"no GPU available to {chosen}")
+    elif device == "cuda" and not gpu_ok:
+        raise ModelError("device 'cuda' requested but "
+                         + ("onnxruntime has no CUDA/TensorRT provider (install "
+                            "onnxruntime-gpu)" if chosen == "onnx"
+                            else "torch sees no CUDA device"))
+    else:
+        dev = "cuda" if device == "cuda" else "cpu"
+        why += f"; device {device!r} was asked for"
+    return chosen, dev, why
+
+
+def make_backend(manifest: ModelManifest, *, kind: BackendKind | str = "auto",
+                 device: DeviceKind | str = "auto", dtype: str = "auto",
+                 intra_op_threads: int = 0, trt_cache_dir: Path | None = None,
+                 max_batch: int | None = None, cuda_graphs: bool = True) -> ModelBackend:
+    """A backend for ``manifest``; logs which one and why.
+
+    ``kind="auto"`` serves ONNX manifests with onnxruntime (TensorRT/CUDA/CPU) unless
+    onnxruntime has no GPU provider while torch has CUDA and the manifest names a
+    torch_factory; torch manifests with torch. ``device="auto"`` takes the GPU when the
+    chosen runtime can use one. ``dtype`` is the GPU precision: "auto" and "float16"
+    mean torch float16 / TensorRT fp16, "bfloat16" torch bfloat16 (TensorRT then stays
+    float32), "float32" full precision; the CPU always runs float32. ``kind``, ``device``
+    and ``dtype`` are plain strings so config values pass straight through; a bad one is
+    a ValueError. ``intra_op_threads`` and ``trt_cache_dir`` apply to onnxruntime only
+    (torch's thread count is process-wide; the caller owns it)."""
+    if dtype not in _GPU_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_GPU_DTYPES)}, got {dtype!r}")
+    k, dev, why = _choose(manifest, kind, device)
+    gpu_dtype = _GPU_DTYPES[dtype]
+    backend: ModelBackend
+    if k == "onnx":
+        providers = [CPU] if dev == "cpu" else [TRT, CUDA, CPU]
+        backend = OnnxBackend(manifest, providers=providers,
+                              intra_op_threads=intra_op_threads, trt_cache_dir=trt_cache_dir,
+                              max_batch=max_batch, trt_fp16=gpu_dtype == "float16")
+        if dev == "cuda" and backend.provider == CPU:
+            why += "; every GPU provider failed, so it runs on CPU"
+    else:
+        buckets = _batch_sizes(manifest.batch_sizes, max_batch or manifest.max_batch)
+        backend = TorchBackend.from_manifest(
+            manifest, device=dev, dtype=gpu_dtype if dev == "cuda" else "float32",
+            cuda_graphs=cuda_graphs, batch_buckets=buckets)
+    log.info("model %s: backend %s (%s)", manifest.name, backend.name, why)
+    return backend
