@@ -97,6 +97,9 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            value = getattr(self, f.name)
+            if _type_of(f) is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))  # 200 means 200.0
             _check_bounds(f, getattr(self, f.name))
         if AUDIO_RATE % self.fps:
             raise ConfigError(f"fps: {self.fps} is not allowed; it must divide {AUDIO_RATE} "

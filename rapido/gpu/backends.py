@@ -227,6 +227,11 @@ class OnnxBackend:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = self._intra_op_threads
         so.inter_op_num_threads = 1
+        # Idle pool threads must sleep, not spin: between batches the event loop, the
+        # encoders and the compositor need those cores (a spinning pool burned a whole
+        # core of a 2-core machine for a one-stream load).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return so
 
     def _provider_options(self, provider: str) -> dict[str, Any]:

@@ -129,6 +129,9 @@ class BatchPolicy(Generic[T]):
         # Arrival heap with lazy deletion: taking from the EDF heap only forgets the seq in
         # _live, and stale arrivals are popped when they reach the top.
         self._arrivals: list[tuple[float, int]] = []
+        # Set by flush(): the producer says nothing more is coming for now, so what is
+        # queued leaves without waiting for the batch to fill.
+        self._flushing = False
         self._live: set[int] = set()
         self._seq = 0
 
@@ -164,19 +167,26 @@ class BatchPolicy(Generic[T]):
         by_deadline = self._queue[0][0] - (self.run_estimate_s + self.deadline_slack_s)
         return min(oldest + self.max_wait_s, by_deadline)
 
+    def flush(self) -> None:
+        """The producer has submitted all it has for now (e.g. every stream of a clock
+        tick): release what is queued at once, in batches of up to max_batch, instead of
+        waiting max_wait for requests that cannot come."""
+        if self._queue:
+            self._flushing = True
+
     def ready(self, now: float) -> bool:
         """True when a batch should leave now (see the module docstring for the rules)."""
         n = len(self._queue)
         if n == 0:
             return False
-        return n >= self.max_batch or now >= self._due_at()
+        return self._flushing or n >= self.max_batch or now >= self._due_at()
 
     def next_wakeup(self, now: float) -> float | None:
         """When :meth:`ready` turns true if nothing else arrives: ``now`` if it already is,
         None for an empty queue."""
         if not self._queue:
             return None
-        if len(self._queue) >= self.max_batch:
+        if self._flushing or len(self._queue) >= self.max_batch:
             return now
         return max(now, self._due_at())
 
@@ -216,6 +226,7 @@ class BatchPolicy(Generic[T]):
             batch.append(entry[4])
         if not queue:
             self._arrivals.clear()  # drop the stale entries in one go
+            self._flushing = False
         return batch, expired
 
     def drain(self) -> list[T]:
@@ -224,6 +235,7 @@ class BatchPolicy(Generic[T]):
         self._queue.clear()
         self._arrivals.clear()
         self._live.clear()
+        self._flushing = False
         return items
 
     def observe_run(self, seconds: float) -> None:
@@ -373,6 +385,11 @@ class MicroBatcher(Generic[Req, Res]):
 
         self.submit_nowait(request, deadline=deadline, callback=done, priority=priority)
         return await fut
+
+    def flush(self) -> None:
+        """Release what is queued now (see :meth:`BatchPolicy.flush`)."""
+        self.policy.flush()
+        self._wake.set()
 
     def pad_to(self, n: int) -> int:
         return self.policy.pad_to(n)

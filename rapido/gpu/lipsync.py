@@ -67,16 +67,18 @@ class _Window:
     """Requests and misses over the last second, for the degrade decision."""
 
     events: deque[tuple[float, bool]] = field(default_factory=deque)
+    misses: int = 0  # among ``events``, kept as a running count: this runs per frame
 
     def add(self, now: float, missed: bool) -> None:
         self.events.append((now, missed))
+        self.misses += missed
         while self.events and now - self.events[0][0] > 1.0:
-            self.events.popleft()
+            self.misses -= self.events.popleft()[1]
 
     def miss_rate(self) -> float:
         if not self.events:
             return 0.0
-        return sum(m for _, m in self.events) / len(self.events)
+        return self.misses / len(self.events)
 
 
 class LipSyncRenderer:
@@ -162,6 +164,9 @@ class LipSyncRenderer:
                 req = _Request(job, comp, window[None], stream=st)
             self.batcher.submit_nowait(req, deadline=job.due + self.budget_s,
                                        callback=self._on_result)
+        # That was every stream of this tick: nothing more comes for a frame interval, so
+        # waiting max_wait for a fuller batch would only add latency.
+        self.batcher.flush()
 
     def _feed(self, job: FrameJob) -> _Stream:
         st = self._streams.get(job.stream)
