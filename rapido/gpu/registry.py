@@ -79,8 +79,12 @@ def resolve_model(model: str, model_dir: Path | None = None) -> ModelManifest:
                 if root.exists():
                     shutil.rmtree(root)
                 tmp.rename(root)
-            except FileExistsError:  # another process won the race: use its build
+            except OSError:
+                # Another instance (one per GPU, starting together) may have moved its
+                # build into place first: use it if it is complete.
                 shutil.rmtree(tmp, ignore_errors=True)
+                if not (manifest_path.is_file() and version.is_file()):
+                    raise
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -1,0 +1,489 @@
+"""Deployment files: systemd units and their installer, the instance wrapper, the nginx
+example, the Grafana dashboard and the GPU bench script.
+
+These checks run the real tools: systemd-analyze and systemctl (Debian package
+``systemd``), ``nginx`` and ``openssl``. A missing tool fails its test with the package
+to install; RAPIDO_TEST_NO_SYSTEM_TOOLS=1 turns those failures into skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rapido.config import Config
+from rapido.metrics import Metrics
+
+REPO = Path(__file__).resolve().parents[1]
+UNITS = REPO / "systemd"
+SCRIPTS = REPO / "scripts"
+INSTALL = SCRIPTS / "install-systemd.sh"
+WRAPPER = SCRIPTS / "rapido-instance"
+GPU_BENCH = SCRIPTS / "gpu_bench.sh"
+NGINX_CONF = SCRIPTS / "nginx" / "rapido.conf"
+DASHBOARD = SCRIPTS / "grafana" / "rapido.json"
+
+PACKAGES = {"systemd-analyze": "systemd", "systemctl": "systemd", "nginx": "nginx",
+            "openssl": "openssl"}
+# Variables the wrapper reads or sets that are not server settings.
+WRAPPER_VARS = {"RAPIDO_BASE_PORT", "RAPIDO_BASE_GOSSIP_PORT", "RAPIDO_GOSSIP_PORT",
+                "RAPIDO_PYTHON"}
+CONFIG_VARS = {"RAPIDO_" + name.upper() for name in Config.__dataclass_fields__}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path:
+        return path
+    msg = (f"{name} not found: install the Debian package {PACKAGES.get(name, name)} "
+           "(apt-get install -y systemd nginx openssl), or set "
+           "RAPIDO_TEST_NO_SYSTEM_TOOLS=1 to skip the checks that need it")
+    if os.environ.get("RAPIDO_TEST_NO_SYSTEM_TOOLS") == "1":
+        pytest.skip(msg)
+    pytest.fail(msg)
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 30,
+        ok: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+    if ok:
+        assert proc.returncode == 0, (
+            f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def install(root: Path, *args: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    return run("bash", INSTALL, "--root", root, *args, env=env)
+
+
+def wants(root: Path, target: str) -> dict[str, str]:
+    d = root / "etc/systemd/system" / f"{target}.wants"
+    return {p.name: os.readlink(p) for p in d.iterdir()} if d.is_dir() else {}
+
+
+def directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) of a unit file, in order; keys may repeat."""
+    out, section = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def values(path: Path, key: str, section: str = "Service") -> list[str]:
+    return [v for s, k, v in directives(path) if s == section and k == key]
+
+
+def seconds(span: str) -> float:
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "ms": 0.001}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", span):
+        total += float(number) * units[unit]
+    return total
+
+
+# -- the unit files --------------------------------------------------------------------
+
+
+def test_service_unit_has_what_matters() -> None:
+    unit = UNITS / "rapido@.service"
+    one = {k: v for s, k, v in directives(unit) if s == "Service"}
+    env = values(unit, "Environment")
+    assert "CUDA_VISIBLE_DEVICES=%i" in env
+    assert values(unit, "EnvironmentFile") == ["/etc/rapido/rapido.env",
+                                               "-/etc/rapido/rapido@%i.env"]
+    assert one["ExecStart"] == "/opt/rapido/bin/rapido-instance %i"
+    assert one["Type"] == "simple"
+    assert (one["User"], one["Group"]) == ("rapido", "rapido")
+    assert (one["Restart"], one["RestartSec"]) == ("on-failure", "2")
+    assert (one["KillSignal"], one["KillMode"]) == ("SIGTERM", "mixed")
+    drain = Config().drain_timeout_s
+    assert seconds(one["TimeoutStopSec"]) >= drain + 10, "stop timeout must outlast the drain"
+    for key, value in {
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "PrivateDevices": "no", "DevicePolicy": "closed",
+        "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+        "ProtectControlGroups": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
+        "RestrictRealtime": "yes", "RestrictNamespaces": "yes",
+        "SystemCallArchitectures": "native", "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "", "UMask": "0027", "LimitNOFILE": "65536",
+        "WorkingDirectory": "/var/lib/rapido", "ReadWritePaths": "/var/lib/rapido",
+    }.items():
+        assert one.get(key) == value, f"{key}={one.get(key)!r}, want {value!r}"
+    assert "rapido" in one["StateDirectory"].split()
+    assert {"char-nvidia-frontend rw", "char-nvidia-uvm rw"} <= set(values(unit, "DeviceAllow"))
+    state = {e.split("=", 1)[0]: e.split("=", 1)[1] for e in env}
+    for name in ("RAPIDO_MODEL_DIR", "RAPIDO_RECORDINGS_DIR", "RAPIDO_AVATARS_DIR"):
+        assert state[name].startswith("/var/lib/rapido/"), name
+    unknown = {k for k in state if k.startswith("RAPIDO_")} - CONFIG_VARS - WRAPPER_VARS
+    assert not unknown, f"not rapido settings: {unknown}"
+    assert values(unit, "PartOf", "Unit") == ["rapido.target"]
+    assert values(unit, "WantedBy", "Install") == ["rapido.target"]
+    target = UNITS / "rapido.target"
+    assert values(target, "WantedBy", "Install") == ["multi-user.target"]
+
+
+def test_env_example_names_only_real_settings() -> None:
+    text = (UNITS / "rapido.env.example").read_text()
+    names = re.findall(r"^#?(RAPIDO_[A-Z0-9_]+)=", text, re.M)
+    assert len(names) > 10
+    assert set(names) - CONFIG_VARS - WRAPPER_VARS == set()
+    assert not re.search(r"^RAPIDO_PORT=", text, re.M), "the wrapper sets RAPIDO_PORT"
+    # Every documented value, uncommented, is a valid configuration.
+    documented = dict(re.findall(r"^#?(RAPIDO_[A-Z0-9_]+)=(.*)$", text, re.M))
+    Config.load(env={k: v for k, v in documented.items() if v and k in CONFIG_VARS})
+
+
+# -- the installer -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_install_one_instance_per_gpu(tmp_path: Path, gpus: int) -> None:
+    out = install(tmp_path, "--gpus", str(gpus)).stdout
+    unit_dir = tmp_path / "etc/systemd/system"
+    assert set(wants(tmp_path, "rapido.target")) == {f"rapido@{i}.service" for i in range(gpus)}
+    assert set(wants(tmp_path, "rapido.target").values()) == {"/etc/systemd/system/rapido@.service"}
+    assert wants(tmp_path, "multi-user.target") == {
+        "rapido.target": "/etc/systemd/system/rapido.target"}
+    assert (unit_dir / "rapido@.service").read_text() == (UNITS / "rapido@.service").read_text()
+    assert (unit_dir / "rapido.target").read_text() == (UNITS / "rapido.target").read_text()
+    assert not (unit_dir / "rapido@0.service.d").exists(), "GPU hosts need no CPU drop-in"
+    wrapper = tmp_path / "opt/rapido/bin/rapido-instance"
+    assert wrapper.read_bytes() == WRAPPER.read_bytes()
+    assert os.access(wrapper, os.X_OK)
+    env = tmp_path / "etc/rapido/rapido.env"
+    assert env.read_text() == (UNITS / "rapido.env.example").read_text()
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600, "it holds the API key"
+    assert f"rapido@{gpus - 1}" in out
+
+
+def test_install_without_gpu_runs_one_cpu_instance(tmp_path: Path) -> None:
+    install(tmp_path, "--gpus", "0")
+    assert set(wants(tmp_path, "rapido.target")) == {"rapido@0.service"}
+    dropin = tmp_path / "etc/systemd/system/rapido@0.service.d/10-cpu-only.conf"
+    env = values(dropin, "Environment")
+    assert "CUDA_VISIBLE_DEVICES=" in env and "RAPIDO_DEVICE=cpu" in env
+
+
+def test_install_is_idempotent_and_follows_the_gpu_count(tmp_path: Path) -> None:
+    install(tmp_path, "--gpus", "4")
+    env = tmp_path / "etc/rapido/rapido.env"
+    env.write_text("RAPIDO_MAX_STREAMS=32\n")
+    again = install(tmp_path, "--gpus", "4").stdout
+    assert "+ install" not in again, again  # nothing to rewrite
+    assert env.read_text() == "RAPIDO_MAX_STREAMS=32\n", "settings are never overwritten"
+    assert len(wants(tmp_path, "rapido.target")) == 4
+
+    install(tmp_path, "--gpus", "2")
+    assert set(wants(tmp_path, "rapido.target")) == {"rapido@0.service", "rapido@1.service"}
+    install(tmp_path, "--gpus", "0")
+    assert set(wants(tmp_path, "rapido.target")) == {"rapido@0.service"}
+    dropin = tmp_path / "etc/systemd/system/rapido@0.service.d"
+    assert dropin.is_dir()
+    install(tmp_path, "--gpus", "1")
+    assert set(wants(tmp_path, "rapido.target")) == {"rapido@0.service"}
+    assert not dropin.exists(), "the CPU drop-in goes once there is a GPU"
+
+
+def test_install_links_without_systemctl(tmp_path: Path) -> None:
+    """Without systemctl the installer makes the same links systemctl enable makes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("bash", "sed", "install", "cmp", "stat", "mktemp", "grep", "ln", "mkdir",
+                 "rm", "rmdir", "dirname", "ls", "cat"):
+        found = shutil.which(name)
+        assert found, name
+        (bin_dir / name).symlink_to(found)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    manual, real = tmp_path / "manual", tmp_path / "real"
+    install(manual, "--gpus", "3", env=env)
+    install(manual, "--gpus", "2", env=env)
+    tool("systemctl")
+    install(real, "--gpus", "3")
+    install(real, "--gpus", "2")
+    for target in ("rapido.target", "multi-user.target"):
+        assert wants(manual, target) == wants(real, target)
+    assert len(wants(manual, "rapido.target")) == 2
+
+
+def test_install_prefix_dry_run_and_bad_arguments(tmp_path: Path) -> None:
+    dry = install(tmp_path / "dry", "--gpus", "2", "--dry-run").stdout
+    assert not (tmp_path / "dry").exists(), "a dry run changes nothing"
+    assert "+ install" in dry and "enable rapido@0.service rapido@1.service" in dry
+
+    install(tmp_path, "--gpus", "1", "--prefix", "/srv/rapido")
+    unit = tmp_path / "etc/systemd/system/rapido@.service"
+    assert values(unit, "ExecStart") == ["/srv/rapido/bin/rapido-instance %i"]
+    assert (tmp_path / "srv/rapido/bin/rapido-instance").is_file()
+
+    for bad in (["--gpus", "two"], ["--prefix", "relative"], ["--now"], ["--bogus"]):
+        proc = run("bash", INSTALL, "--root", tmp_path / "bad", *bad, ok=False)
+        assert proc.returncode == 2, (bad, proc)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_systemd_analyze_verifies_the_installed_units(tmp_path: Path, gpus: int) -> None:
+    analyze = tool("systemd-analyze")
+    install(tmp_path, "--gpus", str(gpus))
+    # The staging root needs the distribution's units (sysinit.target, ...) to verify
+    # dependencies against; ExecStart= is resolved inside the root (the wrapper).
+    system = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+                   if (p / "sysinit.target").exists()), None)
+    assert system, "no systemd unit directory (/usr/lib/systemd/system): install systemd"
+    shutil.copytree(system, tmp_path / "usr/lib/systemd/system", symlinks=True)
+    names = [f"rapido@{i}.service" for i in range(max(gpus, 1))] + ["rapido.target"]
+    proc = run(analyze, "verify", f"--root={tmp_path}", *names, ok=False)
+    complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if "rapido" in line]
+    assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
+    # The hardening keeps the exposure score "OK" (systemd-analyze security, 0..10).
+    sec = run(analyze, "security", "--offline=yes", f"--root={tmp_path}", "--threshold=40",
+              "rapido@0.service", ok=False)
+    assert sec.returncode == 0, sec.stdout[-2000:] + sec.stderr
+
+
+# -- the wrapper -------------------------------------------------------------------------
+
+
+def test_wrapper_offsets_the_ports_by_instance(tmp_path: Path) -> None:
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$RAPIDO_PORT $RAPIDO_GOSSIP_PORT $*"\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAPIDO_")}
+    env["RAPIDO_PYTHON"] = str(stub)
+    assert run("sh", WRAPPER, "3", env=env).stdout == "8083 7949 -m rapido serve\n"
+    custom = {**env, "RAPIDO_BASE_PORT": "9000", "RAPIDO_BASE_GOSSIP_PORT": "9500",
+              "RAPIDO_PORT": "1234"}
+    proc = run("sh", WRAPPER, "0", "--log-level", "debug", env=custom)
+    assert proc.stdout == "9000 9500 -m rapido serve --log-level debug\n"
+    assert "ignoring RAPIDO_PORT=1234" in proc.stderr
+    for bad in ("", "cpu", "01", "-1"):
+        proc = run("sh", WRAPPER, bad, env=env, ok=False)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (bad, proc)
+    proc = run("sh", WRAPPER, "1", env={**env, "RAPIDO_BASE_PORT": "65535"}, ok=False)
+    assert proc.returncode == 2
+
+
+def test_wrapper_execs_a_node_that_drains_on_sigterm(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAPIDO_")}
+    env.update(RAPIDO_PYTHON=sys.executable, RAPIDO_BASE_PORT=str(port - 2),
+               RAPIDO_MODEL="none", RAPIDO_MODEL_DIR=str(tmp_path / "models"),
+               RAPIDO_RECORDINGS_DIR=str(tmp_path / "rec"), RAPIDO_DRAIN_TIMEOUT_S="1",
+               RAPIDO_LOG_LEVEL="warning")
+    proc = subprocess.Popen(["sh", str(WRAPPER), "2"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                    assert json.load(r)["ready"] is True
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0]
+                assert time.monotonic() < deadline, "the node did not come up"
+                time.sleep(0.1)
+        # exec: the unit's main process is the server itself, so SIGTERM reaches it.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[1:4] == [b"-m", b"rapido", b"serve"], cmdline
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, proc.communicate()[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- nginx -------------------------------------------------------------------------------
+
+
+def test_nginx_example_passes_nginx_t(tmp_path: Path) -> None:
+    nginx, openssl = tool("nginx"), tool("openssl")
+    text = NGINX_CONF.read_text()
+    flat = " ".join(text.split())
+    for must in ("least_conn;", "keepalive 64;", "map $http_upgrade $connection_upgrade",
+                 "proxy_set_header Upgrade $http_upgrade;", "proxy_buffering off;",
+                 "client_max_body_size 16m;", "location /ws/", "location /whep/",
+                 "location = /health", "X-Forwarded-For", "X-Forwarded-Proto",
+                 "X-Forwarded-Host", "proxy_read_timeout 3600s;", "return 301 https://"):
+        assert must in flat, must
+    assert Config().max_body_bytes == 16 * 1024 * 1024, "client_max_body_size follows it"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=rapido.example.com", "-keyout", key, "-out", cert)
+    conf = tmp_path / "rapido.conf"
+    conf.write_text(text.replace("/etc/ssl/rapido/fullchain.pem", str(cert))
+                    .replace("/etc/ssl/rapido/privkey.pem", str(key)))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    main = tmp_path / "nginx.conf"
+    main.write_text(f"""
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{}}
+http {{
+    access_log {tmp_path}/access.log;
+    client_body_temp_path {temp}/body;
+    proxy_temp_path {temp}/proxy;
+    fastcgi_temp_path {temp}/fastcgi;
+    uwsgi_temp_path {temp}/uwsgi;
+    scgi_temp_path {temp}/scgi;
+    include {conf};
+}}
+""")
+    proc = run(nginx, "-t", "-c", main, "-p", f"{tmp_path}/", "-e", tmp_path / "error.log",
+               ok=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- Grafana -----------------------------------------------------------------------------
+
+
+def _exported_metrics() -> dict[str, set[str]]:
+    """Every series name a node exports -> the label names it carries."""
+    metrics = Metrics()
+    families: dict[str, set[str]] = {}
+    for holder in (metrics, metrics.batcher):
+        for obj in vars(holder).values():
+            name = getattr(obj, "_name", None)
+            if name is None or not hasattr(obj, "_type"):
+                continue
+            suffixes = {"counter": ["_total"], "gauge": [""],
+                        "histogram": ["_bucket", "_sum", "_count"]}[obj._type]
+            for suffix in suffixes:
+                families[name + suffix] = set(obj._labelnames)
+    # The same names as the text a node serves.
+    text = metrics.render().decode()
+    for name in families:
+        base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+        assert f"# TYPE {base}" in text, name
+    return families
+
+
+def test_grafana_dashboard_queries_only_exported_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["schemaVersion"] >= 36
+    assert [i["name"] for i in dash["__inputs"]] == ["DS_PROMETHEUS"]
+    exported = _exported_metrics()
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            names = set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+            assert names, f"{panel['title']}: no metric in {expr}"
+            missing = names - set(exported)
+            assert not missing, f"{panel['title']}: {missing} is not exported"
+            labels = {lab.strip() for group in re.findall(r"by \(([^)]*)\)", expr)
+                      for lab in group.split(",")} - {"instance", "le"}
+            have = set().union(*(exported[n] for n in names))
+            assert labels <= have, f"{panel['title']}: labels {labels - have} do not exist"
+            used |= names
+    wanted = {"concurrent_streams_total", "speaking_streams", "audio_buffer_underruns_total",
+              "frame_processing_latency_seconds_bucket", "video_quality_score",
+              "gpu_utilization_percent", "gpu_memory_used_bytes", "batch_size_sum",
+              "batch_size_count", "batch_queue_wait_seconds_bucket",
+              "batch_deadline_misses_total", "batch_failures_total", "http_requests_total",
+              "http_request_duration_seconds_bucket", "sessions_rejected_total",
+              "websocket_connections", "livekit_connection_seconds_bucket"}
+    assert wanted <= used, f"not on the dashboard: {wanted - used}"
+
+
+# -- the GPU bench script ------------------------------------------------------------------
+
+
+def _fake_gpu(tmp_path: Path, listing: str = "GPU 0: Fake H200 (UUID: GPU-0)",
+              rc: int = 0) -> dict[str, str]:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(parents=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho '{listing}'\nexit {rc}\n")
+    smi.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "OUT": str(tmp_path / "out")}
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 2, proc
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_gpu_bench_refuses_clearly_without_a_gpu(tmp_path: Path) -> None:
+    if shutil.which("nvidia-smi") is None:  # this machine: the real refusal
+        _one_line_exit_2(run("bash", GPU_BENCH, ok=False), "nvidia-smi")
+    no_cuda = tmp_path / "python-no-cuda"
+    no_cuda.write_text("#!/bin/sh\nexit 1\n")
+    no_cuda.chmod(0o755)
+    env = {**_fake_gpu(tmp_path), "PYTHON": str(no_cuda)}
+    _one_line_exit_2(run("bash", GPU_BENCH, env=env, ok=False), "torch", "CUDA")
+    assert not (tmp_path / "out").exists()
+    broken = {**_fake_gpu(tmp_path / "b", "NVIDIA-SMI has failed", rc=9), "PYTHON": str(no_cuda)}
+    _one_line_exit_2(run("bash", GPU_BENCH, env=broken, ok=False), "nvidia-smi -L")
+
+
+def test_gpu_bench_runs_the_real_cli_with_torch_fp16(tmp_path: Path) -> None:
+    """With a (faked) GPU the script runs `rapido bench --capacity` with flags the CLI
+    has and the torch/cuda/float16 settings, which Config accepts: --max-batch 0, added
+    last, makes the real CLI stop at the config check instead of benchmarking."""
+    py = tmp_path / "python"
+    py.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\n'
+                  f'env | grep ^RAPIDO_ > "$OUT/env.txt"\n'
+                  f'exec {sys.executable} "$@" --max-batch 0\n')
+    py.chmod(0o755)
+    env = {**_fake_gpu(tmp_path / "fake"), "PYTHON": str(py)}
+    proc = run("bash", GPU_BENCH, env=env, ok=False)
+    out = Path(env["OUT"])
+    assert proc.returncode == 2, proc
+    assert "rapido bench --capacity --json --model wav2lip-96" in proc.stdout
+    assert "config error: max_batch" in proc.stderr, proc.stderr  # all flags parsed
+    assert "unrecognized arguments" not in proc.stderr
+    assert not (out / "gpu_bench.json").exists()
+    got = dict(line.split("=", 1) for line in (out / "env.txt").read_text().splitlines())
+    assert (got["RAPIDO_BACKEND"], got["RAPIDO_DEVICE"], got["RAPIDO_DTYPE"]) == (
+        "torch", "cuda", "float16")
+    assert re.search(r"timeout -k \d+ \"\$limit\"", GPU_BENCH.read_text())
+    assert "BENCH_TIMEOUT_S:-570" in GPU_BENCH.read_text()
+
+
+# -- the scripts themselves ------------------------------------------------------------------
+
+
+def test_scripts_parse_and_pass_shellcheck() -> None:
+    run("sh", "-n", WRAPPER)
+    run("bash", "-n", INSTALL)
+    run("bash", "-n", GPU_BENCH)
+    for script in (WRAPPER, INSTALL, GPU_BENCH):
+        assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    run("shellcheck", WRAPPER, INSTALL, GPU_BENCH)
