@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,8 +97,55 @@ class Compositor:
             self._inputs[i, :3, s // 2 :] = 0.0  # the mouth half is what the model draws
             self._base_roi[i] = rgb[y + ry0 : y + ry1, x + rx0 : x + rx1].transpose(2, 0, 1)
         self._inputs.flags.writeable = False
+        self._prepare_folded(s)
         self._lock = threading.Lock()
         self._torch: _TorchState | None = None
+
+    def _prepare_folded(self, s: int) -> None:
+        """The per-frame maths with everything avatar-only folded in ahead of time.
+
+        Blend and colour conversion are linear, so for the model's crop ``c``::
+
+            Y = 255 m * (Ry (Yw . c) Rx^T) + [Yw . (1 - m) base + 16.5]
+            U = 255 m2 * (Ry2 (Uw . c) Rx2^T) + [mean2x2(Uw . (1 - m) base) + 128.5]
+
+        The bracketed parts depend only on the avatar frame and are stored per loop frame;
+        ``Ry2``/``Rx2`` are the region's resize matrices already averaged over row/column
+        pairs (the 2x2 chroma mean) and ``m2`` is the mask's 2x2 mean. Only the crop rows
+        and columns the region reads are kept. Per frame that leaves one 3x3 colour matrix
+        on the crop, two small matrix products per plane and a multiply-add."""
+        ry, rx, mask = self._ry, self._rx, self._mask_roi
+        rows = np.flatnonzero(ry.any(axis=0))
+        cols = np.flatnonzero(rx.any(axis=0))
+        self._crop_rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        self._crop_cols = slice(int(cols[0]), int(cols[-1]) + 1)
+        ry = ry[:, self._crop_rows]
+        rx = rx[:, self._crop_cols]
+        self._ry_y = np.ascontiguousarray(ry)
+        self._rxt_y = np.ascontiguousarray(rx.T)
+        self._ry_c = np.ascontiguousarray((ry[0::2] + ry[1::2]) * 0.5)
+        self._rxt_c = np.ascontiguousarray(((rx[0::2] + rx[1::2]) * 0.5).T)
+        self._colour = np.stack([_Y, _U, _V]).astype(np.float32)  # [3, 3]
+        m2 = (mask[0::2, 0::2] + mask[1::2, 0::2] + mask[0::2, 1::2] + mask[1::2, 1::2]) / 4
+        self._m255_y = (255.0 * mask).astype(np.float32)
+        self._m255_c = (255.0 * m2).astype(np.float32)
+        keep = self._base_roi * (1.0 - mask)  # [n, 3, h, w]: what stays of the idle frame
+        self._y_base = (np.einsum("c,nchw->nhw", _Y, keep) + 16.5).astype(np.float32)
+        uv = np.einsum("kc,nchw->nkhw", self._colour[1:], keep)
+        self._uv_base = ((uv[..., 0::2, 0::2] + uv[..., 1::2, 0::2] + uv[..., 0::2, 1::2]
+                          + uv[..., 1::2, 1::2]) * 0.25 + 128.5).astype(np.float32)
+        # Where the region goes in a flat I420 frame, per loop frame.
+        av = self.avatar
+        w, h = av.width, av.height
+        rx0, ry0, rx1, ry1 = self._rel
+        self._paste: list[tuple[slice, slice, slice, slice]] = []
+        for i in range(av.loop_frames):
+            x, y = (int(v) for v in av.face_boxes[i][:2])
+            x0, y0 = x + rx0, y + ry0
+            self._paste.append((slice(y0, y0 + ry1 - ry0), slice(x0, x0 + rx1 - rx0),
+                                slice(y0 // 2, y0 // 2 + (ry1 - ry0) // 2),
+                                slice(x0 // 2, x0 // 2 + (rx1 - rx0) // 2)))
+        self._y_size, self._c_size = w * h, (w // 2) * (h // 2)
 
     # -- what the model takes ----------------------------------------------------------
 
@@ -117,21 +165,30 @@ class Compositor:
         if crop.shape != (3, self.crop_size, self.crop_size):
             raise ValueError(f"crop must be [3, {self.crop_size}, {self.crop_size}], "
                              f"got {list(crop.shape)}")
-        i = n % self.avatar.loop_frames
-        # [3,S,S] -> region [3, h, w] in 0..1: two small matrix products per channel.
-        up = self._ry @ crop.astype(np.float32, copy=False) @ self._rx.T
-        base = self._base_roi[i]
-        rgb = (up * 255.0 - base) * self._mask_roi + base
-        r, g, b = rgb[0], rgb[1], rgb[2]
-        y = _Y[0] * r + _Y[1] * g + _Y[2] * b + 16.5
-        # 2x2 means of each channel, by strided sums (far cheaper than a reshape-mean).
-        q = (rgb[:, 0::2, 0::2] + rgb[:, 1::2, 0::2] + rgb[:, 0::2, 1::2]
-             + rgb[:, 1::2, 1::2]) * 0.25
-        qr, qg, qb = q[0], q[1], q[2]
-        u = _U[0] * qr + _U[1] * qg + _U[2] * qb + 128.5
-        v = _V[0] * qr + _V[1] * qg + _V[2] * qb + 128.5
-        planes = [np.clip(p, 0, 255).astype(np.uint8) for p in (y, u, v)]
-        return self._paste_planes(i, planes[0], np.stack(planes[1:]))
+        return self.compose_batch([n], crop[None])[0]
+
+    def compose_batch(self, indices: Sequence[int], crops: np.ndarray) -> list[VideoFrame]:
+        """``crops[k]`` (``[B, 3, S, S]``, 0..1) blended into idle frame ``indices[k]``:
+        the whole batch in a handful of numpy calls (see :meth:`_prepare_folded`)."""
+        s = self.crop_size
+        if crops.ndim != 4 or crops.shape[0] != len(indices) or crops.shape[1:] != (3, s, s):
+            raise ValueError(f"crops must be [{len(indices)}, 3, {s}, {s}], "
+                             f"got {list(crops.shape)}")
+        loop = self.avatar.loop_frames
+        idx = [n % loop for n in indices]
+        c = crops[:, :, self._crop_rows, self._crop_cols].astype(np.float32, copy=False)
+        b, _, ch, cw = c.shape
+        # Colour first (it commutes with the resize): [3,3] @ [B, 3, ch*cw].
+        yuv = (self._colour @ c.reshape(b, 3, ch * cw)).reshape(b, 3, ch, cw)
+        y = self._ry_y @ yuv[:, 0] @ self._rxt_y
+        y *= self._m255_y
+        y += self._y_base[idx]
+        uv = self._ry_c @ yuv[:, 1:] @ self._rxt_c
+        uv *= self._m255_c
+        uv += self._uv_base[idx]
+        y8 = np.clip(y, 0, 255, out=y).astype(np.uint8)
+        uv8 = np.clip(uv, 0, 255, out=uv).astype(np.uint8)
+        return [self._paste_planes(i, y8[k], uv8[k]) for k, i in enumerate(idx)]
 
     # -- the same on a torch device ------------------------------------------------------
 
@@ -142,36 +199,28 @@ class Compositor:
         st = self._torch_state(device)
         crops_t = crops if isinstance(crops, torch.Tensor) else torch.as_tensor(crops)
         crops_t = crops_t.to(st.device, torch.float32)
-        up = st.ry @ crops_t @ st.rx.T  # [B, 3, h, w]
-        idx = torch.as_tensor([i % self.avatar.loop_frames for i in indices],
-                              device=st.device)
-        base = st.base_roi[idx]
-        rgb = (up * 255.0 - base) * st.mask + base
-        yv = torch.clamp(torch.einsum("bchw,c->bhw", rgb, st.y) + 16.5, 0, 255
+        loop = self.avatar.loop_frames
+        idx_list = [i % loop for i in indices]
+        idx = torch.as_tensor(idx_list, device=st.device)
+        c = crops_t[:, :, self._crop_rows, self._crop_cols]
+        yuv = torch.einsum("kc,bchw->bkhw", st.colour, c)
+        yv = torch.clamp(st.ry_y @ yuv[:, 0] @ st.rxt_y * st.m255_y + st.y_base[idx], 0, 255
                          ).to(torch.uint8)
-        q = (rgb[:, :, 0::2, 0::2] + rgb[:, :, 1::2, 0::2] + rgb[:, :, 0::2, 1::2]
-             + rgb[:, :, 1::2, 1::2]) * 0.25
-        uv = torch.clamp(torch.stack([torch.einsum("bchw,c->bhw", q, st.u),
-                                      torch.einsum("bchw,c->bhw", q, st.v)], dim=1) + 128.5,
-                         0, 255).to(torch.uint8)
+        uv = torch.clamp(st.ry_c @ yuv[:, 1:] @ st.rxt_c * st.m255_c + st.uv_base[idx], 0,
+                         255).to(torch.uint8)
         y_host, uv_host = yv.cpu().numpy(), uv.cpu().numpy()
-        frames = []
-        for k, n in enumerate(indices):
-            frames.append(self._paste_planes(n % self.avatar.loop_frames, y_host[k],
-                                             uv_host[k]))
-        return frames
+        return [self._paste_planes(i, y_host[k], uv_host[k]) for k, i in enumerate(idx_list)]
 
     def _paste_planes(self, i: int, y: np.ndarray, uv: np.ndarray) -> VideoFrame:
         av = self.avatar
-        reg = self.region(i)
-        out = av.frames_i420[i].copy()
         w, h = av.width, av.height
+        ys, xs, cys, cxs = self._paste[i]
+        out = av.frames_i420[i].copy()
         flat = out.reshape(-1)
-        flat[: w * h].reshape(h, w)[reg.y : reg.y + reg.h, reg.x : reg.x + reg.w] = y
-        cy, cx, ch, cw = reg.y // 2, reg.x // 2, reg.h // 2, reg.w // 2
-        flat[w * h : w * h + w * h // 4].reshape(h // 2, w // 2)[
-            cy : cy + ch, cx : cx + cw] = uv[0]
-        flat[w * h + w * h // 4 :].reshape(h // 2, w // 2)[cy : cy + ch, cx : cx + cw] = uv[1]
+        n_y, n_c = self._y_size, self._c_size
+        flat[:n_y].reshape(h, w)[ys, xs] = y
+        flat[n_y : n_y + n_c].reshape(h // 2, w // 2)[cys, cxs] = uv[0]
+        flat[n_y + n_c :].reshape(h // 2, w // 2)[cys, cxs] = uv[1]
         out.flags.writeable = False
         return VideoFrame(out, w, h)
 
@@ -181,13 +230,15 @@ class Compositor:
                 dev = torch.device(device)
                 self._torch = _TorchState(
                     device=dev,
-                    ry=torch.as_tensor(self._ry, device=dev),
-                    rx=torch.as_tensor(self._rx, device=dev),
-                    mask=torch.as_tensor(self._mask_roi, device=dev),
-                    base_roi=torch.as_tensor(self._base_roi, device=dev),
-                    y=torch.as_tensor(_Y, device=dev),
-                    u=torch.as_tensor(_U, device=dev),
-                    v=torch.as_tensor(_V, device=dev),
+                    colour=torch.as_tensor(self._colour, device=dev),
+                    ry_y=torch.as_tensor(self._ry_y, device=dev),
+                    rxt_y=torch.as_tensor(self._rxt_y, device=dev),
+                    ry_c=torch.as_tensor(self._ry_c, device=dev),
+                    rxt_c=torch.as_tensor(self._rxt_c, device=dev),
+                    m255_y=torch.as_tensor(self._m255_y, device=dev),
+                    m255_c=torch.as_tensor(self._m255_c, device=dev),
+                    y_base=torch.as_tensor(self._y_base, device=dev),
+                    uv_base=torch.as_tensor(self._uv_base, device=dev),
                 )
             return self._torch
 
@@ -243,13 +294,15 @@ def compositor_for(avatar: Avatar, crop_size: int, blend: Blend = "lower_half") 
 @dataclass
 class _TorchState:
     device: torch.device
-    ry: torch.Tensor
-    rx: torch.Tensor
-    mask: torch.Tensor
-    base_roi: torch.Tensor
-    y: torch.Tensor
-    u: torch.Tensor
-    v: torch.Tensor
+    colour: torch.Tensor
+    ry_y: torch.Tensor
+    rxt_y: torch.Tensor
+    ry_c: torch.Tensor
+    rxt_c: torch.Tensor
+    m255_y: torch.Tensor
+    m255_c: torch.Tensor
+    y_base: torch.Tensor
+    uv_base: torch.Tensor
 
 
 def region_rgb(frame: VideoFrame, x: int, y: int, w: int, h: int) -> np.ndarray:

@@ -191,22 +191,41 @@ class LipSyncRenderer:
     # -- in the batcher's worker thread -----------------------------------------------------
 
     def _run_batch(self, reqs: list[_Request]) -> list[VideoFrame]:
-        model = [r for r in reqs if r.mel is not None]
-        crops: dict[int, np.ndarray] = {}
+        crops: list[np.ndarray | None] = [r.repeat for r in reqs]
+        model = [k for k, r in enumerate(reqs) if r.mel is not None]
+        out: np.ndarray | None = None
         if model:
-            mel = np.stack([r.mel for r in model if r.mel is not None])
-            face = np.stack([r.compositor.face_input(r.job.index) for r in model])
+            mel = np.stack([reqs[k].mel for k in model])  # type: ignore[misc]
+            face = np.stack([reqs[k].compositor.face_input(reqs[k].job.index)
+                             for k in model])
             out = self.backend.run(mel, face)
-            for r, crop in zip(model, out, strict=True):
-                crops[id(r)] = crop
-        frames = []
-        for r in reqs:
-            crop = crops[id(r)] if r.mel is not None else r.repeat
-            assert crop is not None
-            if r.stream is not None and r.mel is not None:
-                r.stream.last_crop = crop
-            frames.append(r.compositor.compose(r.job.index, crop))
-        return frames
+            if len(out) != len(model):
+                raise RuntimeError(f"the model returned {len(out)} crops for "
+                                   f"{len(model)} frames")
+            for k, crop in zip(model, out, strict=True):
+                crops[k] = crop
+                st = reqs[k].stream
+                if st is not None:
+                    st.last_crop = crop
+        ready: list[np.ndarray] = []
+        for crop in crops:
+            assert crop is not None  # a request without a mel carries its repeat crop
+            ready.append(crop)
+        comp = reqs[0].compositor
+        if all(r.compositor is comp for r in reqs):
+            # The usual case: one avatar, so the whole batch composites in one pass.
+            batch = out if out is not None and len(model) == len(reqs) else np.stack(ready)
+            return comp.compose_batch([r.job.index for r in reqs], batch)
+        frames: list[VideoFrame | None] = [None] * len(reqs)
+        groups: dict[int, list[int]] = {}
+        for k, r in enumerate(reqs):
+            groups.setdefault(id(r.compositor), []).append(k)
+        for ks in groups.values():
+            done = reqs[ks[0]].compositor.compose_batch(
+                [reqs[k].job.index for k in ks], np.stack([ready[k] for k in ks]))
+            for k, frame in zip(ks, done, strict=True):
+                frames[k] = frame
+        return frames  # type: ignore[return-value]
 
     # -- back on the loop ------------------------------------------------------------------
 
