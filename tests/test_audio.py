@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import struct
-import wave
 
 import numpy as np
 import pytest
@@ -20,21 +18,12 @@ from rapido.pipeline.audio import (
 )
 from rapido.pipeline.media import AUDIO_RATE
 from tests.conftest import speech
-
-
-def _wav(samples: np.ndarray, rate: int, width: int, channels: int = 1) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(width)
-        w.setframerate(rate)
-        w.writeframes(samples.tobytes())
-    return buf.getvalue()
+from tests.test_api import wav_bytes
 
 
 def test_wav_16bit_mono_is_exact() -> None:
     x = speech(0.3)
-    got, rate = decode_wav(_wav(x, 16_000, 2))
+    got, rate = decode_wav(wav_bytes(x, 16_000, width=2))
     assert rate == 16_000 and np.array_equal(got, x)
 
 
@@ -42,16 +31,16 @@ def test_wav_other_widths_and_stereo() -> None:
     x = speech(0.2).astype(np.int32)
     # 8-bit unsigned
     u8 = ((x >> 8) + 128).astype(np.uint8)
-    got, _ = decode_wav(_wav(u8, 8_000, 1))
+    got, _ = decode_wav(wav_bytes(u8, 8_000, width=1))
     assert np.max(np.abs(got.astype(np.int32) - (x >> 8 << 8))) <= 300
     # 24-bit little-endian
     v = x << 8
     b24 = np.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], axis=1).astype(np.uint8)
-    got, _ = decode_wav(_wav(b24, 16_000, 3))
+    got, _ = decode_wav(wav_bytes(b24, 16_000, width=3))
     assert np.max(np.abs(got.astype(np.int32) - x)) <= 1
     # stereo 16-bit: left = x, right = -x/2 -> mean
     st = np.stack([x, -x // 2], axis=1).astype(np.int16)
-    got, _ = decode_wav(_wav(st, 16_000, 2, channels=2))
+    got, _ = decode_wav(wav_bytes(st, 16_000, width=2, channels=2))
     assert np.max(np.abs(got.astype(np.int32) - (x - x // 2) // 2)) <= 2
 
 
