@@ -1,0 +1,375 @@
+"""LiveKit pieces without a server: tokens, the sink's sources and reconnects, and the
+agents avatar protocol at the message level."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+from typing import Any
+
+import jwt
+import numpy as np
+import pytest
+
+from rapido.livekit import agents
+from rapido.livekit.sink import LiveKitSink, backoff_delay, validate_queue_size_ms
+from rapido.livekit.tokens import (
+    PUBLISH_ON_BEHALF,
+    publisher_identity,
+    publisher_token,
+    room_name,
+    viewer_token,
+)
+from rapido.pipeline.media import MediaChunk, VideoFrame
+
+KEY, SECRET = "devkey", "s" * 32
+W, H = 854, 480
+
+
+def _decode(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, SECRET, algorithms=["HS256"])
+    return claims
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+def test_room_name_and_identity() -> None:
+    assert room_name("abc_1") == "lesson_abc_1"
+    with pytest.raises(ValueError):
+        room_name("bad id")
+    assert publisher_identity("n1", "s9") == "rapido-n1-s9"
+
+
+def test_publisher_token_grants() -> None:
+    t0 = time.time()
+    c = _decode(publisher_token(KEY, SECRET, room="lesson_x", identity="rapido-n-s",
+                                name="Tutor", ttl_s=600))
+    assert c["sub"] == "rapido-n-s" and c["iss"] == KEY and c["name"] == "Tutor"
+    v = c["video"]
+    assert v["roomJoin"] is True and v["room"] == "lesson_x"
+    assert v["canPublish"] is True and v["canSubscribe"] is False
+    assert v["canPublishData"] is False
+    assert abs(c["exp"] - (t0 + 600)) < 5
+    assert "attributes" not in c and c.get("kind") in (None, "", "standard")
+
+
+def test_publisher_token_agent_avatar() -> None:
+    c = _decode(publisher_token(KEY, SECRET, room="r", identity="rapido-n-s", ttl_s=60,
+                                agent_identity="agent-7"))
+    assert c["kind"] == "agent"
+    assert c["attributes"] == {PUBLISH_ON_BEHALF: "agent-7"}
+    assert c["video"]["canPublishData"] is True and c["video"]["canSubscribe"] is False
+
+
+def test_viewer_token() -> None:
+    t0 = time.time()
+    c = _decode(viewer_token(KEY, SECRET, room="lesson_y", identity="viewer-1", ttl_s=120))
+    v = c["video"]
+    assert v["room"] == "lesson_y" and v["roomJoin"] is True
+    assert v["canSubscribe"] is True and v["canPublish"] is False
+    assert v["canPublishData"] is False
+    assert abs(c["exp"] - (t0 + 120)) < 5 and c["sub"] == "viewer-1"
+
+
+def test_token_errors() -> None:
+    with pytest.raises(ValueError):
+        publisher_token("", SECRET, room="r", identity="i", ttl_s=1)
+    with pytest.raises(ValueError):
+        viewer_token(KEY, SECRET, room="r", identity="i", ttl_s=0)
+    with pytest.raises(ValueError):
+        publisher_token(KEY, SECRET, room="", identity="i", ttl_s=1)
+
+
+# -- sink ---------------------------------------------------------------------------------
+
+def _chunk(i: int, value: int = 100) -> MediaChunk:
+    data = np.full((H * 3 // 2, W), i % 256, dtype=np.uint8)
+    audio = np.full(1920, value, dtype=np.int16)
+    return MediaChunk(i, VideoFrame(data, W, H), audio, True)
+
+
+@pytest.mark.parametrize("bad", [0, -10, 15, 105, 1.5])
+def test_queue_size_validated(bad: Any) -> None:
+    # Must be caught here: the native side aborts the process on these.
+    with pytest.raises(ValueError):
+        validate_queue_size_ms(bad)
+    with pytest.raises(ValueError):
+        LiveKitSink(url=None, queue_size_ms=bad)
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ValueError):
+        LiveKitSink(url=None, audio_rate=44000)
+    with pytest.raises(ValueError):
+        LiveKitSink(url=None, num_channels=2)
+    with pytest.raises(ValueError):
+        LiveKitSink(url=None, video_codec="theora")
+    with pytest.raises(ValueError):
+        LiveKitSink(url="ws://x")  # no token factory
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    delays = [backoff_delay(n, initial_s=0.5, max_s=4.0, jitter=0.25, rng=rng)
+              for n in range(1, 10)]
+    assert 0.375 <= delays[0] <= 0.5
+    assert all(d <= 4.0 for d in delays) and delays[-1] >= 3.0
+    assert backoff_delay(100, initial_s=1, max_s=2, jitter=0, rng=rng) == 2.0
+
+
+async def test_write_validates_chunks() -> None:
+    sink = LiveKitSink(url=None)
+    await sink.start()
+    try:
+        bad_audio = MediaChunk(0, _chunk(0).video, np.zeros(1000, np.int16), False)
+        with pytest.raises(ValueError):
+            sink.write(bad_audio)
+        small = VideoFrame(np.zeros((240 * 3 // 2, 426), np.uint8), 426, 240)
+        with pytest.raises(ValueError):
+            sink.write(MediaChunk(0, small, np.zeros(1920, np.int16), False))
+    finally:
+        await sink.aclose()
+
+
+async def test_sources_pace_at_real_time() -> None:
+    sink = LiveKitSink(url=None, queue_size_ms=100, max_pending=100)
+    await sink.start()
+    try:
+        t0 = time.monotonic()
+        for i in range(40):  # 1.6 s of media, written at once
+            sink.write(_chunk(i))
+        for _ in range(400):
+            if sink.audio_frames_captured >= 40:
+                break
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        # The audio source lets the last frame in once the queue is down to 100 ms.
+        assert 1.2 <= elapsed <= 2.2, elapsed
+        await asyncio.sleep(0.25)
+        assert sink.frames_captured == 40 and sink.playout_frames == 40
+        st = sink.stats()
+        assert st["state"] == "idle" and st["dropped_backlog"] == 0
+        assert st["frames_unpublished"] == 40
+    finally:
+        await sink.aclose()
+    assert sink.state == "closed"
+
+
+async def test_interrupt_flushes_queue_and_audio() -> None:
+    sink = LiveKitSink(url=None, queue_size_ms=200, max_pending=100)
+    await sink.start()
+    try:
+        for i in range(50):
+            sink.write(_chunk(i))
+        await asyncio.sleep(0.15)
+        assert sink.stats()["audio_queued_ms"] > 50
+        sink.interrupt()
+        st = sink.stats()
+        assert st["pending_frames"] == 0 and st["video_waiting"] == 0
+        assert st["audio_queued_ms"] == 0.0 and st["interrupts"] == 1
+        captured = sink.audio_frames_captured
+        await asyncio.sleep(0.2)
+        assert sink.audio_frames_captured <= captured + 1  # at most the one in flight
+        # The stream goes on after a barge-in.
+        sink.write(_chunk(50))
+        await asyncio.sleep(0.1)
+        assert sink.audio_frames_captured >= captured + 1
+    finally:
+        await sink.aclose()
+
+
+async def test_backlog_is_bounded() -> None:
+    sink = LiveKitSink(url=None, max_pending=5)
+    await sink.start()
+    try:
+        for i in range(30):
+            sink.write(_chunk(i))
+        assert sink.stats()["pending_frames"] <= 5
+        assert sink.dropped_backlog >= 24
+    finally:
+        await sink.aclose()
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port: int = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def test_unreachable_server_degrades_and_retries() -> None:
+    states: list[tuple[str, str | None]] = []
+    connects: list[float] = []
+    tokens = 0
+
+    def token() -> str:
+        nonlocal tokens
+        tokens += 1
+        return publisher_token(KEY, SECRET, room="lesson_t", identity="rapido-n-s", ttl_s=60)
+
+    sink = LiveKitSink(url=f"ws://127.0.0.1:{_closed_port()}", token_factory=token,
+                       connect_timeout_s=3.0, backoff_initial_s=0.05, backoff_max_s=0.2,
+                       on_connect=connects.append,
+                       on_state=lambda s, r: states.append((s, r)))
+    await sink.start()
+    try:
+        deadline = time.monotonic() + 15
+        i = 0
+        while sink.retries < 2 and time.monotonic() < deadline:
+            sink.write(_chunk(i))
+            i += 1
+            await asyncio.sleep(0.04)
+        st = sink.stats()
+        assert st["state"] == "degraded", st
+        assert st["reason"] and "connect" in st["reason"]
+        assert st["retries"] >= 2 and tokens >= 2 and not connects
+        assert states[0] == ("connecting", None) and states[1][0] == "degraded"
+        # Frames are still accepted and paced through the sources meanwhile.
+        await asyncio.sleep(0.3)
+        assert sink.frames_captured > 0
+        assert sink.stats()["frames_unpublished"] == sink.frames_captured
+    finally:
+        await sink.aclose()
+
+
+# -- agents avatar protocol -----------------------------------------------------------------
+
+class _Rec:
+    def __init__(self) -> None:
+        self.fed: list[np.ndarray] = []
+        self.events: list[str] = []
+
+    def feed(self, s: np.ndarray) -> None:
+        self.fed.append(s)
+
+    @property
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self.fed) if self.fed else np.zeros(0, np.int16)
+
+
+def _proto(rec: _Rec, rate: int = 16000,
+           on_clear: Any = None) -> agents.AvatarProtocol:
+    return agents.AvatarProtocol(
+        out_rate=rate, feed=rec.feed,
+        on_segment_start=lambda: rec.events.append("start"),
+        on_segment_end=lambda: rec.events.append("end"),
+        on_clear=on_clear or (lambda: rec.events.append("clear")))
+
+
+def test_names() -> None:
+    assert agents.AUDIO_STREAM_TOPIC == "lk.audio_stream"
+    assert agents.RPC_CLEAR_BUFFER == "lk.clear_buffer"
+    assert agents.RPC_PLAYBACK_STARTED == "lk.playback_started"
+    assert agents.RPC_PLAYBACK_FINISHED == "lk.playback_finished"
+
+
+@pytest.mark.parametrize("attrs", [
+    None, {}, {"sample_rate": "abc", "num_channels": "1"},
+    {"sample_rate": "1000", "num_channels": "1"}, {"sample_rate": "16000", "num_channels": "0"},
+    {"sample_rate": "16000"},
+])
+def test_bad_attributes(attrs: Any) -> None:
+    with pytest.raises(agents.ProtocolError):
+        agents.parse_audio_attributes(attrs)
+    rec = _Rec()
+    p = _proto(rec)
+    with pytest.raises(agents.ProtocolError):
+        p.begin_segment(attrs)
+    assert p.state == "idle" and rec.events == []
+
+
+def test_segment_lifecycle_and_payloads() -> None:
+    rec = _Rec()
+    p = _proto(rec)
+    assert p.state == "idle"
+    p.begin_segment({"sample_rate": "16000", "num_channels": "1"})
+    assert p.state == "receiving" and rec.events == ["start"]
+    pcm = (np.arange(1600, dtype=np.int16) - 800).astype("<i2").tobytes()
+    # Split mid-sample: the odd byte is carried over.
+    p.push(pcm[:1001])
+    p.push(pcm[1001:])
+    assert np.array_equal(rec.samples, np.arange(1600, dtype=np.int16) - 800)
+    started = p.playback_started()
+    assert started == agents.OutgoingRpc("lk.playback_started", "{}")
+    assert p.state == "playing"
+    p.end_segment()
+    assert rec.events == ["start", "end"] and p.state == "playing"
+    fin = p.playback_finished(1234.5, False)
+    assert fin is not None and fin.method == "lk.playback_finished"
+    body = json.loads(fin.payload)
+    assert body["interrupted"] is False
+    assert body["playback_position"] == pytest.approx(1.2345, abs=0.001)
+    assert p.state == "finished"
+    assert p.playback_finished(1.0, False) is None  # nothing left to finish
+
+
+def test_stereo_downmix_and_resample() -> None:
+    rec = _Rec()
+    p = _proto(rec, rate=16000)
+    p.begin_segment({"sample_rate": "48000", "num_channels": "2"})
+    n = 4800  # 100 ms
+    left = np.full(n, 30000, np.int16)
+    right = np.full(n, 20000, np.int16)
+    inter = np.stack([left, right], axis=1).astype("<i2").tobytes()
+    p.push(inter)
+    p.end_segment()
+    out = rec.samples
+    assert out.dtype == np.int16
+    assert abs(len(out) - 1600) <= 32  # 100 ms at 16 kHz, within the filter's delay
+    assert np.median(out) == pytest.approx(25000, abs=300)  # averaged, no wrap-around
+
+
+def test_clear_during_playback_reports_interrupted() -> None:
+    rec = _Rec()
+    out: list[agents.OutgoingRpc | None] = []
+
+    def on_clear() -> None:
+        # As the session does: its interrupt reports PlaybackFinished(interrupted=True).
+        rec.events.append("clear")
+        out.append(p.playback_finished(520.0, True))
+
+    p = _proto(rec, on_clear=on_clear)
+    p.begin_segment({"sample_rate": "16000", "num_channels": "1"})
+    p.push(np.zeros(3200, np.int16).tobytes())
+    p.playback_started()
+    assert p.clear() == []  # the session already answered through playback_finished
+    assert out[0] is not None
+    assert json.loads(out[0].payload) == {"playback_position": 0.52, "interrupted": True}
+    assert p.state == "interrupted"
+    # The rest of the cleared stream is ignored, and its close is not a segment end.
+    n = len(rec.samples)
+    p.push(np.ones(1600, np.int16).tobytes())
+    p.end_segment()
+    assert len(rec.samples) == n and rec.events == ["start", "clear"]
+    # Next segment works normally.
+    p.begin_segment({"sample_rate": "16000", "num_channels": "1"})
+    assert p.state == "receiving"
+
+
+def test_clear_before_playback_still_answers() -> None:
+    rec = _Rec()
+    p = _proto(rec)
+    p.begin_segment({"sample_rate": "24000", "num_channels": "1"})
+    p.end_segment()
+    rpcs = p.clear()
+    assert len(rpcs) == 1 and rpcs[0].method == "lk.playback_finished"
+    assert json.loads(rpcs[0].payload) == {"playback_position": 0.0, "interrupted": True}
+    assert p.state == "interrupted"
+    # A late PlaybackFinished from the session is not sent twice.
+    assert p.playback_finished(100.0, True) is None
+
+
+def test_clear_when_idle() -> None:
+    rec = _Rec()
+    p = _proto(rec)
+    assert p.clear() == [] and rec.events == ["clear"] and p.state == "idle"
+
+
+def test_push_outside_segment_is_an_error() -> None:
+    p = _proto(_Rec())
+    with pytest.raises(agents.ProtocolError):
+        p.push(b"\x00\x00")
