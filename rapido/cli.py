@@ -27,23 +27,51 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure how many real-time streams a process holds",
                            description="Run N synthetic streams through the real pipeline "
-                           "in-process and report delivered fps, lateness and CPU.")
+                           "in-process (or against a running server with --http) and report "
+                           "delivered fps, lateness, speech onset, batching and CPU.")
     bench.add_argument("--config", metavar="FILE", help="TOML file for the node settings")
     bench.add_argument("--streams", type=int, default=8, help="concurrent streams (default 8)")
     bench.add_argument("--duration", type=float, default=10.0,
                        help="seconds to measure (default 10)")
     bench.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     bench.add_argument("--speech", type=float, default=1.0,
-                       help="speech duty cycle 0..1 (default 1.0: always speaking)")
+                       help="speech duty cycle 0..1 (default 1.0: always speaking; 0.5: "
+                       "3 s utterances with 3 s pauses)")
+    bench.add_argument("--jitter", default="steady", metavar="PROFILE",
+                       help="audio arrival profile: steady, moderate, heavy, tts_fast, "
+                       "stalls (default steady: exactly real time)")
     bench.add_argument("--sink", choices=("null", "record"), default="null")
     bench.add_argument("--capacity", action="store_true",
                        help="search the largest stream count that stays real time")
     bench.add_argument("--max-streams-search", type=int, default=512,
                        help="upper bound of the --capacity search")
+    bench.add_argument("--compare", choices=("batching",),
+                       help="batching: run with the configured max_batch and with "
+                       "max_batch=1, one after the other, and compare")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--model", help="model for speaking frames (default: the config's)")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="plot delivered fps and p99 lateness against streams "
+                       "(needs matplotlib)")
+    bench.add_argument("--gpu-cost-per-hour", type=float, metavar="X",
+                       help="machine price per hour: print the cost per concurrent stream "
+                       "per month (X * 730 / capacity)")
+    bench.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                       help="progress bar on stderr (auto: when stderr is a terminal)")
+    bench.add_argument("--model", help="model for speaking frames: rapido-lite, wav2lip-96, "
+                       "none (default: the config's)")
+    bench.add_argument("--backend", choices=("auto", "onnx", "torch"), help="model backend")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), help="model device")
     bench.add_argument("--max-batch", type=int, help="largest model batch")
     bench.add_argument("--max-wait-ms", type=float, help="batch fill wait")
+    http = bench.add_argument_group("driving a running server (--http)")
+    http.add_argument("--http", metavar="URL",
+                      help="drive the server at URL through /api and /ws instead of "
+                      "in-process (loopback only unless --allow-remote)")
+    http.add_argument("--api-key", help="bearer key for the server's /api and /ws")
+    http.add_argument("--ramp", type=float, default=2.0,
+                      help="seconds over which the streams are started (default 2)")
+    http.add_argument("--allow-remote", action="store_true",
+                      help="allow a --http URL that is not a loopback address")
 
     model = sub.add_parser("model", help="build or check lip-sync models",
                            description="Build the built-in models (deterministic ONNX "
@@ -75,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             config = Config.load(toml_path=args.config, overrides={
                 "model": args.model, "max_batch": args.max_batch,
-                "max_wait_ms": args.max_wait_ms})
+                "max_wait_ms": args.max_wait_ms, "backend": args.backend,
+                "device": args.device})
         else:
             config = Config.load()
     except ConfigError as exc:
@@ -97,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _model(config, args)
     if args.command == "avatar":
         return _avatar(config, args)
+    from rapido.bench.args import validate
+
+    problem = validate(args)
+    if problem:
+        print(f"rapido: bench: {problem}", file=sys.stderr)
+        return 2
     from rapido.bench.run import bench_main
 
     return bench_main(config, args)

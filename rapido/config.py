@@ -21,7 +21,7 @@ from rapido.pipeline.jitter import JitterConfig
 from rapido.pipeline.media import AUDIO_RATE
 
 ENV_PREFIX = "RAPIDO_"
-SINKS = ("null", "record")
+SINKS = ("null", "record", "webrtc")
 BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
 
 
@@ -68,6 +68,15 @@ class Config:
     record_preset: str = _opt("ultrafast", "libx264 preset of the record sink",
                               choices=("ultrafast", "superfast", "veryfast", "faster",
                                        "fast", "medium"))
+    webrtc_video_bitrate: int = _opt(1_000_000, "bits/s of each webrtc sink video encoder",
+                                     lo=50_000, hi=20_000_000)
+    webrtc_x264_preset: str = _opt("veryfast", "libx264 preset of the webrtc sink's H.264",
+                                   choices=("ultrafast", "superfast", "veryfast", "faster",
+                                            "fast", "medium"))
+    webrtc_encoder_threads: int = _opt(1, "threads per webrtc video encoder (0 = codec "
+                                       "default)", lo=0, hi=64)
+    webrtc_token_ttl_s: float = _opt(3600.0, "lifetime of a session's WHEP viewer token",
+                                     lo=10, hi=7 * 86400)
     # -- model --------------------------------------------------------------------------
     model: str = _opt("rapido-lite", "lip-sync model: rapido-lite, wav2lip-96, a manifest "
                       "file (.json), or none (idle frames only)")

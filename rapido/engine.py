@@ -32,6 +32,7 @@ from rapido.pipeline.session import SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Sink
 from rapido.pipeline.sinks.null import NullSink
 from rapido.pipeline.sinks.recorder import RecorderSink
+from rapido.pipeline.sinks.webrtc import WebRtcSink
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,11 @@ class Engine:
             path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
             return RecorderSink(path, width=cfg.width, height=cfg.height, fps=cfg.fps,
                                 preset=cfg.record_preset, crf=cfg.record_crf)
+        if spec.sink == "webrtc":
+            return WebRtcSink(width=cfg.width, height=cfg.height, fps=cfg.fps,
+                              video_bitrate=cfg.webrtc_video_bitrate,
+                              x264_preset=cfg.webrtc_x264_preset,
+                              threads=cfg.webrtc_encoder_threads)
         return NullSink()
 
     async def close_session(self, session_id: str, reason: str = "closed") -> bool:

@@ -6,7 +6,8 @@
 #   OUT=/tmp/res MAX_BATCH=16 scripts/gpu_bench.sh --speech 0.5
 #
 # Prints the GPU (nvidia-smi) first, then the capacity search progress; the result is
-# `python -m rapido bench --capacity --json` (one object per measured stream count).
+# `python -m rapido bench --capacity --json`: one object with `runs` (one per measured
+# stream count), `capacity`, `machine`; the plot of fps and lateness goes beside it.
 # Bounded: the bench is stopped after 570 s (the script then exits 124), so the whole
 # script stays under 10 minutes. Needs a GPU: without nvidia-smi, or with a torch that
 # cannot see CUDA, it exits 2 with one line saying which.
@@ -61,6 +62,7 @@ export RAPIDO_BACKEND=torch RAPIDO_DEVICE=cuda RAPIDO_DTYPE=float16
 export RAPIDO_MODEL_DIR=${RAPIDO_MODEL_DIR:-$out_dir/models}
 limit=${BENCH_TIMEOUT_S:-570}
 cmd=("$python" -m rapido bench --capacity --json --model wav2lip-96
+    --plot "$out_dir/gpu_bench.png"
     --streams "${STREAMS:-8}" --max-streams-search "${MAX_SEARCH:-256}"
     --duration "${DURATION:-8}" --warmup "${WARMUP:-2}"
     --max-batch "${MAX_BATCH:-32}" --max-wait-ms "${MAX_WAIT_MS:-30}" "$@")

@@ -1,9 +1,11 @@
 """``rapido bench``: N synthetic streams through the real engine, in this process.
 
-Each stream gets speech the way a TTS over a WebSocket would deliver it: 20 ms chunks at
-real time, utterances of a few seconds separated by pauses according to the duty cycle.
-The engine, jitter buffers, resampling and sinks are the real ones; only the sockets are
-left out (``--http`` against a running server comes with the bench issue).
+Each stream gets speech the way a TTS over a WebSocket would deliver it: 20 ms chunks,
+utterances of a few seconds separated by pauses according to the duty cycle, arriving on
+the schedule of a jitter trace (:mod:`rapido.bench.traces`; ``steady`` is exactly real
+time). The engine, jitter buffers, resampling, model batching and sinks are the real
+ones; only the sockets are left out (``--http`` drives a running server over them, see
+:mod:`rapido.bench.http`). Reporting lives in :mod:`rapido.bench.report`.
 """
 
 from __future__ import annotations
@@ -12,21 +14,30 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
+import math
 import resource
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from rapido.bench import report
+from rapido.bench.args import validate
+from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
+from rapido.gpu.avatar import Avatar
 from rapido.metrics import Metrics
-from rapido.pipeline.session import SessionSpec, StreamSession
+from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 
 INPUT_RATE = 16_000
 CHUNK_S = 0.02
 UTTERANCE_S = 3.0
+#: Streams' start phases are spread over this much time, so they do not all speak at once.
+PHASE_SPREAD_S = 0.37
 
 
 def speech_like(seconds: float, rate: int = INPUT_RATE, seed: int = 0) -> np.ndarray:
@@ -42,7 +53,7 @@ def speech_like(seconds: float, rate: int = INPUT_RATE, seed: int = 0) -> np.nda
     return (np.clip(x, -1, 1) * 20000).astype(np.int16)
 
 
-@dataclasses.dataclass
+@dataclass
 class BenchResult:
     streams: int
     duration_s: float
@@ -50,7 +61,7 @@ class BenchResult:
     sink: str
     fps_min: float
     fps_median: float
-    lateness_p50_ms: float
+    lateness_p50_ms: float  # histogram-based (upper bucket bounds)
     lateness_p95_ms: float
     lateness_p99_ms: float
     late_frames: int
@@ -60,86 +71,287 @@ class BenchResult:
     cpu_ms_per_stream_second: float
     tick_p99_ms: float
     realtime: bool
+    # -- added with the bench issue ------------------------------------------------------
+    model: str = ""
+    backend: str = ""
+    device: str = ""
+    jitter: str = "steady"
+    max_batch: int = 0
+    max_wait_ms: float = 0.0
+    frames_sampled: int = 0
+    lateness_exact_p50_ms: float = 0.0  # exact, from every frame of the window
+    lateness_exact_p95_ms: float = 0.0
+    lateness_exact_p99_ms: float = 0.0
+    lateness_exact_max_ms: float = 0.0
+    onsets: int = 0
+    onset_p50_ms: float | None = None
+    onset_p95_ms: float | None = None
+    batches: int = 0
+    batch_mean: float = 0.0
+    batch_hist: dict[str, int] = field(default_factory=dict)
+    queue_wait_mean_ms: float | None = None
+    queue_wait_p95_ms: float | None = None
+    deadline_misses: int = 0
+    underruns_by_session: list[int] = field(default_factory=list)
+    first_frame_p50_ms: float | None = None
+    first_frame_max_ms: float | None = None
+    gpu_util_percent: float | None = None
+    gpu_mem_used_mb: float | None = None
+    partial: bool = False
+
+    def json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-async def _drive(session: StreamSession, duty: float, stop: asyncio.Event, seed: int) -> None:
-    """Feed one stream at real time: speech for UTTERANCE_S, then a pause for the duty."""
+class BenchEngine(Engine):
+    """The real engine, plus per-frame samples for the bench: exact lateness of every
+    frame handed to a sink, and when each stream's first frame got there."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        super().__init__(config, metrics)
+        self.collect = False
+        self.lateness: list[float] = []
+        self.first_frame: dict[str, float] = {}
+
+    def _build(self, spec: SessionSpec, avatar: Avatar) -> StreamSession:
+        session = super()._build(spec, avatar)
+        session._on_frame = self._frame_hook(session.id)
+        return session
+
+    def _frame_hook(self, sid: str) -> Callable[[float, bool], None]:
+        loop = asyncio.get_running_loop()
+
+        def on_frame(lateness_s: float, speaking: bool) -> None:
+            self._on_frame(lateness_s, speaking)
+            if sid not in self.first_frame:
+                self.first_frame[sid] = loop.time()
+            if self.collect:
+                self.lateness.append(max(0.0, lateness_s))
+
+        return on_frame
+
+
+@dataclass
+class _Stream:
+    session: StreamSession
+    created_at: float  # loop time just before create_session
+    fed: list[float] = field(default_factory=list)  # first chunk of each utterance fed
+    started: list[float] = field(default_factory=list)  # its playback_started at the sink
+
+
+def stream_trace(profile: str, duty: float, length_s: float, seed: int,
+                 rate: int = INPUT_RATE) -> list[Arrival]:
+    """The arrivals one bench stream follows: ``UTTERANCE_S`` utterances with pauses for
+    the duty cycle, perturbed by ``profile``. Empty for a silent stream (duty 0)."""
+    if duty <= 0:
+        return []
+    pause = UTTERANCE_S * (1.0 - duty) / duty
+    return make_trace(profile, duration_s=length_s, rate=rate, chunk_ms=1000 * CHUNK_S,
+                      utterance_s=UTTERANCE_S, pause_s=pause, seed=seed)
+
+
+async def _drive(st: _Stream, trace: list[Arrival], t0: float, seed: int) -> None:
+    """Feed one stream following ``trace`` (times relative to ``t0``, loop time)."""
     loop = asyncio.get_running_loop()
-    audio = speech_like(UTTERANCE_S, seed=seed)
-    chunk = int(INPUT_RATE * CHUNK_S)
-    pause = UTTERANCE_S * (1.0 - duty) / duty if duty > 0 else float("inf")
-    await asyncio.sleep((seed % 25) * 0.04 * 0.37)  # spread the streams' phases
-    while not stop.is_set():
-        if duty <= 0:
-            await stop.wait()
-            return
-        session.start_utterance()
-        t0 = loop.time()
-        for i, start in enumerate(range(0, len(audio), chunk)):
-            if stop.is_set():
-                return
-            await session.feed(audio[start : start + chunk])
-            delay = t0 + (i + 1) * CHUNK_S - loop.time()
+    session = st.session
+    audio = speech_like(UTTERANCE_S + 0.5, seed=seed)
+    pos = 0
+    open_utt = False
+    try:
+        for a in trace:
+            delay = t0 + a.t - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await session.end_utterance()
-        if pause > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), pause)
-            except TimeoutError:
-                pass
+            if a.end:
+                if open_utt:
+                    await session.end_utterance()
+                    open_utt = False
+                continue
+            if not open_utt:
+                session.start_utterance()
+                st.fed.append(loop.time())
+                open_utt, pos = True, 0
+            await session.feed(np.resize(audio[pos:], a.samples))
+            pos = (pos + a.samples) % len(audio)
+    except SessionClosed:
+        return
+
+
+async def _collect_events(st: _Stream) -> None:
+    loop = asyncio.get_running_loop()
+    q = st.session.subscribe(maxsize=4096)
+    while (ev := await q.get()) is not None:
+        if ev.get("type") == "playback_started":
+            st.started.append(loop.time())
+
+
+def _run_config(config: Config, max_batch: int | None = None) -> Config:
+    return config if max_batch is None else dataclasses.replace(config, max_batch=max_batch)
 
 
 async def run_once(config: Config, streams: int, duration: float, warmup: float,
-                   duty: float, sink: str) -> BenchResult:
+                   duty: float, sink: str, *, jitter: str = "steady",
+                   progress: report.Progress | None = None,
+                   out: list[BenchResult] | None = None) -> BenchResult:
+    """One measured run. On cancellation (Ctrl-C) during the measurement the window so
+    far is measured, appended to ``out`` (marked partial), and the cancellation goes on."""
     metrics = Metrics()
-    engine = Engine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics)
+    engine = BenchEngine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics)
+    loop = asyncio.get_running_loop()
+    if progress is not None:
+        progress.phase(f"{streams} streams (max_batch {config.max_batch}, starting)",
+                       warmup + duration)
     await engine.start()
-    stop = asyncio.Event()
-    drivers: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[None]] = []
+    sts: list[_Stream] = []
+    result: BenchResult | None = None
+    cancelled = False
     try:
-        sessions = []
+        t_base = loop.time()
+        length = warmup + duration + 1.0
         for i in range(streams):
+            created = loop.time()
             s, _ = await engine.create_session(
                 SessionSpec(lesson_id=f"bench{i}", sample_rate=INPUT_RATE, sink=sink))
-            sessions.append(s)
-            drivers.append(asyncio.create_task(_drive(s, duty, stop, i), name=f"drive-{i}"))
+            st = _Stream(s, created)
+            sts.append(st)
+            tasks.append(loop.create_task(_collect_events(st), name=f"events-{i}"))
+            trace = stream_trace(jitter, duty, length, seed=i)
+            t0 = t_base + (i % 25) * 0.04 * PHASE_SPREAD_S
+            tasks.append(loop.create_task(_drive(st, trace, t0, i), name=f"drive-{i}"))
+        if progress is not None:
+            progress.phase(f"{streams} streams (max_batch {config.max_batch})",
+                           warmup + duration)
         await asyncio.sleep(warmup)
-        frames0 = [s.counters.frames_out for s in sessions]
-        under0 = sum(s.jb.stats.underruns for s in sessions)
-        lat_hist0 = _hist_snapshot(metrics)
-        tick_hist0 = _hist_snapshot(metrics, "clock_tick_seconds")
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        await asyncio.sleep(duration)
-        r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        wall = t1 - t0
-        fps = [(s.counters.frames_out - f0) / wall for s, f0 in zip(sessions, frames0,
-                                                                     strict=True)]
-        under = sum(s.jb.stats.underruns for s in sessions) - under0
-        cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-        lat = _hist_delta(lat_hist0, _hist_snapshot(metrics))
-        ticks = _hist_delta(tick_hist0, _hist_snapshot(metrics, "clock_tick_seconds"))
-        late = int(sum(s.counters.late_frames for s in sessions))
+        snap0 = _snapshot(engine, sts, metrics)
+        engine.collect = True
+        r0, t0w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        try:
+            await asyncio.sleep(duration)
+        except asyncio.CancelledError:
+            cancelled = True
+        engine.collect = False
+        r1, t1w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        result = _result(config, engine, sts, metrics, snap0, _snapshot(engine, sts, metrics),
+                         cpu=(r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
+                         wall=max(t1w - t0w, 1e-6), duty=duty, sink=sink, jitter=jitter,
+                         partial=cancelled)
+        if out is not None:
+            out.append(result)
     finally:
-        stop.set()
-        for t in drivers:
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*drivers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await engine.aclose()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+@dataclass
+class _Snap:
+    frames: list[int]
+    underruns: list[int]
+    lat: dict[float, float]
+    ticks: dict[float, float]
+    batch: dict[float, float]
+    wait: dict[float, float]
+    wait_sum: float
+    wait_count: float
+    batcher: dict[str, Any]
+
+
+def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
+    info = engine.renderer.info()
+    wait_sum, wait_count = _hist_totals(metrics, "batch_queue_wait_seconds")
+    return _Snap(
+        frames=[st.session.counters.frames_out for st in sts],
+        underruns=[st.session.jb.stats.underruns for st in sts],
+        lat=_hist_snapshot(metrics), ticks=_hist_snapshot(metrics, "clock_tick_seconds"),
+        batch=_hist_snapshot(metrics, "batch_size"),
+        wait=_hist_snapshot(metrics, "batch_queue_wait_seconds"),
+        wait_sum=wait_sum, wait_count=wait_count,
+        batcher=dict(info.get("batcher") or {}),
+    )
+
+
+def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Metrics,
+            a: _Snap, b: _Snap, *, cpu: float, wall: float, duty: float, sink: str,
+            jitter: str, partial: bool) -> BenchResult:
+    streams = len(sts)
+    fps = [(f1 - f0) / wall for f0, f1 in zip(a.frames, b.frames, strict=True)]
+    under_by = [u1 - u0 for u0, u1 in zip(a.underruns, b.underruns, strict=True)]
+    under = sum(under_by)
+    lat = _hist_delta(a.lat, b.lat)
+    ticks = _hist_delta(a.ticks, b.ticks)
     p = {q: _quantile(lat, q) * 1000 for q in (0.5, 0.95, 0.99)}
+    samples = np.asarray(engine.lateness, dtype=np.float64) * 1000.0
+    exact = ({q: float(np.quantile(samples, q)) for q in (0.5, 0.95, 0.99)} if len(samples)
+             else dict.fromkeys((0.5, 0.95, 0.99), 0.0))
+    onsets = [s - f for st in sts for f, s in zip(st.fed, st.started, strict=False)]
+    first = [1000.0 * (engine.first_frame[st.session.id] - st.created_at) for st in sts
+             if st.session.id in engine.first_frame]
+    batch_cum = _hist_delta(a.batch, b.batch)
+    hist = _per_bucket(batch_cum)
+    stats0, stats1 = a.batcher, b.batcher
+    batches = int(stats1.get("batches", 0) - stats0.get("batches", 0))
+    batched = stats1.get("batched_requests", 0) - stats0.get("batched_requests", 0)
+    misses = int(stats1.get("misses", 0) - stats0.get("misses", 0))
+    wait_n = b.wait_count - a.wait_count
+    gpu_util, gpu_mem = report.gpu_snapshot()
     fps_min = min(fps) if fps else 0.0
-    fps_target = config.fps
+    p99_exact = exact[0.99]
     return BenchResult(
         streams=streams, duration_s=round(wall, 2), speech_duty=duty, sink=sink,
         fps_min=round(fps_min, 2), fps_median=round(float(np.median(fps)) if fps else 0.0, 2),
         lateness_p50_ms=round(p[0.5], 2), lateness_p95_ms=round(p[0.95], 2),
-        lateness_p99_ms=round(p[0.99], 2), late_frames=late, underruns=under,
-        underruns_per_session=round(under / max(streams, 1), 3),
+        lateness_p99_ms=round(p[0.99], 2),
+        late_frames=int(sum(st.session.counters.late_frames for st in sts)),
+        underruns=under, underruns_per_session=round(under / max(streams, 1), 3),
         cpu_percent=round(100.0 * cpu / wall, 1),
         cpu_ms_per_stream_second=round(1000.0 * cpu / wall / max(streams, 1), 3),
         tick_p99_ms=round(_quantile(ticks, 0.99) * 1000, 2),
-        realtime=(fps_min >= fps_target - 0.5 and p[0.99] < 40.0 and under == 0),
+        realtime=(fps_min >= config.fps - report.REALTIME_FPS_SLACK
+                  and p99_exact < report.REALTIME_P99_MS and under == 0 and misses == 0
+                  and not partial),
+        model=config.model, backend=config.backend, device=config.device, jitter=jitter,
+        max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+        frames_sampled=len(samples),
+        lateness_exact_p50_ms=round(exact[0.5], 3),
+        lateness_exact_p95_ms=round(exact[0.95], 3),
+        lateness_exact_p99_ms=round(p99_exact, 3),
+        lateness_exact_max_ms=round(float(samples.max()) if len(samples) else 0.0, 3),
+        onsets=len(onsets),
+        onset_p50_ms=_ms_quantile(onsets, 0.5), onset_p95_ms=_ms_quantile(onsets, 0.95),
+        batches=batches, batch_mean=round(batched / batches, 3) if batches else 0.0,
+        batch_hist=hist,
+        queue_wait_mean_ms=(round(1000.0 * (b.wait_sum - a.wait_sum) / wait_n, 3)
+                            if wait_n > 0 else None),
+        queue_wait_p95_ms=(round(_quantile(_hist_delta(a.wait, b.wait), 0.95) * 1000, 3)
+                           if wait_n > 0 else None),
+        deadline_misses=misses, underruns_by_session=under_by,
+        first_frame_p50_ms=round(float(np.median(first)), 1) if first else None,
+        first_frame_max_ms=round(max(first), 1) if first else None,
+        gpu_util_percent=gpu_util, gpu_mem_used_mb=gpu_mem, partial=partial,
     )
+
+
+def _ms_quantile(values_s: list[float], q: float) -> float | None:
+    if not values_s:
+        return None
+    return round(1000.0 * float(np.quantile(values_s, q)), 2)
+
+
+def _per_bucket(cumulative: dict[float, float]) -> dict[str, int]:
+    """Cumulative histogram buckets (le = 1, 2, ...) -> count per batch size."""
+    out: dict[str, int] = {}
+    prev = 0.0
+    for le in sorted(cumulative):
+        n = round(cumulative[le] - prev)
+        prev = cumulative[le]
+        if n:
+            out["inf" if math.isinf(le) else str(int(le))] = n
+    return out
 
 
 def _hist_snapshot(metrics: Metrics, name: str = "frame_processing_latency_seconds"
@@ -150,8 +362,22 @@ def _hist_snapshot(metrics: Metrics, name: str = "frame_processing_latency_secon
             continue
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                out[float(sample.labels["le"])] = sample.value
+                le = float(sample.labels["le"])
+                out[le] = out.get(le, 0.0) + sample.value
     return out
+
+
+def _hist_totals(metrics: Metrics, name: str) -> tuple[float, float]:
+    total = count = 0.0
+    for family in metrics.registry.collect():
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+    return total, count
 
 
 def _hist_delta(a: dict[float, float], b: dict[float, float]) -> dict[float, float]:
@@ -172,60 +398,144 @@ def _quantile(cumulative: dict[float, float], q: float) -> float:
     return bounds[-2]
 
 
-def _print_table(results: list[BenchResult]) -> None:
-    cols = ["streams", "speech_duty", "sink", "fps_min", "fps_median", "lateness_p50_ms",
-            "lateness_p99_ms", "underruns", "cpu_percent", "cpu_ms_per_stream_second",
-            "realtime"]
-    rows = [[str(getattr(r, c)) for c in cols] for r in results]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+# -- modes ----------------------------------------------------------------------------------
 
 
-async def _capacity(config: Config, args: argparse.Namespace) -> list[BenchResult]:
+@dataclass
+class Outcome:
+    """Everything a bench invocation measured (also when it was interrupted)."""
+
+    runs: list[BenchResult] = field(default_factory=list)
+    capacity: int | None = None
+    comparison: dict[str, Any] | None = None
+    interrupted: bool = False
+
+
+def _log_run(r: BenchResult) -> None:
+    print(f"  {r.streams:4d} streams: fps_min {r.fps_min:5.2f}  p99 "
+          f"{r.lateness_exact_p99_ms:6.1f} ms  misses {r.deadline_misses}  underruns "
+          f"{r.underruns}  cpu {r.cpu_percent:5.1f}%  -> "
+          f"{'real time' if r.realtime else 'MISSED'}", file=sys.stderr, flush=True)
+
+
+async def _capacity(config: Config, args: argparse.Namespace, outcome: Outcome,
+                    progress: report.Progress) -> None:
     """Double until a run misses real time, then bisect between the last good and bad."""
-    results: list[BenchResult] = []
 
     async def ok(n: int) -> bool:
-        r = await run_once(config, n, args.duration, args.warmup, args.speech, args.sink)
-        results.append(r)
-        print(f"  {n:4d} streams: fps_min {r.fps_min:5.2f}  p99 {r.lateness_p99_ms:6.1f} ms"
-              f"  underruns {r.underruns}  cpu {r.cpu_percent:5.1f}%  -> "
-              f"{'real time' if r.realtime else 'MISSED'}", file=sys.stderr, flush=True)
+        r = await run_once(config, n, args.duration, args.warmup, args.speech, args.sink,
+                           jitter=args.jitter, progress=progress, out=outcome.runs)
+        await _pause_progress(progress)
+        _log_run(r)
         return r.realtime
 
     lo, hi = 0, 0
     n = max(1, args.streams)
     while n <= args.max_streams_search and await ok(n):
         lo, n = n, n * 2
+        outcome.capacity = lo
     hi = min(n, args.max_streams_search + 1)
     while hi - lo > max(1, lo // 16):
         mid = (lo + hi) // 2
         if await ok(mid):
             lo = mid
+            outcome.capacity = lo
         else:
             hi = mid
-    print(f"capacity: {lo} real-time streams (speech duty {args.speech}, sink {args.sink}, "
-          f"{os.cpu_count()} cores)", file=sys.stderr)
-    return results
+    outcome.capacity = lo
+
+
+async def _pause_progress(progress: report.Progress) -> None:
+    """End the bar's line before a log line; it starts again on the next run."""
+    await progress.stop()
+    progress.start()
+
+
+async def _main(config: Config, args: argparse.Namespace, outcome: Outcome) -> None:
+    length = args.warmup + args.duration
+    progress = report.Progress(
+        enabled=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()
+                                          and (length >= 5 or args.capacity or args.compare)))
+    progress.start()
+    try:
+        if args.capacity:
+            await _capacity(config, args, outcome, progress)
+        elif args.compare == "batching":
+            batched = await run_once(config, args.streams, args.duration, args.warmup,
+                                     args.speech, args.sink, jitter=args.jitter,
+                                     progress=progress, out=outcome.runs)
+            unbatched = await run_once(_run_config(config, 1), args.streams, args.duration,
+                                       args.warmup, args.speech, args.sink,
+                                       jitter=args.jitter, progress=progress,
+                                       out=outcome.runs)
+            outcome.comparison = report.comparison_json(batched.json(), unbatched.json())
+        else:
+            await run_once(config, args.streams, args.duration, args.warmup, args.speech,
+                           args.sink, jitter=args.jitter, progress=progress,
+                           out=outcome.runs)
+    finally:
+        await progress.stop()
 
 
 def bench_main(config: Config, args: argparse.Namespace) -> int:
-    if not 0.0 <= args.speech <= 1.0:
-        print("rapido: bench: --speech must be within 0..1", file=sys.stderr)
+    problem = validate(args)  # the CLI checked already; callers from Python may not
+    if problem:
+        print(f"rapido: bench: {problem}", file=sys.stderr)
         return 2
-    if args.streams < 1 or args.duration <= 0:
-        print("rapido: bench: --streams must be >= 1 and --duration > 0", file=sys.stderr)
-        return 2
-    if args.capacity:
-        results = asyncio.run(_capacity(config, args))
-    else:
-        results = [asyncio.run(run_once(config, args.streams, args.duration, args.warmup,
-                                        args.speech, args.sink))]
-    if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
-    else:
-        _print_table(results)
-    return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (fail before measuring, not after)
+        except ImportError:
+            print("rapido: bench: --plot needs matplotlib: pip install matplotlib "
+                  "(or the bench extra)", file=sys.stderr)
+            return 2
+    if args.http:
+        from rapido.bench.http import http_main
 
+        return http_main(config, args)
+    outcome = Outcome()
+    try:
+        asyncio.run(_main(config, args, outcome))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        outcome.interrupted = True
+        print("rapido: bench: interrupted; what was measured so far:", file=sys.stderr)
+    return emit(config, args, outcome)
+
+
+def emit(config: Config, args: argparse.Namespace, outcome: Outcome) -> int:
+    rows = [r.json() for r in outcome.runs]
+    machine = report.machine_info()
+    cost: dict[str, Any] | None = None
+    if args.gpu_cost_per_hour is not None:
+        if outcome.capacity is not None:
+            cost = report.cost_json(args.gpu_cost_per_hour, outcome.capacity, "capacity search")
+        else:
+            good = [r.streams for r in outcome.runs if r.realtime]
+            cost = report.cost_json(args.gpu_cost_per_hour, max(good, default=0),
+                                    "single run (a lower bound; use --capacity)")
+    plot_path = None
+    if args.plot and rows:
+        sub = (f"model {config.model}, max_batch {config.max_batch}, speech {args.speech}, "
+               f"jitter {args.jitter}, sink {args.sink}")
+        plot_path = str(report.plot(rows, args.plot, fps=config.fps, machine=machine,
+                                    subtitle=sub))
+    if args.json:
+        doc: dict[str, Any] = {
+            "runs": rows, "capacity": outcome.capacity, "comparison": outcome.comparison,
+            "cost": cost, "machine": machine, "plot": plot_path,
+            "interrupted": outcome.interrupted,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        report.print_table(rows)
+        if outcome.capacity is not None:
+            print(f"capacity: {outcome.capacity} real-time streams (speech duty "
+                  f"{args.speech}, jitter {args.jitter}, sink {args.sink}, "
+                  f"{machine['cores']} cores)")
+        if outcome.comparison is not None:
+            print(report.comparison_line(outcome.comparison))
+        if cost is not None:
+            print(report.cost_line(cost))
+        if plot_path:
+            print(f"plot: {plot_path}")
+    return 130 if outcome.interrupted else 0

@@ -15,6 +15,7 @@ from rapido.config import SINKS
 from rapido.engine import AdmissionError, Engine, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
 from rapido.http.keys import CONFIG, ENGINE, base_url
+from rapido.http.whep import viewer_fields
 from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
@@ -94,6 +95,16 @@ def _parse_location(value: Any) -> Any:
                       '"lon": -180..180}')
 
 
+def session_json(request: web.Request, session: StreamSession) -> dict[str, Any]:
+    """The engine's view plus, for a webrtc session, a WHEP URL and viewer token (never
+    the API key: viewers are not API clients)."""
+    url = base_url(request)
+    body = request.app[ENGINE].session_json(session, url)
+    if session.spec.sink == "webrtc":
+        body.update(viewer_fields(request.app, session, url))
+    return body
+
+
 def get_session(request: web.Request) -> StreamSession:
     sid = request.match_info["session_id"]
     session = request.app[ENGINE].sessions.get(sid)
@@ -116,7 +127,7 @@ async def create_session(request: web.Request) -> web.Response:
     except SinkError as exc:  # e.g. the recordings directory is not writable
         raise ApiError(500, "sink_failed", f"could not start the {spec.sink} sink: {exc}") \
             from None
-    body = engine.session_json(session, base_url(request))
+    body = session_json(request, session)
     headers = {"Location": f"/api/sessions/{session.id}"}
     return json_response(body, status=201 if created else 200, headers=headers)
 
@@ -124,15 +135,14 @@ async def create_session(request: web.Request) -> web.Response:
 @routes.get("/api/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    url = base_url(request)
-    return json_response({"sessions": [engine.session_json(s, url)
+    return json_response({"sessions": [session_json(request, s)
                                        for s in engine.sessions.values()]})
 
 
 @routes.get("/api/sessions/{session_id}")
 async def show_session(request: web.Request) -> web.Response:
     session = get_session(request)
-    return json_response(request.app[ENGINE].session_json(session, base_url(request)))
+    return json_response(session_json(request, session))
 
 
 @routes.delete("/api/sessions/{session_id}")
@@ -140,7 +150,7 @@ async def delete_session(request: web.Request) -> web.Response:
     session = get_session(request)
     engine = request.app[ENGINE]
     await engine.close_session(session.id, "deleted")
-    return json_response(engine.session_json(session, base_url(request)))
+    return json_response(session_json(request, session))
 
 
 @routes.post("/api/sessions/{session_id}/interrupt")

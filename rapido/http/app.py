@@ -1,7 +1,8 @@
 """The aiohttp application: preserved paths, middlewares, and the engine's lifetime.
 
 Middlewares, outermost first: metrics (every request counted by route and status) ->
-errors (everything becomes ``{"error", "message"}`` JSON) -> auth (``/api``, ``/ws``).
+errors (everything becomes ``{"error", "message"}`` JSON) -> auth (``/api``, ``/ws``;
+``/whep`` takes viewer tokens, see ``whep.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import WSCloseCode, web
 from rapido import __version__
 from rapido.config import Config
 from rapido.engine import Engine
-from rapido.http import api, ws
+from rapido.http import api, demo, whep, ws
 from rapido.http.auth import check_bearer, needs_auth
 from rapido.http.errors import ApiError, json_response
 from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
@@ -146,6 +147,10 @@ def make_app(config: Config, metrics: Metrics | None = None,
     ])
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
+    demo.setup(app)  # POST /api/demo: the viewer page's Demo button
+    # /whep is outside the API-key middleware (auth.needs_auth): viewers present a
+    # per-session viewer token instead, checked in whep.py.
+    whep.setup(app)
     app.cleanup_ctx.append(_engine_ctx)
     app.on_shutdown.append(_close_websockets)
     return app

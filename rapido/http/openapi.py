@@ -92,6 +92,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "height": {"type": "integer"},
                 "ws_url": {"type": "string"},
                 "audio_url": {"type": "string"},
+                "whep_url": {"type": "string", "description": "sink webrtc only: POST an "
+                             "SDP offer here to watch (WHEP)"},
+                "viewer_token": {"type": "string", "description": "sink webrtc only: "
+                                 "short-lived token for whep_url, scoped to this session"},
                 "created_at": {"type": "string", "format": "date-time"},
                 "stats": _ref("SessionStats"),
             },
@@ -188,6 +192,39 @@ def openapi_document(config: Config) -> dict[str, Any]:
                               "400": _error("not a WebSocket request"), **session_errors},
             },
         },
+        "/whep/{session_id}": {
+            "parameters": [_SESSION_ID],
+            "post": {
+                "summary": "WHEP: watch a session with sink webrtc; SDP offer in, SDP "
+                           "answer out (ICE gathered, no trickle)",
+                "operationId": "whepOffer", "security": [{"viewerToken": []}],
+                "requestBody": {"required": True, "content": {
+                    "application/sdp": {"schema": {"type": "string"}}}},
+                "responses": {
+                    "201": {"description": "the SDP answer; Location names the viewer",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {"application/sdp": {"schema": {"type": "string"}}}},
+                    "400": _error("malformed or unusable SDP offer"),
+                    "401": _error("missing, wrong or expired viewer token"),
+                    "404": _error("unknown session"),
+                    "409": _error("the session's sink is not webrtc"),
+                    "415": _error("the body is not application/sdp"),
+                    "503": _error("the stream has its limit of viewers"),
+                },
+            },
+        },
+        "/whep/{session_id}/{viewer_id}": {
+            "parameters": [_SESSION_ID, {"name": "viewer_id", "in": "path", "required": True,
+                                         "schema": {"type": "string", "minLength": 1}}],
+            "delete": {
+                "summary": "WHEP: end one viewer", "operationId": "whepDelete",
+                "security": [{"viewerToken": []}],
+                "responses": {"200": {"description": "the viewer is gone"},
+                              "401": _error("missing, wrong or expired viewer token"),
+                              "404": _error("unknown session or viewer"),
+                              "409": _error("the session's sink is not webrtc")},
+            },
+        },
         "/health": {"get": {"summary": "Liveness", "operationId": "health",
                             "responses": {"200": _json({"type": "object"}, "alive")}}},
         "/ready": {"get": {"summary": "Readiness: 503 while starting or draining",
@@ -208,6 +245,10 @@ def openapi_document(config: Config) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas},
     }
+    # Viewers never hold the API key: /whep takes the session's viewer_token (as a
+    # bearer header or ?token=), whether or not the API itself needs a key.
+    schemes: dict[str, Any] = {"viewerToken": {"type": "http", "scheme": "bearer"}}
     if config.auth_required:
-        doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    doc["components"]["securitySchemes"] = schemes
     return doc

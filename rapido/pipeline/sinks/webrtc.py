@@ -1,0 +1,575 @@
+"""Serve one session to any number of WebRTC viewers, encoding each stream once.
+
+aiortc's ``RTCRtpSender`` normally runs one encoder per peer connection. With a
+hundred viewers of one lesson that is a hundred identical H.264 encodes. Here the
+sink owns one encoder per codec in use (H.264 and/or VP8) plus one Opus encoder, and
+each viewer's sender gets a :class:`PacketTrack` whose ``recv()`` returns the shared
+``av.Packet``: for a packet (not a frame) aiortc only packetises (``encoder.pack``),
+so the per-viewer cost is RTP framing and SRTP, not encoding.
+
+Threads: the event loop only queues chunks (``write`` returns at once); one worker
+thread per sink owns every encoder and hands finished packets back to the loop with
+``call_soon_threadsafe``, where they are fanned out to the viewers' queues.
+
+Timestamps: video pts is ``index`` frames at 90 kHz, audio pts is ``index * samples
+per frame`` at 48 kHz, so the two streams of one chunk carry the same instant and are
+sent in the same loop callback (aiortc's sender reports send time against RTP time in
+its sender reports, which is what a browser lip-syncs by).
+
+Keyframes: aiortc's own keyframe flag (set on PLI/FIR) is only read on its encode
+path, which shared packets bypass, so each viewer's sender is pointed at
+:meth:`WebRtcSink.request_keyframe` instead. A viewer also needs a keyframe to start:
+its track drops video until one arrives and asks the encoder for one when it joins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import logging
+import multiprocessing
+import queue
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, cast
+
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
+from av.audio.codeccontext import AudioCodecContext
+from av.video.codeccontext import VideoCodecContext
+
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
+from rapido.pipeline.sinks.base import SinkError
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK: Final = 90_000
+VIDEO_TB: Final = fractions.Fraction(1, VIDEO_CLOCK)
+AUDIO_TB: Final = fractions.Fraction(1, AUDIO_RATE)
+#: Opus at 20 ms per packet, what every WebRTC stack sends by default.
+OPUS_FRAME: Final = AUDIO_RATE // 50
+
+#: Codec keys as aiortc names them (``mimeType`` lower-cased).
+H264: Final = "video/h264"
+VP8: Final = "video/vp8"
+OPUS: Final = "audio/opus"
+VIDEO_CODECS: Final = (H264, VP8)
+
+#: Packets a viewer may have waiting (about 2 s of video): a viewer whose connection
+#: stalls this long is resynchronised at the next keyframe rather than buffered forever.
+VIEWER_QUEUE: Final = 50
+
+_STOP: Final = object()
+
+
+class InvalidOffer(ValueError):
+    """The viewer's SDP offer could not be used."""
+
+
+@dataclass(slots=True)
+class _Enc:
+    """One encoder, owned by the worker thread; ``keyframe`` is set from the loop (a
+    bool store is atomic) and cleared by the worker when it encodes one."""
+
+    key: str
+    ctx: VideoCodecContext | AudioCodecContext
+    keyframe: bool = True
+
+
+@dataclass(eq=False)
+class Viewer:
+    id: str
+    pc: RTCPeerConnection
+    tracks: list[PacketTrack] = field(default_factory=list)
+
+
+class PacketTrack(MediaStreamTrack):
+    """A viewer's end of a shared encoder: ``recv()`` yields already encoded packets.
+
+    The track joins its encoder's fan-out on the first ``recv()``, i.e. when the
+    viewer's connection is up and its sender starts reading, so nothing piles up for a
+    viewer still doing ICE and no encoder runs for viewers that never connect."""
+
+    def __init__(self, sink: WebRtcSink, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._sink = sink
+        self.codec: str | None = None
+        self._queue: deque[av.Packet] = deque()
+        self._wake = asyncio.Event()
+        self._joined = False
+        # Video can only be decoded from a keyframe on; audio from any packet.
+        self.needs_keyframe = kind == "video"
+        self.dropped = 0
+
+    def bind(self, codec: str) -> None:
+        self.codec = codec
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live" or self.codec is None:
+            raise MediaStreamError
+        if not self._joined:
+            self._joined = True
+            self._sink._join(self)
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
+        return self._queue.popleft()
+
+    def push(self, packet: av.Packet, keyframe: bool) -> None:
+        if self.needs_keyframe:
+            if not keyframe:
+                return
+            self.needs_keyframe = False
+        if len(self._queue) >= VIEWER_QUEUE:
+            self.dropped += len(self._queue)
+            self._queue.clear()
+            if self.kind == "video":
+                # The packets just dropped were references for what follows.
+                self.needs_keyframe = True
+                assert self.codec is not None
+                self._sink.request_keyframe(self.codec)
+                if not keyframe:
+                    return
+                self.needs_keyframe = False
+        self._queue.append(packet)
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Drop what is waiting (barge-in); video then restarts at a keyframe."""
+        if not self._queue:
+            return
+        self.dropped += len(self._queue)
+        self._queue.clear()
+        if self.kind == "video" and self.codec is not None:
+            self.needs_keyframe = True
+            self._sink.request_keyframe(self.codec)
+
+    def stop(self) -> None:
+        super().stop()
+        self._wake.set()
+        self._sink._leave(self)
+
+
+class WebRtcSink:
+    """Encodes a session once per codec in use and serves it to WebRTC viewers."""
+
+    kind = "webrtc"
+
+    def __init__(
+        self,
+        *,
+        width: int,
+        height: int,
+        fps: int,
+        video_bitrate: int = 1_000_000,
+        audio_bitrate: int = 48_000,
+        x264_preset: str = "veryfast",
+        threads: int = 1,
+        max_queue: int = 25,
+        max_viewers: int = 100,
+    ) -> None:
+        """``threads`` is each video encoder's thread count; 0 lets the codec choose
+        (one per core, too many once dozens of streams share a machine)."""
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"width and height must be positive and even, got {width}x{height}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.width = width
+        self.height = height
+        self.fps = fps
+        self.samples_per_frame = frame_samples(fps)
+        self.video_bitrate = video_bitrate
+        self.audio_bitrate = audio_bitrate
+        self.x264_preset = x264_preset
+        self.threads = threads
+        self.max_viewers = max_viewers
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._closed = False
+
+        # Loop side: who listens to which encoder. The worker reads ``_wanted``, a
+        # frozenset replaced whole, to know which encoders to run.
+        self._consumers: dict[str, set[PacketTrack]] = {}
+        self._wanted: frozenset[str] = frozenset()
+        self.viewers: dict[str, Viewer] = {}
+
+        # Worker side.
+        self._encoders: dict[str, _Enc] = {}
+        self._audio_next: int | None = None
+
+        # Counters (each written by one side only).
+        self._frames_in = 0
+        self._frames_encoded = 0
+        self._dropped = 0
+        self._interrupts = 0
+        self._encoders_created = 0
+        self._viewers_total = 0
+        self._error: BaseException | None = None
+
+    # -- the sink seam (event loop) --------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise SinkError("webrtc sink is closed")
+        if self._started:
+            return
+        # Fail the session now, not at the first viewer, if a codec is missing.
+        for name in ("libx264", "libvpx", "libopus"):
+            try:
+                av.Codec(name, "w")
+            except Exception as exc:
+                raise SinkError(f"encoder {name} is not available: {exc}") from exc
+        self._loop = asyncio.get_running_loop()
+        self._started = True
+        self._thread = threading.Thread(target=self._run, name="rapido-webrtc", daemon=True)
+        self._thread.start()
+
+    def write(self, chunk: MediaChunk) -> None:
+        if not self._started or self._closed:
+            return
+        self._frames_in += 1
+        if not self._wanted and not self._encoders:
+            # Nobody is watching: encoding would be wasted work. (While encoders are
+            # still open the chunk goes on, so the worker sees they are unwanted and
+            # closes them.)
+            return
+        try:
+            self._queue.put_nowait(chunk)
+        except queue.Full:
+            # Dropping the whole chunk keeps audio and video of what is sent together.
+            self._dropped += 1
+
+    def interrupt(self) -> None:
+        self._interrupts += 1
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:  # pragma: no cover - aclose already running
+                self._queue.put_nowait(item)
+                break
+        for tracks in self._consumers.values():
+            for track in tracks:
+                track.flush()
+
+    @property
+    def playout_frames(self) -> int:
+        return self._frames_encoded
+
+    def encoder_counts(self) -> dict[str, int]:
+        """Encoders running, by codec: at most one each, however many viewers."""
+        # list() copies the worker's dict in one step (atomic under the GIL).
+        return {key: 1 for key in sorted(list(self._encoders))}
+
+    def stats(self) -> dict[str, Any]:
+        err = self._error
+        return {
+            "kind": self.kind,
+            "viewers": len(self.viewers),
+            "viewers_total": self._viewers_total,
+            "encoders": self.encoder_counts(),
+            "encoders_created": self._encoders_created,
+            "consumers": {k: len(v) for k, v in sorted(self._consumers.items())},
+            "frames_in": self._frames_in,
+            "frames_encoded": self._frames_encoded,
+            "dropped_frames": self._dropped,
+            "queue_depth": self._queue.qsize(),
+            "interrupts": self._interrupts,
+            "error": None if err is None else f"{type(err).__name__}: {err}",
+        }
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(self.remove_viewer(v) for v in list(self.viewers)),
+                             return_exceptions=True)
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(self._stop_and_join, thread)
+
+    def _stop_and_join(self, thread: threading.Thread) -> None:
+        while True:
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                if not thread.is_alive():
+                    break
+        thread.join()
+
+    # -- viewers ---------------------------------------------------------------------
+
+    async def add_viewer(self, offer_sdp: str) -> tuple[str, str]:
+        """Answer a viewer's offer; returns (viewer id, answer SDP). Raises
+        :class:`InvalidOffer` for an offer that cannot be answered."""
+        if self._closed or not self._started:
+            raise SinkError("webrtc sink is not running")
+        if len(self.viewers) >= self.max_viewers:
+            raise SinkError(f"this stream has its limit of {self.max_viewers} viewers")
+        _check_offer(offer_sdp)
+        pc = RTCPeerConnection()
+        viewer = Viewer(uuid.uuid4().hex, pc)
+        try:
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+            except Exception as exc:
+                raise InvalidOffer(f"the SDP offer was not accepted: {exc}") from None
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if not kinds & {"audio", "video"}:
+                raise InvalidOffer("the offer has no audio or video section")
+            senders = {}
+            for kind in ("video", "audio"):
+                if kind in kinds:
+                    track = PacketTrack(self, kind)
+                    viewer.tracks.append(track)
+                    senders[kind] = (pc.addTrack(track), track)
+            answer = await pc.createAnswer()
+            # aiortc gathers every ICE candidate inside setLocalDescription, so the
+            # answer below is complete (WHEP has no trickle here).
+            await pc.setLocalDescription(answer)
+            codecs = _negotiated(pc.localDescription.sdp)
+            for kind, (sender, track) in senders.items():
+                codec = codecs.get(kind)
+                if codec is None or (kind == "video" and codec not in VIDEO_CODECS) \
+                        or (kind == "audio" and codec != OPUS):
+                    # The viewer offered nothing we encode: the m-line stays unused.
+                    sender.replaceTrack(None)
+                    viewer.tracks.remove(track)
+                    continue
+                track.bind(codec)
+                # Why: aiortc turns PLI/FIR into a flag only its own encode path reads.
+                sender._send_keyframe = _keyframe_hook(self, codec)  # type: ignore[method-assign]
+            if not viewer.tracks:
+                raise InvalidOffer("the offer has no H.264, VP8 or Opus media to receive")
+        except BaseException:
+            await pc.close()
+            raise
+        self.viewers[viewer.id] = viewer
+        self._viewers_total += 1
+
+        @pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.remove_viewer(viewer.id)
+
+        return viewer.id, pc.localDescription.sdp
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        viewer = self.viewers.pop(viewer_id, None)
+        if viewer is None:
+            return False
+        for track in viewer.tracks:
+            track.stop()
+        await viewer.pc.close()
+        return True
+
+    def request_keyframe(self, codec: str) -> None:
+        enc = self._encoders.get(codec)
+        if enc is not None:
+            enc.keyframe = True
+        # An encoder not running yet starts with a keyframe anyway.
+
+    def _join(self, track: PacketTrack) -> None:
+        assert track.codec is not None
+        if self._closed:
+            return
+        self._consumers.setdefault(track.codec, set()).add(track)
+        self._update_wanted()
+        self.request_keyframe(track.codec)
+
+    def _leave(self, track: PacketTrack) -> None:
+        if track.codec is None:
+            return
+        tracks = self._consumers.get(track.codec)
+        if tracks is None:
+            return
+        tracks.discard(track)
+        if not tracks:
+            del self._consumers[track.codec]
+        self._update_wanted()
+
+    def _update_wanted(self) -> None:
+        self._wanted = frozenset(self._consumers)
+
+    def _deliver(self, out: list[tuple[str, av.Packet, bool]]) -> None:
+        for codec, packet, keyframe in out:
+            for track in list(self._consumers.get(codec, ())):
+                track.push(packet, keyframe)
+
+    # -- worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            chunk = cast(MediaChunk, item)
+            try:
+                out = self._encode(chunk)
+            except Exception as exc:
+                # A broken encoder is rebuilt on the next chunk (and starts with a
+                # keyframe), rather than ending the stream for every viewer.
+                if self._error is None:
+                    log.exception("webrtc sink: encoding failed")
+                self._error = exc
+                self._encoders.clear()
+                continue
+            self._frames_encoded += 1
+            if out:
+                try:
+                    loop.call_soon_threadsafe(self._deliver, out)
+                except RuntimeError:  # the loop is gone: the node is stopping
+                    break
+        self._encoders.clear()
+
+    def _sync_encoders(self) -> None:
+        wanted = self._wanted
+        for key in [k for k in self._encoders if k not in wanted]:
+            del self._encoders[key]
+            if key == OPUS:
+                self._audio_next = None
+        for key in wanted:
+            if key not in self._encoders:
+                self._encoders[key] = _Enc(key, self._open(key))
+                self._encoders_created += 1
+
+    def _open(self, key: str) -> VideoCodecContext | AudioCodecContext:
+        if key == OPUS:
+            actx = cast(AudioCodecContext, av.CodecContext.create("libopus", "w"))
+            actx.sample_rate = AUDIO_RATE
+            actx.layout = "mono"
+            actx.format = "s16"
+            actx.bit_rate = self.audio_bitrate
+            actx.time_base = AUDIO_TB
+            actx.options = {"application": "voip", "frame_duration": "20"}
+            actx.open()
+            return actx
+        if key == H264:
+            ctx = cast(VideoCodecContext, av.CodecContext.create("libx264", "w"))
+            # Constrained Baseline at level 3.1: what aiortc and browsers negotiate
+            # (profile-level-id 42e01f); no B-frames, in-band SPS/PPS before each IDR.
+            ctx.profile = "Baseline"
+            ctx.options = {"preset": self.x264_preset, "tune": "zerolatency", "level": "31"}
+        else:
+            ctx = cast(VideoCodecContext, av.CodecContext.create("libvpx", "w"))
+            # aiortc's realtime VP8 settings (aiortc/codecs/vpx.py), CBR.
+            ctx.qmin = 2
+            ctx.qmax = 56
+            ctx.options = {
+                "bufsize": str(self.video_bitrate), "cpu-used": "-6", "deadline": "realtime",
+                "lag-in-frames": "0", "minrate": str(self.video_bitrate),
+                "maxrate": str(self.video_bitrate), "noise-sensitivity": "4",
+                "overshoot-pct": "15", "partitions": "0", "static-thresh": "1",
+                "undershoot-pct": "100",
+            }
+        ctx.width = self.width
+        ctx.height = self.height
+        ctx.pix_fmt = "yuv420p"
+        ctx.bit_rate = self.video_bitrate
+        ctx.framerate = fractions.Fraction(self.fps, 1)
+        ctx.time_base = fractions.Fraction(1, self.fps)
+        # Viewers ask for keyframes when they need one; a periodic one every 4 s
+        # bounds how long a loss nobody reported can show.
+        ctx.gop_size = self.fps * 4
+        ctx.thread_count = self.threads or min(4, multiprocessing.cpu_count())
+        ctx.open()
+        return ctx
+
+    def _encode(self, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
+        self._sync_encoders()
+        out: list[tuple[str, av.Packet, bool]] = []
+        video = [e for e in self._encoders.values() if e.key != OPUS]
+        if video:
+            picture = chunk.video
+            frame = av.VideoFrame.from_ndarray(picture.data, format="yuv420p")
+            if (picture.width, picture.height) != (self.width, self.height):
+                frame = frame.reformat(width=self.width, height=self.height)
+            frame.pts = chunk.index
+            frame.time_base = fractions.Fraction(1, self.fps)
+            pts90 = chunk.index * VIDEO_CLOCK // self.fps
+            for enc in video:
+                key_wanted = enc.keyframe
+                enc.keyframe = False
+                frame.pict_type = (av.video.frame.PictureType.I if key_wanted
+                                   else av.video.frame.PictureType.NONE)
+                packets = cast(VideoCodecContext, enc.ctx).encode(frame)
+                if not packets:
+                    continue
+                data = b"".join(bytes(p) for p in packets)
+                pkt = av.Packet(data)
+                pkt.pts = pts90
+                pkt.time_base = VIDEO_TB
+                pkt.is_keyframe = any(p.is_keyframe for p in packets)
+                out.append((enc.key, pkt, pkt.is_keyframe))
+        opus = self._encoders.get(OPUS)
+        if opus is not None:
+            out.extend(self._encode_audio(opus, chunk))
+        return out
+
+    def _encode_audio(self, enc: _Enc, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
+        start = chunk.index * self.samples_per_frame
+        if self._audio_next is not None and start < self._audio_next:
+            return []  # a repeated index: its audio was already sent
+        pcm = np.ascontiguousarray(chunk.audio, dtype=np.int16).reshape(1, -1)
+        aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        aframe.sample_rate = AUDIO_RATE
+        # The pts is the chunk's place on the stream clock, so a gap left by dropped
+        # chunks stays a gap in RTP time and later audio stays under its picture.
+        aframe.pts = start
+        aframe.time_base = AUDIO_TB
+        self._audio_next = start + pcm.shape[1]
+        out: list[tuple[str, av.Packet, bool]] = []
+        # PyAV re-blocks into the encoder's 20 ms frames; libopus stamps each packet
+        # with the pts of its first input sample less its 6.5 ms look-ahead.
+        for p in cast(AudioCodecContext, enc.ctx).encode(aframe):
+            pkt = av.Packet(bytes(p))
+            pkt.pts = p.pts
+            pkt.time_base = AUDIO_TB
+            out.append((OPUS, pkt, True))
+        return out
+
+
+def _keyframe_hook(sink: WebRtcSink, codec: str) -> Callable[[], None]:
+    def hook() -> None:
+        sink.request_keyframe(codec)
+    return hook
+
+
+def _check_offer(sdp: str) -> None:
+    if not sdp.lstrip().startswith("v=0"):
+        raise InvalidOffer("the body is not an SDP offer (it must start with v=0)")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:
+        raise InvalidOffer(f"the SDP offer does not parse: {exc}") from None
+    if not parsed.media:
+        raise InvalidOffer("the offer has no media sections")
+
+
+def _negotiated(answer_sdp: str) -> dict[str, str]:
+    """The codec each kind will be sent with: the first one in the answer's m-line,
+    which is the one aiortc's sender picks."""
+    found: dict[str, str] = {}
+    for media in SessionDescription.parse(answer_sdp).media:
+        if media.kind in found or media.port == 0:
+            continue
+        codecs = [c for c in media.rtp.codecs if c.name.lower() != "rtx"]
+        if codecs:
+            found[media.kind] = codecs[0].mimeType.lower()
+    return found

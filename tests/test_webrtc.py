@@ -1,0 +1,303 @@
+"""WebRTC output over WHEP: a real aiortc peer on loopback watches a session."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from rapido.http.whep import VIEWER_SECRET, mint_token
+from rapido.node import Node
+from rapido.pipeline.media import MediaChunk, VideoFrame
+from rapido.pipeline.sinks.webrtc import H264, OPUS, PacketTrack, WebRtcSink
+from tests.conftest import NodeFactory, create_session, speech
+from tests.test_ws import next_event, send_jittered
+
+
+@dataclass
+class Received:
+    kind: str
+    arrival: float  # time.monotonic() when decoded
+    pts_s: float
+    samples: int = 0
+
+
+@dataclass
+class Viewer:
+    pc: RTCPeerConnection
+    location: str
+    frames: list[Received] = field(default_factory=list)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def of(self, kind: str, since: float = 0.0) -> list[Received]:
+        return [f for f in self.frames if f.kind == kind and f.arrival >= since]
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+async def _read(track: MediaStreamTrack, viewer: Viewer) -> None:
+    try:
+        while True:
+            frame = await track.recv()
+            assert frame.pts is not None and frame.time_base is not None
+            viewer.frames.append(Received(track.kind, time.monotonic(),
+                                          float(frame.pts * frame.time_base),
+                                          getattr(frame, "samples", 0)))
+    except MediaStreamError:
+        pass
+
+
+async def watch(http: aiohttp.ClientSession, whep_url: str, token: str,
+                video_codec: str | None = None) -> Viewer:
+    """A WHEP client: recvonly video and audio, offer POSTed, answer applied."""
+    pc = RTCPeerConnection()
+    video = pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    if video_codec is not None:
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        video.setCodecPreferences([c for c in caps if c.mimeType.lower() == video_codec])
+    viewer = Viewer(pc, "")
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        viewer.readers.append(asyncio.ensure_future(_read(track, viewer)))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    async with http.post(whep_url, data=pc.localDescription.sdp,
+                         headers={"Content-Type": "application/sdp",
+                                  "Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 201, await r.text()
+        assert r.content_type == "application/sdp"
+        viewer.location = r.headers["Location"]
+        answer = await r.text()
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    return viewer
+
+
+async def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def _watch_and_check(node: Node, http: aiohttp.ClientSession, seconds: float) -> None:
+    s = await create_session(http, node, f"rtc{int(seconds)}", sink="webrtc")
+    assert s["whep_url"].endswith(f"/whep/{s['session_id']}")
+    assert s["viewer_token"] and s["viewer_token"] != node.config.api_key
+    viewer = await watch(http, s["whep_url"], s["viewer_token"])
+    try:
+        async with http.ws_connect(s["ws_url"]) as ws:
+            await next_event(ws, "ready")
+            # Speech for the whole run so the audio is not just silence.
+            sender = asyncio.create_task(send_jittered(ws, speech(seconds + 2.0), 0.0))
+            await wait_for(lambda: viewer.of("video") and viewer.of("audio"))
+            await asyncio.sleep(1.0)  # past connection set-up and the first keyframe
+            t0 = time.monotonic()
+            await asyncio.sleep(seconds)
+            t1 = time.monotonic()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        video = [f for f in viewer.of("video", t0) if f.arrival < t1]
+        audio = [f for f in viewer.of("audio", t0) if f.arrival < t1]
+        span = t1 - t0
+        fps = len(video) / span
+        assert 24.0 <= fps <= 26.0, fps
+        # Continuous audio: as many seconds received as elapsed, no hole in its pts.
+        assert abs(sum(f.samples for f in audio) / 48_000 - span) < 0.1
+        gaps = np.diff([f.pts_s for f in audio])
+        assert gaps.max() < 0.045, gaps.max()
+        # Both streams follow the wall clock: arrival minus media time stays in a band
+        # (no drift, no stall), and the two bands move together, so the audio and
+        # video of one instant arrive within 20 ms of each other all run long.
+        offsets: dict[str, np.ndarray] = {}
+        for kind, frames in (("video", video), ("audio", audio)):
+            off = np.array([f.arrival - f.pts_s for f in frames])
+            off -= np.median(off)
+            offsets[kind] = off
+            # A chunk's two 20 ms Opus packets leave together, so audio's band is one
+            # packet wider than video's: the second is 20 ms early, never late.
+            band = 0.020 if kind == "video" else 0.040
+            assert np.percentile(off, 95) - np.percentile(off, 5) < band, kind
+        half = len(video) // 2
+        drift_v = statistics.median(offsets["video"][half:]) - \
+            statistics.median(offsets["video"][:half])
+        ahalf = len(audio) // 2
+        drift_a = statistics.median(offsets["audio"][ahalf:]) - \
+            statistics.median(offsets["audio"][:ahalf])
+        assert abs(drift_v - drift_a) < 0.020
+        # Every picture arrives together with audio (sent in the same callback).
+        a_arr = np.array([f.arrival for f in audio])
+        near = [np.min(np.abs(a_arr - f.arrival)) for f in video]
+        assert np.percentile(near, 95) < 0.020
+        stats = node.engine.sessions[s["session_id"]].sink.stats()
+        assert stats["dropped_frames"] == 0
+        # aiortc offers VP8 first: this run covers the VP8 encoder, the next H.264.
+        assert stats["encoders"] == {"video/vp8": 1, OPUS: 1}
+    finally:
+        await viewer.close()
+
+
+async def test_viewer_gets_25fps_and_continuous_synced_audio_5s(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none")
+    await _watch_and_check(node, http, 5.0)
+
+
+@pytest.mark.slow
+async def test_viewer_gets_25fps_and_continuous_synced_audio_30s(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none")
+    await _watch_and_check(node, http, 30.0)
+
+
+async def test_two_viewers_share_one_encoder_and_delete_ends_one(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none", api_key="k" * 16)
+    auth = {"Authorization": f"Bearer {'k' * 16}"}
+    s = await create_session(http, node, "rtc-two", headers=auth, sink="webrtc")
+    sink = node.engine.sessions[s["session_id"]].sink
+    assert isinstance(sink, WebRtcSink)
+    a = await watch(http, s["whep_url"], s["viewer_token"], video_codec=H264)
+    b = await watch(http, s["whep_url"], s["viewer_token"], video_codec=H264)
+    try:
+        await wait_for(lambda: len(a.of("video")) > 10 and len(b.of("video")) > 10)
+        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
+        assert sink.stats()["encoders_created"] == 2
+        assert sink.stats()["consumers"] == {H264: 2, OPUS: 2}
+        async with http.get(f"{node.url}/metrics") as r:
+            assert "webrtc_encoders 2.0" in await r.text()
+        # A PLI/FIR from b reaches aiortc's sender as _send_keyframe(): it must make
+        # the shared encoder emit a keyframe (aiortc alone would only set a flag that
+        # packet tracks never read).
+        server_pc = sink.viewers[b.location.rsplit("/", 1)[1]].pc
+        video_sender = next(x for x in server_pc.getSenders()
+                            if x.track is not None and x.track.kind == "video")
+        enc = sink._encoders[H264]
+        await wait_for(lambda: not enc.keyframe)
+        video_sender._send_keyframe()
+        assert enc.keyframe
+        await wait_for(lambda: not enc.keyframe)
+        # DELETE ends viewer a; b keeps playing, on the same encoders.
+        async with http.delete(f"{node.url}{a.location}",
+                               headers={"Authorization": f"Bearer {s['viewer_token']}"}) as r:
+            assert r.status == 200
+        await wait_for(lambda: a.pc.connectionState == "closed" or
+                       sink.stats()["viewers"] == 1)
+        assert sink.stats()["viewers"] == 1
+        n_a = len(a.of("video"))
+        n_b = len(b.of("video"))
+        await asyncio.sleep(0.5)
+        assert len(a.of("video")) <= n_a + 1
+        assert len(b.of("video")) >= n_b + 8
+        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
+        # The last viewer leaving stops the encoders: nobody watching costs nothing.
+        await b.close()
+        await wait_for(lambda: sink.stats()["encoders"] == {})
+        async with http.delete(f"{node.url}{a.location}",
+                               headers={"Authorization": f"Bearer {s['viewer_token']}"}) as r:
+            assert r.status == 404
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_bad_whep_requests(make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none")
+    s = await create_session(http, node, "rtc-bad", sink="webrtc")
+    url, token = s["whep_url"], s["viewer_token"]
+    sdp = {"Content-Type": "application/sdp"}
+
+    async def post(target: str, body: str, tok: str) -> tuple[int, dict[str, Any]]:
+        async with http.post(target, data=body,
+                             headers={**sdp, "Authorization": f"Bearer {tok}"}) as r:
+            return r.status, await r.json()
+
+    status, body = await post(url, "this is not sdp", token)
+    assert (status, body["error"]) == (400, "invalid_sdp")
+    status, body = await post(url, "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\n", token)
+    assert (status, body["error"]) == (400, "invalid_sdp")
+    status, body = await post(f"{node.url}/whep/{'0' * 32}", "v=0\r\n", token)
+    assert (status, body["error"]) == (404, "session_not_found")
+    # A token for another session, a forged one, an expired one, none at all.
+    other = await create_session(http, node, "rtc-other", sink="webrtc")
+    for bad in (other["viewer_token"], token[:-4] + "0000",
+                mint_token(b"nope", s["session_id"], 60)):
+        status, body = await post(url, "v=0\r\n", bad)
+        assert (status, body["error"]) == (401, "unauthorized"), bad
+    app = node.app  # the node's secret, a token that expired a minute ago
+    expired = mint_token(app[VIEWER_SECRET], s["session_id"], -60)
+    status, body = await post(url, "v=0\r\n", expired)
+    assert status == 401 and "expired" in body["message"]
+    async with http.post(url, data="v=0\r\n", headers=sdp) as r:
+        assert r.status == 401
+    # ?token= works too (a player page may not set headers); the API key does not.
+    async with http.post(f"{url}?token={token}", data="garbage", headers=sdp) as r:
+        assert r.status == 400
+    # A session with another sink has no viewers.
+    plain = await create_session(http, node, "rtc-null")
+    assert "whep_url" not in plain
+    status, body = await post(f"{node.url}/whep/{plain['session_id']}", "v=0\r\n",
+                              mint_token(app[VIEWER_SECRET], plain["session_id"], 60))
+    assert (status, body["error"]) == (409, "not_webrtc")
+    # The stream kept going through all of it.
+    sink = node.engine.sessions[s["session_id"]].sink
+    before = sink.stats()["frames_in"]
+    await wait_for(lambda: sink.stats()["frames_in"] >= before + 5)
+
+
+async def test_encoded_audio_and_video_of_a_chunk_share_a_timestamp() -> None:
+    """The pts relationship: the packets of chunk n carry n * 40 ms in both streams
+    (audio less Opus's 6.5 ms look-ahead), so receivers can line them up."""
+    sink = WebRtcSink(width=64, height=48, fps=25)
+    await sink.start()
+    video, audio = PacketTrack(sink, "video"), PacketTrack(sink, "audio")
+    video.bind(H264)
+    audio.bind(OPUS)
+    got: dict[str, list[float]] = {"video": [], "audio": []}
+    keyframes: list[int] = []
+
+    async def pull(track: PacketTrack) -> None:
+        while True:
+            p = await track.recv()
+            assert p.pts is not None and p.time_base is not None
+            if track.kind == "video" and p.is_keyframe:
+                keyframes.append(len(got["video"]))
+            got[track.kind].append(float(p.pts * p.time_base))
+
+    readers = [asyncio.ensure_future(pull(t)) for t in (video, audio)]
+    picture = VideoFrame(np.full((72, 64), 128, np.uint8), 64, 48)
+    try:
+        await asyncio.sleep(0.05)  # both tracks joined
+        for i in range(20):
+            sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
+            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(got["video"]) >= 20 and len(got["audio"]) >= 38)
+        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
+        for i, v in enumerate(got["video"][:20]):
+            a = got["audio"][2 * i]
+            assert abs(v - i * 0.04) < 1e-6
+            assert abs(a - v) < 0.020, (i, a, v)
+        # A keyframe to start with, then only on request (what a PLI/FIR ends in).
+        assert keyframes == [0]
+        sink.request_keyframe(H264)
+        sink.write(MediaChunk(20, picture, np.zeros(1920, np.int16), False))
+        await wait_for(lambda: len(got["video"]) >= 21)
+        assert keyframes == [0, 20]
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await sink.aclose()
