@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rapido import __version__
-from rapido.config import Config, ConfigError, add_flags, flag_overrides
+from rapido.config import Config, ConfigError, add_flags, flag_overrides, load_regions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = Config.load(toml_path=args.config, overrides=flag_overrides(args))
+            load_regions(config)  # a bad regions file stops here, as one line
         elif args.command == "bench":
             config = Config.load(toml_path=args.config, overrides={
                 "model": args.model, "max_batch": args.max_batch,

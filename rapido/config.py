@@ -21,7 +21,7 @@ from rapido.pipeline.jitter import JitterConfig
 from rapido.pipeline.media import AUDIO_RATE
 
 ENV_PREFIX = "RAPIDO_"
-SINKS = ("null", "record", "webrtc")
+SINKS = ("null", "record", "webrtc", "livekit")
 BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
 
 
@@ -68,6 +68,19 @@ class Config:
     record_preset: str = _opt("ultrafast", "libx264 preset of the record sink",
                               choices=("ultrafast", "superfast", "veryfast", "faster",
                                        "fast", "medium"))
+    livekit_url: str = _opt("", "LiveKit server URL (ws:// or wss://), a one-region shortcut")
+    livekit_regions_file: str = _opt("", "TOML file with [[regions]] {name, url, capacity, "
+                                     "priority, location} for LiveKit region selection")
+    livekit_api_key: str = _opt("", "LiveKit API key (tokens are minted by the node)")
+    livekit_api_secret: str = _opt("", "LiveKit API secret", secret=True)
+    livekit_video_codec: str = _opt("h264", "codec published to LiveKit", choices=("h264", "vp8"))
+    livekit_max_bitrate: int = _opt(1_500_000, "LiveKit video max bitrate (bits/s)",
+                                    lo=100_000, hi=20_000_000)
+    livekit_simulcast: bool = _opt(False, "publish simulcast layers to LiveKit")
+    livekit_queue_size_ms: int = _opt(100, "LiveKit AudioSource queue (a multiple of 10 ms)",
+                                      lo=10, hi=5000)
+    livekit_token_ttl_s: float = _opt(3600.0, "lifetime of LiveKit tokens the node mints",
+                                      lo=60, hi=86400)
     webrtc_video_bitrate: int = _opt(1_000_000, "bits/s of each webrtc sink video encoder",
                                      lo=50_000, hi=20_000_000)
     webrtc_x264_preset: str = _opt("veryfast", "libx264 preset of the webrtc sink's H.264",
@@ -123,6 +136,10 @@ class Config:
             raise ConfigError(
                 f"model: {self.model!r} is not allowed; use {', '.join(BUILTIN_MODELS)} "
                 "or the path of a model manifest (.json)")
+        if self.livekit_queue_size_ms % 10:
+            # The SDK asserts on this in native code, which aborts the whole process.
+            raise ConfigError(f"livekit_queue_size_ms: {self.livekit_queue_size_ms} is not "
+                              "allowed; it must be a multiple of 10")
         if not self.api_key and not _is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address and no api_key is set; "
@@ -193,6 +210,26 @@ def _is_loopback(host: str) -> bool:
 
 def _type_of(f: dataclasses.Field[Any]) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def load_regions(config: Config) -> list[Any]:
+    """The LiveKit regions: from ``livekit_regions_file``, else one from ``livekit_url``."""
+    from rapido.livekit.regions import Region, parse_regions
+
+    if config.livekit_regions_file:
+        path = Path(config.livekit_regions_file)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"livekit_regions_file: cannot read {str(path)!r}: {exc}") from None
+        try:
+            return parse_regions(data.get("regions"))
+        except ValueError as exc:
+            raise ConfigError(f"livekit_regions_file: {exc}") from None
+    if config.livekit_url:
+        return [Region(name=config.region, url=config.livekit_url, capacity=10**6)]
+    return []
 
 
 def _coerce(key: str, raw: Any) -> Any:

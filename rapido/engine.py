@@ -18,12 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from rapido.config import Config
+from rapido.config import Config, load_regions
 from rapido.gpu.avatar import Avatar, default_avatar, load_avatar
 from rapido.gpu.backends import ModelBackend, make_backend
 from rapido.gpu.compositor import Blend
 from rapido.gpu.lipsync import LipSyncRenderer
 from rapido.gpu.registry import default_model_dir, resolve_model
+from rapido.livekit.regions import select_region
+from rapido.livekit.sink import LiveKitSink
+from rapido.livekit.tokens import publisher_identity, publisher_token, room_name, viewer_token
 from rapido.metrics import Metrics
 from rapido.pipeline.jitter import JitterEvent, PlaybackFinished, PlaybackStarted, Underrun
 from rapido.pipeline.media import AUDIO_RATE
@@ -66,6 +69,8 @@ class Engine:
         self._clock: asyncio.Task[None] | None = None
         self._creating: dict[str, asyncio.Future[StreamSession]] = {}
         self._closing: set[asyncio.Task[bool]] = set()
+        self._regions = load_regions(config)
+        self._session_region: dict[str, str] = {}  # LiveKit sessions: their region
         self.draining = False
         self.ready = False
         self.ticks = 0
@@ -228,7 +233,55 @@ class Engine:
                               video_bitrate=cfg.webrtc_video_bitrate,
                               x264_preset=cfg.webrtc_x264_preset,
                               threads=cfg.webrtc_encoder_threads)
+        if spec.sink == "livekit":
+            return self._livekit_sink(spec, sid)
         return NullSink()
+
+    def _livekit_sink(self, spec: SessionSpec, sid: str) -> Sink:
+        cfg = self.config
+        if not (cfg.livekit_api_key and cfg.livekit_api_secret):
+            raise AdmissionError("livekit_unavailable", "this node has no LiveKit credentials "
+                                 "(livekit_api_key / livekit_api_secret)", retry_after_s=60)
+        load: dict[str, int] = {}
+        for name in self._session_region.values():
+            load[name] = load.get(name, 0) + 1
+        region = select_region(self._regions, spec.user_location, load, {})
+        if region is None:
+            raise AdmissionError("no_livekit_region",
+                                 "no LiveKit region is configured or has room for another "
+                                 "stream", retry_after_s=30)
+        room = room_name(spec.lesson_id)
+        identity = publisher_identity(self.node_id or "node", sid)
+        key, secret, ttl = cfg.livekit_api_key, cfg.livekit_api_secret, cfg.livekit_token_ttl_s
+        self._session_region[sid] = region.name
+        errors = self.metrics.session_errors.labels("livekit_degraded")
+
+        def on_state(state: str, reason: str | None) -> None:
+            if state == "degraded":
+                errors.inc()
+                log.warning("session %s: LiveKit %s degraded: %s", sid, region.name, reason)
+
+        return LiveKitSink(
+            url=region.url,
+            token_factory=lambda: publisher_token(key, secret, room=room, identity=identity,
+                                                  ttl_s=ttl),
+            width=cfg.width, height=cfg.height, fps=cfg.fps,
+            queue_size_ms=cfg.livekit_queue_size_ms, video_codec=cfg.livekit_video_codec,
+            max_bitrate=cfg.livekit_max_bitrate, simulcast=cfg.livekit_simulcast,
+            on_connect=self.metrics.livekit_connection.observe, on_state=on_state)
+
+    def livekit_json(self, s: StreamSession) -> dict[str, Any]:
+        """Where a LiveKit session publishes, and a subscribe-only token for its room."""
+        name = self._session_region.get(s.id)
+        region = next((r for r in self._regions if r.name == name), None)
+        if region is None:
+            return {}
+        room = room_name(s.lesson_id)
+        cfg = self.config
+        return {"region": region.name, "livekit_url": region.url, "room_name": room,
+                "viewer_token": viewer_token(cfg.livekit_api_key, cfg.livekit_api_secret,
+                                             room=room, identity=f"viewer-{s.id}",
+                                             ttl_s=cfg.livekit_token_ttl_s)}
 
     async def close_session(self, session_id: str, reason: str = "closed") -> bool:
         session = self.sessions.pop(session_id, None)
@@ -237,6 +290,7 @@ class Engine:
         if self._by_lesson.get(session.lesson_id) == session_id:
             del self._by_lesson[session.lesson_id]
         await session.aclose(reason)
+        self._session_region.pop(session_id, None)
         self._account_audio([session])
         self.metrics.concurrent_streams.set(len(self.sessions))
         log.info("session %s closed (%s)", session_id, reason)
@@ -355,6 +409,7 @@ class Engine:
             "audio_url": f"{base_url}/api/sessions/{s.id}/audio",
             "created_at": _iso(s.created_at),
             "stats": s.stats(),
+            **(self.livekit_json(s) if s.spec.sink == "livekit" else {}),
         }
 
     def summary(self) -> dict[str, Any]:

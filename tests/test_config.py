@@ -41,6 +41,8 @@ def test_layering(tmp_path: Path) -> None:
     ({"RAPIDO_HOST": "0.0.0.0"}, "host", "api_key"),
     ({"RAPIDO_JITTER_MIN_TARGET_MS": "500"}, "jitter_", "min_target_ms"),
     ({"RAPIDO_WIDTH": "853"}, "width", "even"),
+    ({"RAPIDO_LIVEKIT_QUEUE_SIZE_MS": "105"}, "livekit_queue_size_ms", "multiple of 10"),
+    ({"RAPIDO_MODEL": "gpt"}, "model", "rapido-lite"),
 ])
 def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
