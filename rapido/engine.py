@@ -55,6 +55,10 @@ class UnknownAvatar(LookupError):
     pass
 
 
+class SinkUnavailable(ValueError):
+    """The session asks for a sink this node is not set up to provide."""
+
+
 class Engine:
     def __init__(self, config: Config, metrics: Metrics, *,
                  renderer: FrameRenderer | None = None) -> None:
@@ -239,9 +243,10 @@ class Engine:
 
     def _livekit_sink(self, spec: SessionSpec, sid: str) -> Sink:
         cfg = self.config
-        if not (cfg.livekit_api_key and cfg.livekit_api_secret):
-            raise AdmissionError("livekit_unavailable", "this node has no LiveKit credentials "
-                                 "(livekit_api_key / livekit_api_secret)", retry_after_s=60)
+        if not (cfg.livekit_api_key and cfg.livekit_api_secret) or not self._regions:
+            raise SinkUnavailable("this node does not publish to LiveKit: it has no LiveKit "
+                                  "credentials (livekit_api_key / livekit_api_secret) or no "
+                                  "region (livekit_url / livekit_regions_file)")
         load: dict[str, int] = {}
         for name in self._session_region.values():
             load[name] = load.get(name, 0) + 1

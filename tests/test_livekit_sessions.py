@@ -79,6 +79,7 @@ async def test_livekit_without_credentials_is_refused(make_node: NodeFactory,
     node = await make_node(model="none")
     async with http.post(f"{node.url}/api/sessions",
                          json={"lesson_id": "nokey", "sink": "livekit"}) as r:
-        assert r.status == 503
-        assert (await r.json())["error"] == "livekit_unavailable"
+        assert r.status == 400
+        body = await r.json()
+    assert body["error"] == "sink_unavailable" and "LiveKit" in body["message"]
     assert not node.engine.sessions

@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from rapido.config import SINKS
-from rapido.engine import AdmissionError, Engine, UnknownAvatar
+from rapido.engine import AdmissionError, Engine, SinkUnavailable, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
 from rapido.http.keys import CONFIG, ENGINE, base_url
 from rapido.http.whep import viewer_fields
@@ -122,6 +122,8 @@ async def create_session(request: web.Request) -> web.Response:
     except AdmissionError as exc:
         raise ApiError(503, exc.code, str(exc),
                        headers={"Retry-After": str(exc.retry_after_s)}) from None
+    except SinkUnavailable as exc:
+        raise ApiError(400, "sink_unavailable", str(exc)) from None
     except UnknownAvatar as exc:
         raise ApiError(404, "avatar_not_found", str(exc)) from None
     except SinkError as exc:  # e.g. the recordings directory is not writable

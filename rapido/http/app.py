@@ -18,7 +18,7 @@ from aiohttp import WSCloseCode, web
 from rapido import __version__
 from rapido.config import Config
 from rapido.engine import Engine
-from rapido.http import api, whep, ws
+from rapido.http import api, demo, whep, ws
 from rapido.http.auth import check_bearer, needs_auth
 from rapido.http.errors import ApiError, json_response
 from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
@@ -147,6 +147,7 @@ def make_app(config: Config, metrics: Metrics | None = None,
     ])
     app.add_routes(api.routes)
     app.add_routes(ws.routes)
+    demo.setup(app)  # POST /api/demo: the viewer page's Demo button
     # /whep is outside the API-key middleware (auth.needs_auth): viewers present a
     # per-session viewer token instead, checked in whep.py.
     whep.setup(app)

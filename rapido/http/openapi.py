@@ -143,6 +143,15 @@ def openapi_document(config: Config) -> dict[str, Any]:
                 "responses": {"200": _json(_ref("SessionList"), "sessions"), **errors},
             },
         },
+        "/api/demo": {
+            "post": {
+                "summary": "Start a demo session (webrtc sink) that speaks a built-in "
+                           "synthetic utterance; the viewer page's Demo button",
+                "operationId": "createDemo", "security": secured,
+                "responses": {"201": _json(_ref("Session"), "created; speech starts ~1.5 s in"),
+                              "503": _error("at capacity or draining"), **errors},
+            },
+        },
         "/api/sessions/{session_id}": {
             "parameters": [_SESSION_ID],
             "get": {"summary": "One session with live stats", "operationId": "getSession",
