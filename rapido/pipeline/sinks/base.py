@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any, Protocol, runtime_checkable
 
 from rapido.pipeline.media import MediaChunk
+
+
+def stop_worker(work: queue.Queue[Any], thread: threading.Thread, sentinel: object) -> None:
+    """Hand a sink's worker thread its stop sentinel and wait for it (blocking: call it
+    off the loop). The worker drains the queue until it sees the sentinel, so put() only
+    waits for one free slot; the liveness check guards against a worker that died."""
+    while True:
+        try:
+            work.put(sentinel, timeout=0.1)
+            break
+        except queue.Full:
+            if not thread.is_alive():
+                break
+    thread.join()
 
 
 class SinkError(RuntimeError):

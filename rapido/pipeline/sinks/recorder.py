@@ -40,7 +40,7 @@ from av.container import OutputContainer
 from av.video.stream import VideoStream
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
-from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.base import SinkError, stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -244,16 +244,7 @@ class RecorderSink:
             await asyncio.to_thread(self._close_container)
 
     def _stop_and_join(self, thread: threading.Thread) -> None:
-        # The worker drains the queue until it sees _STOP, so put() only waits for one
-        # free slot; the liveness check is a guard against a worker that died anyway.
-        while True:
-            try:
-                self._queue.put(_STOP, timeout=0.1)
-                break
-            except queue.Full:
-                if not thread.is_alive():
-                    break
-        thread.join()
+        stop_worker(self._queue, thread, _STOP)
 
     # -- worker thread side ----------------------------------------------------------
 

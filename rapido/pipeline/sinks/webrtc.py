@@ -45,7 +45,7 @@ from av.audio.codeccontext import AudioCodecContext
 from av.video.codeccontext import VideoCodecContext
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
-from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.base import SinkError, stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +302,7 @@ class WebRtcSink:
             await asyncio.to_thread(self._stop_and_join, thread)
 
     def _stop_and_join(self, thread: threading.Thread) -> None:
-        while True:
-            try:
-                self._queue.put(_STOP, timeout=0.1)
-                break
-            except queue.Full:
-                if not thread.is_alive():
-                    break
-        thread.join()
+        stop_worker(self._queue, thread, _STOP)
 
     # -- viewers ---------------------------------------------------------------------
 
