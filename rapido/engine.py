@@ -24,6 +24,7 @@ from rapido.gpu.backends import ModelBackend, make_backend
 from rapido.gpu.compositor import Blend
 from rapido.gpu.lipsync import LipSyncRenderer
 from rapido.gpu.registry import default_model_dir, resolve_model
+from rapido.livekit.bridge import AgentBridge
 from rapido.livekit.regions import select_region
 from rapido.livekit.sink import LiveKitSink
 from rapido.livekit.tokens import publisher_identity, publisher_token, room_name, viewer_token
@@ -75,6 +76,7 @@ class Engine:
         self._closing: set[asyncio.Task[bool]] = set()
         self._regions = load_regions(config)
         self._session_region: dict[str, str] = {}  # LiveKit sessions: their region
+        self._bridges: dict[str, AgentBridge] = {}  # sessions serving a LiveKit agent
         self.draining = False
         self.ready = False
         self.ticks = 0
@@ -208,6 +210,10 @@ class Engine:
             raise
         finally:
             self._creating.pop(spec.lesson_id, None)
+        if spec.agent_identity is not None and isinstance(session.sink, LiveKitSink):
+            bridge = AgentBridge(session, agent_identity=spec.agent_identity)
+            session.sink.on_room = bridge.attach
+            self._bridges[session.id] = bridge
         self.sessions[session.id] = session
         self._by_lesson[spec.lesson_id] = session.id
         fut.set_result(session)
@@ -255,8 +261,9 @@ class Engine:
             raise AdmissionError("no_livekit_region",
                                  "no LiveKit region is configured or has room for another "
                                  "stream", retry_after_s=30)
-        room = room_name(spec.lesson_id)
+        room = spec.room or room_name(spec.lesson_id)
         identity = publisher_identity(self.node_id or "node", sid)
+        agent = spec.agent_identity
         key, secret, ttl = cfg.livekit_api_key, cfg.livekit_api_secret, cfg.livekit_token_ttl_s
         self._session_region[sid] = region.name
         errors = self.metrics.session_errors.labels("livekit_degraded")
@@ -269,7 +276,7 @@ class Engine:
         return LiveKitSink(
             url=region.url,
             token_factory=lambda: publisher_token(key, secret, room=room, identity=identity,
-                                                  ttl_s=ttl),
+                                                  ttl_s=ttl, agent_identity=agent),
             width=cfg.width, height=cfg.height, fps=cfg.fps,
             queue_size_ms=cfg.livekit_queue_size_ms, video_codec=cfg.livekit_video_codec,
             max_bitrate=cfg.livekit_max_bitrate, simulcast=cfg.livekit_simulcast,
@@ -281,7 +288,7 @@ class Engine:
         region = next((r for r in self._regions if r.name == name), None)
         if region is None:
             return {}
-        room = room_name(s.lesson_id)
+        room = s.spec.room or room_name(s.lesson_id)
         cfg = self.config
         return {"region": region.name, "livekit_url": region.url, "room_name": room,
                 "viewer_token": viewer_token(cfg.livekit_api_key, cfg.livekit_api_secret,
@@ -294,6 +301,9 @@ class Engine:
             return False
         if self._by_lesson.get(session.lesson_id) == session_id:
             del self._by_lesson[session.lesson_id]
+        bridge = self._bridges.pop(session_id, None)
+        if bridge is not None:
+            await bridge.aclose()
         await session.aclose(reason)
         self._session_region.pop(session_id, None)
         self._account_audio([session])
@@ -399,7 +409,8 @@ class Engine:
             "lesson_id": s.lesson_id,
             "user_id": s.spec.user_id,
             "user_location": s.spec.user_location,
-            "room_name": f"lesson_{s.lesson_id}",
+            "room_name": s.spec.room or f"lesson_{s.lesson_id}",
+            "agent_identity": s.spec.agent_identity,
             "state": s.state,
             "node": self.node_id,
             "region": self.config.region,

@@ -83,3 +83,28 @@ async def test_livekit_without_credentials_is_refused(make_node: NodeFactory,
         body = await r.json()
     assert body["error"] == "sink_unavailable" and "LiveKit" in body["message"]
     assert not node.engine.sessions
+
+
+async def test_agent_avatar_session_through_the_api(make_node: NodeFactory, tmp_path: Path,
+                                                    http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none", livekit_api_key=KEY, livekit_api_secret=SECRET,
+                           livekit_url=f"ws://127.0.0.1:{closed_port()}")
+    s = await create_session(http, node, "agentic", agent_identity="agent-7",
+                             room="tutor-room-1")
+    assert s["sink"] == "livekit" and s["agent_identity"] == "agent-7"
+    assert s["room_name"] == "tutor-room-1"
+    sink = node.engine.sessions[s["session_id"]].sink
+    claims = jwt.decode(sink._token_factory(), SECRET, algorithms=["HS256"])  # type: ignore[attr-defined]
+    assert claims["video"]["room"] == "tutor-room-1" and claims["video"]["canPublish"]
+    assert claims.get("kind") == "agent"
+    assert claims["attributes"]["lk.publish_on_behalf"] == "agent-7"
+    assert sink.on_room is not None  # the agent protocol is served in each room it joins
+    for body, code in (({"lesson_id": "x", "agent_identity": "has space"},
+                        "invalid_agent_identity"),
+                       ({"lesson_id": "x", "agent_identity": "a", "sink": "webrtc"},
+                        "invalid_sink")):
+        async with http.post(f"{node.url}/api/sessions", json=body) as r:
+            assert r.status == 400 and (await r.json())["error"] == code
+    async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
+        assert r.status == 200
+    assert not node.engine._bridges

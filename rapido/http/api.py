@@ -24,7 +24,9 @@ from rapido.pipeline.sinks.base import SinkError
 LESSON_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 USER_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
-CREATE_FIELDS = {"lesson_id", "user_id", "user_location", "avatar", "sample_rate", "sink"}
+CREATE_FIELDS = {"lesson_id", "user_id", "user_location", "avatar", "sample_rate", "sink",
+                 "agent_identity", "room"}
+IDENTITY = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 routes = web.RouteTableDef()
 
@@ -70,8 +72,19 @@ def parse_create(data: dict[str, Any], default_sink: str) -> SessionSpec:
     sink = data.get("sink", default_sink)
     if sink not in SINKS:
         raise bad_request("invalid_sink", f"sink must be one of {', '.join(SINKS)}")
+    agent = data.get("agent_identity")
+    room = data.get("room")
+    for key, value in (("agent_identity", agent), ("room", room)):
+        if value is not None and (not isinstance(value, str) or not IDENTITY.fullmatch(value)):
+            raise bad_request(f"invalid_{key}", f"{key} must be 1-128 characters of "
+                              "A-Z a-z 0-9 _ . : @ -")
+    if (agent is not None or room is not None) and "sink" in data and sink != "livekit":
+        raise bad_request("invalid_sink", "agent_identity and room need the livekit sink")
+    if agent is not None or room is not None:
+        sink = "livekit"  # an agent's avatar publishes into the agent's LiveKit room
     return SessionSpec(lesson_id=lesson_id, user_id=user_id, user_location=location,
-                       avatar=avatar, sample_rate=rate, sink=sink)
+                       avatar=avatar, sample_rate=rate, sink=sink, agent_identity=agent,
+                       room=room)
 
 
 def _parse_location(value: Any) -> Any:

@@ -57,6 +57,11 @@ def openapi_document(config: Config) -> dict[str, Any]:
                                 "default": 16000,
                                 "description": "rate of the PCM sent on the WebSocket"},
                 "sink": {"type": "string", "enum": list(SINKS), "default": config.default_sink},
+                "agent_identity": {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$",
+                                   "description": "serve this LiveKit Agents voice agent as "
+                                   "its avatar (implies sink livekit)"},
+                "room": {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$",
+                         "description": "the agent's LiveKit room (default lesson_{id})"},
             },
         },
         "SessionStats": {

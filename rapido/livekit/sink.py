@@ -137,6 +137,9 @@ class LiveKitSink:
         self._connect_timeout = connect_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
         self._on_connect = on_connect
+        #: Called with each newly connected room (e.g. to serve an agent's avatar protocol
+        #: there); settable after construction, as the session is made after its sink.
+        self.on_room: Callable[[rtc.Room], None] | None = None
         self._on_state = on_state
         self._room_factory = room_factory
         self._rng = rng or random.Random()
@@ -403,6 +406,11 @@ class LiveKitSink:
                 self._on_connect(elapsed)
             except Exception:
                 log.exception("livekit sink: on_connect callback failed")
+        if self.on_room is not None:
+            try:
+                self.on_room(room)
+            except Exception:
+                log.exception("livekit sink: on_room callback failed")
         self._set_state(CONNECTED, None)
         return None
 

@@ -61,6 +61,8 @@ class SessionSpec:
     avatar: str = "default"
     sample_rate: int = 16_000
     sink: str = "null"
+    agent_identity: str | None = None  # a LiveKit Agents voice agent this avatar serves
+    room: str | None = None  # its LiveKit room (default: lesson_{lesson_id})
 
 
 @dataclass(slots=True)

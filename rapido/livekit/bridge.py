@@ -1,0 +1,110 @@
+"""AgentBridge: a LiveKit Agents voice agent's avatar protocol, driving one session.
+
+Agent audio (``lk.audio_stream`` segments) goes into the session in order, through the
+same ``feed`` back-pressure as a WebSocket client; ``lk.clear_buffer`` is the session's
+interrupt; the session's playback events go back to the agent as ``lk.playback_started``
+and ``lk.playback_finished``. The bridge outlives room reconnects: each new room gets a
+fresh :class:`AvatarWorker` bound to the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from livekit import rtc
+
+from rapido.livekit.agents import AvatarProtocol, AvatarWorker, OutgoingRpc
+from rapido.pipeline.session import SessionClosed, StreamSession
+
+log = logging.getLogger(__name__)
+
+_START, _END = "start", "end"
+
+
+class AgentBridge:
+    def __init__(self, session: StreamSession, *, agent_identity: str,
+                 send: Callable[[OutgoingRpc], None] | None = None) -> None:
+        self.session = session
+        self.agent_identity = agent_identity
+        self._send_override = send
+        self._worker: AvatarWorker | None = None
+        # Audio and segment marks in arrival order; the pump applies back-pressure.
+        self._inbox: asyncio.Queue[np.ndarray | str] = asyncio.Queue()
+        self.protocol = AvatarProtocol(
+            out_rate=session.spec.sample_rate, feed=self._inbox.put_nowait,
+            on_segment_start=lambda: self._inbox.put_nowait(_START),
+            on_segment_end=lambda: self._inbox.put_nowait(_END),
+            on_clear=self._clear)
+        self._events = session.subscribe(maxsize=1024)
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._pump(), name=f"agent-in-{session.id}"),
+            asyncio.get_running_loop().create_task(self._relay(),
+                                                   name=f"agent-out-{session.id}"),
+        ]
+
+    # -- rooms -----------------------------------------------------------------------
+
+    def attach(self, room: rtc.Room) -> None:
+        """A (re)connected room: serve the agent there."""
+        old, self._worker = self._worker, AvatarWorker(room, self.protocol,
+                                                       agent_identity=self.agent_identity)
+        self._worker.start()
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.aclose(), name="agent-worker-close")
+
+    def send(self, rpc: OutgoingRpc | None) -> None:
+        if rpc is None:  # the protocol had nothing to say (e.g. already answered)
+            return
+        if self._send_override is not None:
+            self._send_override(rpc)
+        elif self._worker is not None:
+            self._worker.send(rpc)
+
+    # -- agent -> session ----------------------------------------------------------------
+
+    def _clear(self) -> None:
+        while not self._inbox.empty():  # audio not yet in the session is cut too
+            self._inbox.get_nowait()
+        with contextlib.suppress(SessionClosed):
+            self.session.interrupt()
+
+    async def _pump(self) -> None:
+        while True:
+            item = await self._inbox.get()
+            try:
+                if isinstance(item, str):
+                    if item == _START:
+                        self.session.start_utterance()
+                    else:
+                        await self.session.end_utterance()
+                else:
+                    await self.session.feed(item)
+            except SessionClosed:
+                return
+
+    # -- session -> agent --------------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        while True:
+            event: dict[str, Any] | None = await self._events.get()
+            if event is None:
+                return
+            kind = event.get("type")
+            if kind == "playback_started":
+                self.send(self.protocol.playback_started())
+            elif kind == "playback_finished":
+                self.send(self.protocol.playback_finished(float(event["position_ms"]),
+                                                          bool(event["interrupted"])))
+
+    async def aclose(self) -> None:
+        self.session.unsubscribe(self._events)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._worker is not None:
+            await self._worker.aclose()
