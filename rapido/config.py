@@ -114,6 +114,8 @@ class Config:
     jitter_resume_ms: float = _opt(40.0, "resume after an underrun at this level", lo=1, hi=5000)
     jitter_max_ms: float = _opt(240.0, "highest target; back-pressure above it", lo=20, hi=10000)
     jitter_refill_pct: float = _opt(30.0, "refill signal below this %% of target", lo=1, hi=99)
+    jitter_quantile: float = _opt(0.95, "quantile of relative arrival delay the adaptive "
+                                  "target covers (NetEQ uses 0.95)", lo=0.5, hi=0.999)
     jitter_stall_timeout_ms: float = _opt(3000.0, "end an utterance whose audio stopped this "
                                           "long without an end", lo=100, hi=600000)
 
@@ -159,6 +161,7 @@ class Config:
             max_ms=self.jitter_max_ms,
             refill_pct=self.jitter_refill_pct,
             stall_timeout_ms=self.jitter_stall_timeout_ms,
+            quantile=self.jitter_quantile,
         )
 
     @property
