@@ -88,6 +88,14 @@ class Config:
                                             "fast", "medium"))
     webrtc_encoder_threads: int = _opt(1, "threads per webrtc video encoder (0 = codec "
                                        "default)", lo=0, hi=64)
+    webrtc_min_bitrate: int = _opt(150_000, "adaptive quality: lowest bits/s a webrtc video "
+                                   "encoder drops to on a lossy connection", lo=50_000,
+                                   hi=20_000_000)
+    min_fps: float = _opt(12.5, "adaptive quality: lowest frame rate a publisher (webrtc or "
+                          "LiveKit) sheds to while the node is overloaded (= fps: never)",
+                          lo=1, hi=60)
+    webrtc_warm_encoders: bool = _opt(False, "keep an H.264 and an Opus encoder running per "
+                                      "webrtc stream even with no viewer")
     webrtc_token_ttl_s: float = _opt(3600.0, "lifetime of a session's WHEP viewer token",
                                      lo=10, hi=7 * 86400)
     # -- model --------------------------------------------------------------------------
@@ -128,6 +136,11 @@ class Config:
         if AUDIO_RATE % self.fps:
             raise ConfigError(f"fps: {self.fps} is not allowed; it must divide {AUDIO_RATE} "
                               "(e.g. 20, 24, 25, 30, 40, 50, 60)")
+        if self.min_fps > self.fps:
+            raise ConfigError(f"min_fps: {self.min_fps} is above fps ({self.fps})")
+        if self.webrtc_min_bitrate > self.webrtc_video_bitrate:
+            raise ConfigError(f"webrtc_min_bitrate: {self.webrtc_min_bitrate} is above "
+                              f"webrtc_video_bitrate ({self.webrtc_video_bitrate})")
         if self.width % 2 or self.height % 2:
             raise ConfigError("width/height: must be even (I420 video)")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -82,6 +83,15 @@ class Engine:
         self.ticks = 0
         self.late_ticks = 0
         self._frame_s = 1.0 / config.fps
+        # Adaptive quality: the renderer's share of video_quality_score, and the node
+        # load sampled once a second for the publishing sinks.
+        self._render_quality = 1.0
+        self.load = 0.0
+        self._frames_seen = 0
+        self._frames_late = 0
+        self._load_mark = (time.monotonic(), time.process_time(), 0, 0)
+        self._cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else (os.cpu_count() or 1))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -98,7 +108,7 @@ class Engine:
             self.renderer = LipSyncRenderer(
                 backend, blend=blend, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                 budget_ms=cfg.frame_budget_ms, batcher_metrics=self.metrics.batcher,
-                on_quality=self.metrics.video_quality.set, model_name=name)
+                on_quality=self._on_render_quality, model_name=name)
             # Compositors are per avatar and take a moment: have them ready before /ready.
             for avatar in self._avatars.values():
                 await loop.run_in_executor(None, self.renderer.compositor, avatar)
@@ -241,6 +251,8 @@ class Engine:
         if spec.sink == "webrtc":
             return WebRtcSink(width=cfg.width, height=cfg.height, fps=cfg.fps,
                               video_bitrate=cfg.webrtc_video_bitrate,
+                              min_bitrate=cfg.webrtc_min_bitrate, min_fps=cfg.min_fps,
+                              warm=cfg.webrtc_warm_encoders,
                               x264_preset=cfg.webrtc_x264_preset,
                               threads=cfg.webrtc_encoder_threads)
         if spec.sink == "livekit":
@@ -280,6 +292,7 @@ class Engine:
             width=cfg.width, height=cfg.height, fps=cfg.fps,
             queue_size_ms=cfg.livekit_queue_size_ms, video_codec=cfg.livekit_video_codec,
             max_bitrate=cfg.livekit_max_bitrate, simulcast=cfg.livekit_simulcast,
+            min_fps=cfg.min_fps,
             on_connect=self.metrics.livekit_connection.observe, on_state=on_state)
 
     def livekit_json(self, s: StreamSession) -> dict[str, Any]:
@@ -324,8 +337,47 @@ class Engine:
 
     def _on_frame(self, lateness_s: float, speaking: bool) -> None:
         self.metrics.frame_latency.observe(max(0.0, lateness_s))
+        self._frames_seen += 1
         if lateness_s > self._frame_s:
+            self._frames_late += 1
             self.metrics.late_frames.inc()
+
+    # -- adaptive quality -----------------------------------------------------------------
+
+    def _on_render_quality(self, q: float) -> None:
+        self._render_quality = q
+        self._publish_quality()
+
+    def _publish_quality(self) -> None:
+        """video_quality_score = the renderer's quality x the publishers' mean score."""
+        scores = [sink.quality_score() for s in self.sessions.values()
+                  if hasattr(sink := s.sink, "quality_score")]
+        publish = sum(scores) / len(scores) if scores else 1.0
+        self.metrics.video_quality.set(self._render_quality * publish)
+
+    def _sample_load(self) -> float:
+        """The node's load since the last sample: the share of its cores this process
+        used, or, if more than 1 % of frames left late, that share x 100 (so 1 % late
+        reads as a node at its limit, whatever the CPU says)."""
+        wall, cpu, seen, late = time.monotonic(), time.process_time(), \
+            self._frames_seen, self._frames_late
+        w0, c0, s0, l0 = self._load_mark
+        self._load_mark = (wall, cpu, seen, late)
+        util = (cpu - c0) / max(1e-3, wall - w0) / self._cores
+        late_share = (late - l0) / (seen - s0) if seen > s0 else 0.0
+        return max(0.0, util, min(2.0, late_share * 100))
+
+    def _adapt(self) -> None:
+        self.load = load = self._sample_load()
+        now = time.monotonic()
+        for s in list(self.sessions.values()):
+            adapt = getattr(s.sink, "adapt", None)
+            if adapt is not None:
+                try:
+                    adapt(load, now)
+                except Exception:
+                    log.exception("session %s: adaptive quality failed", s.id)
+        self._publish_quality()
 
     # -- the clock ----------------------------------------------------------------------
 
@@ -371,6 +423,7 @@ class Engine:
             if time.monotonic() - last_sweep > 1.0:
                 last_sweep = time.monotonic()
                 self._account_audio()
+                self._adapt()
                 if idle_timeout:
                     self._close_idle(idle_timeout)
 
@@ -438,6 +491,7 @@ class Engine:
             "renderer": self.renderer.info(),
             "ticks": self.ticks,
             "late_ticks": self.late_ticks,
+            "load": round(self.load, 3),
         }
 
 

@@ -301,3 +301,159 @@ async def test_encoded_audio_and_video_of_a_chunk_share_a_timestamp() -> None:
             r.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         await sink.aclose()
+
+
+# -- adaptive quality ------------------------------------------------------------------
+
+
+class Lossy:
+    """Make a client's network drop ``loss`` of its incoming ``kind`` RTP (the client,
+    not the server, is patched: this stands in for a lossy path, nothing we ship)."""
+
+    def __init__(self, pc: RTCPeerConnection, kind: str, loss: float, seed: int = 7) -> None:
+        self.loss = loss
+        rng = np.random.default_rng(seed)
+        for t in pc.getTransceivers():
+            if t.kind != kind:
+                continue
+            original = t.receiver._handle_rtp_packet
+
+            async def handle(packet: Any, arrival_time_ms: int, _orig: Any = original) -> None:
+                if rng.random() >= self.loss:
+                    await _orig(packet, arrival_time_ms=arrival_time_ms)
+
+            t.receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+
+
+async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none", webrtc_video_bitrate=1_000_000,
+                           webrtc_min_bitrate=150_000)
+    s = await create_session(http, node, "rtc-lossy", sink="webrtc")
+    sink = node.engine.sessions[s["session_id"]].sink
+    assert isinstance(sink, WebRtcSink)
+    viewer = await watch(http, s["whep_url"], s["viewer_token"], video_codec=H264)
+    path = Lossy(viewer.pc, "video", 0.3)
+    try:
+        # Receiver reports come about once a second; each at ~30 % loss cuts the
+        # estimate by ~15 %, and the encoder follows at most every 2 s.
+        await wait_for(lambda: sink.stats()["quality"]["bitrate"] < 700_000, timeout=20)
+        q = sink.stats()["quality"]
+        assert q["limited_by"] == "bandwidth" and q["fps"] == 25
+        assert 0.5 <= q["score"] < 1.0
+        (rep,) = sink.stats()["receivers"].values()
+        assert rep["loss"] > 0.1 and rep["reports"] >= 3
+        # The new bitrate reaches the encoder with the next frame: re-opened at that rate.
+        await wait_for(lambda: sink._encoders[H264].bitrate <= q["bitrate"])
+        assert sink.stats()["encoders_created"] >= 3
+        # The node's gauge carries it.
+        node.engine._publish_quality()
+        async with http.get(f"{node.url}/metrics") as r:
+            text = await r.text()
+        score = float(next(ln.split()[1] for ln in text.splitlines()
+                           if ln.startswith("video_quality_score ")))
+        assert score == pytest.approx(q["score"], abs=0.01)
+        # The path heals: pictures decode again and the bitrate climbs back up.
+        path.loss = 0.0
+        low = sink.stats()["quality"]["bitrate"]
+        n = len(viewer.of("video"))
+        await wait_for(lambda: len(viewer.of("video")) > n + 25, timeout=15)
+        await wait_for(lambda: sink.stats()["quality"]["bitrate"] > low, timeout=15)
+    finally:
+        await viewer.close()
+
+
+async def test_loss_free_viewer_keeps_full_quality(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(model="none")
+    s = await create_session(http, node, "rtc-clean", sink="webrtc")
+    sink = node.engine.sessions[s["session_id"]].sink
+    assert isinstance(sink, WebRtcSink)
+    viewer = await watch(http, s["whep_url"], s["viewer_token"], video_codec=H264)
+    try:
+        await wait_for(lambda: any(r["reports"] >= 4
+                                   for r in sink.stats()["receivers"].values()), timeout=20)
+        q = sink.stats()["quality"]
+        assert (q["bitrate"], q["fps"], q["score"], q["limited_by"]) == \
+            (node.config.webrtc_video_bitrate, 25, 1.0, None)
+        # The viewer's REMB reached the controller too (aiortc sends one, as Chrome
+        # does without transport-cc); here it is above the ceiling, so it caps nothing.
+        (rep,) = sink.stats()["receivers"].values()
+        assert rep["remb"] is not None and rep["loss"] == 0.0
+        assert sink.stats()["encoders_created"] == 2  # never re-opened
+    finally:
+        await viewer.close()
+
+
+async def test_node_load_thins_frames_and_recovers() -> None:
+    """adapt() is the engine's once-a-second load sample; fed sample times, the sink
+    halves its frame rate under load and a real viewer sees it, audio untouched."""
+    sink = WebRtcSink(width=64, height=48, fps=25, min_fps=12.5)
+    await sink.start()
+    video, audio = PacketTrack(sink, "video"), PacketTrack(sink, "audio")
+    video.bind(H264)
+    audio.bind(OPUS)
+    got: dict[str, list[float]] = {"video": [], "audio": []}
+
+    async def pull(track: PacketTrack) -> None:
+        while True:
+            p = await track.recv()
+            assert p.pts is not None and p.time_base is not None
+            got[track.kind].append(float(p.pts * p.time_base))
+
+    readers = [asyncio.ensure_future(pull(t)) for t in (video, audio)]
+    picture = VideoFrame(np.full((72, 64), 128, np.uint8), 64, 48)
+    index = 0
+
+    async def frames(n: int) -> None:
+        nonlocal index
+        for _ in range(n):
+            sink.write(MediaChunk(index, picture, np.zeros(1920, np.int16), False))
+            index += 1
+            await asyncio.sleep(0.005)
+        await wait_for(lambda: sink.stats()["frames_encoded"] == index)
+
+    try:
+        await asyncio.sleep(0.05)
+        await frames(25)
+        assert len(got["video"]) == 25
+        t = 1000.0
+        for _ in range(8):  # 4 s over the limit: down the ladder to the floor
+            sink.adapt(1.5, t)
+            t += 0.5
+        assert sink.stats()["quality"]["fps"] == 12.5
+        assert sink.stats()["quality"]["limited_by"] == "cpu"
+        v0, a0 = len(got["video"]), len(got["audio"])
+        await frames(50)
+        assert len(got["video"]) - v0 == 25  # every other frame
+        assert len(got["audio"]) - a0 == 100  # all the audio (2 Opus packets a frame)
+        # RTP time still comes from the frame index: evenly 80 ms apart now.
+        assert np.allclose(np.diff(got["video"][v0:]), 0.08)
+        for _ in range(60):  # a quiet node climbs back, one rung per 5 s
+            sink.adapt(0.2, t)
+            t += 0.5
+        assert sink.stats()["quality"]["fps"] == 25
+        v0 = len(got["video"])
+        await frames(25)
+        assert len(got["video"]) - v0 == 25
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await sink.aclose()
+
+
+async def test_a_falling_behind_encoder_counts_as_load() -> None:
+    sink = WebRtcSink(width=64, height=48, fps=25, min_fps=12.5, warm=True, max_queue=2)
+    await sink.start()
+    picture = VideoFrame(np.full((72, 64), 128, np.uint8), 64, 48)
+    try:
+        for i in range(50):  # far faster than any encoder: the queue overflows
+            sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
+        assert sink.stats()["dropped_frames"] > 0
+        sink.adapt(0.0, 0.0)
+        sink._dropped += 1  # and it goes on dropping
+        sink.adapt(0.0, 1.1)
+        assert sink.stats()["quality"]["fps"] < 25
+    finally:
+        await sink.aclose()

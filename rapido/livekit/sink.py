@@ -13,6 +13,13 @@ a connect task joins the room in the background, publishes both tracks, and on f
 or disconnect marks the sink ``degraded`` (with the reason) and retries with capped,
 jittered exponential backoff. Frames keep flowing through the sources meanwhile; they
 are counted as ``frames_unpublished`` because nobody receives them.
+
+Adaptive quality. libwebrtc inside the SDK already follows the connection (its own
+bandwidth estimate, up to ``max_bitrate``); what it cannot know is this node's load.
+``adapt`` (once a second from the engine) feeds the node's load and this sink's own
+backlog to a :class:`QualityController` whose frame rate decides which pictures are
+captured: below the source rate only evenly spaced ones (audio is never thinned), so
+the native encoder does proportionally less work.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import numpy as np
 from livekit import rtc
 
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
+from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ class LiveKitSink:
         video_codec: str = "h264",
         max_bitrate: int = 1_500_000,
         simulcast: bool = False,
+        min_fps: float | None = None,
         connect_timeout_s: float = 10.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -99,7 +108,8 @@ class LiveKitSink:
         later does not present an expired one). ``on_connect(seconds)`` gets each
         successful connect time (``livekit_connection_seconds``); ``on_state(state,
         reason)`` every state change. ``max_pending`` bounds the chunks waiting for the
-        audio source: beyond it the oldest is dropped and counted."""
+        audio source: beyond it the oldest is dropped and counted. ``min_fps`` is the
+        lowest frame rate adaptive quality may shed to (default ``fps``: never)."""
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive, got {width}x{height}")
         if audio_rate not in _AUDIO_RATES:
@@ -133,6 +143,11 @@ class LiveKitSink:
         self.video_codec = video_codec.lower()
         self.max_bitrate = max_bitrate
         self.simulcast = simulcast
+        self.quality = QualityController(QualityBounds(
+            min_bitrate=max_bitrate, max_bitrate=max_bitrate,
+            min_fps=fps if min_fps is None else min_fps, max_fps=fps))
+        self._fps_target = self.quality.update(time.monotonic()).fps
+        self._backlog_seen = 0
         self._token_factory = token_factory
         self._connect_timeout = connect_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
@@ -164,6 +179,7 @@ class LiveKitSink:
         self._closed = False
         # Counters (event loop only).
         self.frames_captured = 0
+        self.frames_thinned = 0
         self.audio_frames_captured = 0
         self.frames_unpublished = 0
         self.dropped_backlog = 0
@@ -259,7 +275,22 @@ class LiveKitSink:
 
     @property
     def playout_frames(self) -> int:
-        return self.frames_captured
+        return self.frames_captured + self.frames_thinned
+
+    def adapt(self, node_load: float, now: float | None = None) -> Quality:
+        """One load sample: the node's, or this sink's backlog if it is worse."""
+        now = time.monotonic() if now is None else now
+        own = len(self._pending) / self._max_pending
+        if self.dropped_backlog > self._backlog_seen:
+            own = 1.5
+            self._backlog_seen = self.dropped_backlog
+        self.quality.on_load(max(node_load, own), now)
+        q = self.quality.update(now)
+        self._fps_target = q.fps
+        return q
+
+    def quality_score(self) -> float:
+        return self.quality.quality().score
 
     def stats(self) -> dict[str, Any]:
         queued = self._audio.queued_duration if self._audio is not None else 0.0
@@ -281,6 +312,8 @@ class LiveKitSink:
             "audio_queued_ms": round(1000.0 * queued, 1),
             "interrupts": self.interrupts,
             "video_codec": self.video_codec,
+            "frames_thinned": self.frames_thinned,
+            "quality": self.quality.quality().as_json(),
         }
 
     # -- pushing ---------------------------------------------------------------------
@@ -307,6 +340,9 @@ class LiveKitSink:
             self.audio_frames_captured += 1
             if epoch != self._epoch:
                 continue  # interrupted while waiting: its picture goes with its audio
+            if not keep_frame(chunk.index, self._fps_target, self.fps):
+                self.frames_thinned += 1  # adaptive quality: the node sheds pictures
+                continue
             # This frame's audio starts playing once what is queued before it has played.
             delay = max(0.0, audio.queued_duration - self.samples_per_frame / self.audio_rate)
             vframe = rtc.VideoFrame(self.width, self.height, rtc.VideoBufferType.I420,

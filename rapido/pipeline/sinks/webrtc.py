@@ -16,6 +16,13 @@ per frame`` at 48 kHz, so the two streams of one chunk carry the same instant an
 sent in the same loop callback (aiortc's sender reports send time against RTP time in
 its sender reports, which is what a browser lip-syncs by).
 
+Adaptive quality: a :class:`QualityController` per sink turns the viewers' RTCP
+(receiver reports' loss, REMB) and the node's load (``adapt``, once a second from the
+engine) into a bitrate and a frame rate within configured bounds. The worker re-opens
+a video encoder when they change (which starts it on a keyframe) and, below the
+source rate, encodes only evenly spaced frames; audio is never thinned. RTP time still
+comes from the frame's index, so a thinned stream stays in sync with its audio.
+
 Keyframes: aiortc's own keyframe flag (set on PLI/FIR) is only read on its encode
 path, which shared packets bypass, so each viewer's sender is pointed at
 :meth:`WebRtcSink.request_keyframe` instead. A viewer also needs a keyframe to start:
@@ -30,21 +37,31 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Final, cast
 
 import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpSrPacket,
+    unpack_remb_fci,
+)
 from aiortc.sdp import SessionDescription
 from av.audio.codeccontext import AudioCodecContext
 from av.video.codeccontext import VideoCodecContext
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
+from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
 from rapido.pipeline.sinks.base import SinkError, stop_worker
 
 log = logging.getLogger(__name__)
@@ -79,6 +96,10 @@ class _Enc:
 
     key: str
     ctx: VideoCodecContext | AudioCodecContext
+    bitrate: int = 0
+    fps: Fraction = Fraction(0)
+    #: Frames given to this encoder (its own pts: it counts only the frames it got).
+    frames: int = 0
     keyframe: bool = True
 
 
@@ -176,9 +197,18 @@ class WebRtcSink:
         threads: int = 1,
         max_queue: int = 25,
         max_viewers: int = 100,
+        min_bitrate: int | None = None,
+        min_fps: float | None = None,
+        warm: bool = False,
     ) -> None:
         """``threads`` is each video encoder's thread count; 0 lets the codec choose
-        (one per core, too many once dozens of streams share a machine)."""
+        (one per core, too many once dozens of streams share a machine).
+
+        ``video_bitrate`` and ``fps`` are the ceilings of adaptive quality,
+        ``min_bitrate`` and ``min_fps`` its floors (by default the ceilings: no
+        adaptation). ``warm`` keeps an H.264 and an Opus encoder running with no
+        viewer, so a viewer's first picture is the next keyframe, not an encoder
+        start (and so a benchmark measures real encoding)."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even, got {width}x{height}")
         if max_queue < 1:
@@ -192,6 +222,15 @@ class WebRtcSink:
         self.x264_preset = x264_preset
         self.threads = threads
         self.max_viewers = max_viewers
+        self.warm = frozenset((H264, OPUS)) if warm else frozenset()
+        self.quality = QualityController(QualityBounds(
+            min_bitrate=video_bitrate if min_bitrate is None else min_bitrate,
+            max_bitrate=video_bitrate,
+            min_fps=fps if min_fps is None else min_fps, max_fps=fps))
+        first = self.quality.update(time.monotonic())
+        # What the worker encodes at: replaced whole by the loop (atomic), read per frame.
+        self._target: tuple[int, Fraction] = (first.bitrate, first.fps)
+        self._dropped_seen = 0
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
@@ -202,7 +241,7 @@ class WebRtcSink:
         # Loop side: who listens to which encoder. The worker reads ``_wanted``, a
         # frozenset replaced whole, to know which encoders to run.
         self._consumers: dict[str, set[PacketTrack]] = {}
-        self._wanted: frozenset[str] = frozenset()
+        self._wanted: frozenset[str] = self.warm
         self.viewers: dict[str, Viewer] = {}
 
         # Worker side.
@@ -288,8 +327,51 @@ class WebRtcSink:
             "dropped_frames": self._dropped,
             "queue_depth": self._queue.qsize(),
             "interrupts": self._interrupts,
+            "quality": self.quality.quality().as_json(),
+            "receivers": self.quality.receivers(),
             "error": None if err is None else f"{type(err).__name__}: {err}",
         }
+
+    # -- adaptive quality (event loop) -------------------------------------------------
+
+    def adapt(self, node_load: float, now: float | None = None) -> Quality:
+        """One load sample from the engine: the node's load, raised to 1.5 if this
+        sink's own encoder dropped chunks since the last sample (it is not keeping up,
+        whatever the node says), or to its queue's fill."""
+        now = time.monotonic() if now is None else now
+        own = self._queue.qsize() / max(1, self._queue.maxsize)
+        if self._dropped > self._dropped_seen:
+            own = 1.5
+            self._dropped_seen = self._dropped
+        self.quality.on_load(max(node_load, own), now)
+        return self._retarget(now)
+
+    def quality_score(self) -> float:
+        return self.quality.quality().score
+
+    def _retarget(self, now: float) -> Quality:
+        q = self.quality.update(now)
+        self._target = (q.bitrate, q.fps)
+        return q
+
+    def _on_feedback(self, viewer_id: str, ssrc: int, packet: object) -> None:
+        """RTCP from one viewer's video sender: its loss and REMB feed the controller."""
+        now = time.monotonic()
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    self.quality.on_receiver_report(viewer_id, report.fraction_lost / 256,
+                                                     now)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            if ssrc in ssrcs:
+                self.quality.on_remb(viewer_id, bitrate, now)
+        else:
+            return
+        self._retarget(now)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -346,6 +428,8 @@ class WebRtcSink:
                 track.bind(codec)
                 # Why: aiortc turns PLI/FIR into a flag only its own encode path reads.
                 sender._send_keyframe = _keyframe_hook(self, codec)  # type: ignore[method-assign]
+                if kind == "video":
+                    _tap_rtcp(sender, self, viewer.id)
             if not viewer.tracks:
                 raise InvalidOffer("the offer has no H.264, VP8 or Opus media to receive")
         except BaseException:
@@ -365,6 +449,7 @@ class WebRtcSink:
         viewer = self.viewers.pop(viewer_id, None)
         if viewer is None:
             return False
+        self.quality.forget(viewer_id)
         for track in viewer.tracks:
             track.stop()
         await viewer.pc.close()
@@ -396,7 +481,7 @@ class WebRtcSink:
         self._update_wanted()
 
     def _update_wanted(self) -> None:
-        self._wanted = frozenset(self._consumers)
+        self._wanted = frozenset(self._consumers) | self.warm
 
     def _deliver(self, out: list[tuple[str, av.Packet, bool]]) -> None:
         for codec, packet, keyframe in out:
@@ -437,12 +522,18 @@ class WebRtcSink:
             del self._encoders[key]
             if key == OPUS:
                 self._audio_next = None
+        bitrate, fps = self._target
         for key in wanted:
-            if key not in self._encoders:
-                self._encoders[key] = _Enc(key, self._open(key))
-                self._encoders_created += 1
+            enc = self._encoders.get(key)
+            if enc is not None and (key == OPUS or (enc.bitrate, enc.fps) == (bitrate, fps)):
+                continue
+            # New, or adaptive quality moved: a fresh encoder (starting on a keyframe)
+            # rather than a live change, which libx264 and libvpx via PyAV do not take.
+            self._encoders[key] = _Enc(key, self._open(key, bitrate, fps), bitrate, fps)
+            self._encoders_created += 1
 
-    def _open(self, key: str) -> VideoCodecContext | AudioCodecContext:
+    def _open(self, key: str, bitrate: int, fps: Fraction
+              ) -> VideoCodecContext | AudioCodecContext:
         if key == OPUS:
             actx = cast(AudioCodecContext, av.CodecContext.create("libopus", "w"))
             actx.sample_rate = AUDIO_RATE
@@ -465,21 +556,21 @@ class WebRtcSink:
             ctx.qmin = 2
             ctx.qmax = 56
             ctx.options = {
-                "bufsize": str(self.video_bitrate), "cpu-used": "-6", "deadline": "realtime",
-                "lag-in-frames": "0", "minrate": str(self.video_bitrate),
-                "maxrate": str(self.video_bitrate), "noise-sensitivity": "4",
+                "bufsize": str(bitrate), "cpu-used": "-6", "deadline": "realtime",
+                "lag-in-frames": "0", "minrate": str(bitrate),
+                "maxrate": str(bitrate), "noise-sensitivity": "4",
                 "overshoot-pct": "15", "partitions": "0", "static-thresh": "1",
                 "undershoot-pct": "100",
             }
         ctx.width = self.width
         ctx.height = self.height
         ctx.pix_fmt = "yuv420p"
-        ctx.bit_rate = self.video_bitrate
-        ctx.framerate = fractions.Fraction(self.fps, 1)
-        ctx.time_base = fractions.Fraction(1, self.fps)
+        ctx.bit_rate = bitrate
+        ctx.framerate = fps
+        ctx.time_base = 1 / fps
         # Viewers ask for keyframes when they need one; a periodic one every 4 s
         # bounds how long a loss nobody reported can show.
-        ctx.gop_size = self.fps * 4
+        ctx.gop_size = max(1, int(fps * 4))
         ctx.thread_count = self.threads or min(4, multiprocessing.cpu_count())
         ctx.open()
         return ctx
@@ -487,16 +578,18 @@ class WebRtcSink:
     def _encode(self, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
         self._sync_encoders()
         out: list[tuple[str, av.Packet, bool]] = []
-        video = [e for e in self._encoders.values() if e.key != OPUS]
+        video = [e for e in self._encoders.values()
+                 if e.key != OPUS and keep_frame(chunk.index, e.fps, self.fps)]
         if video:
             picture = chunk.video
             frame = av.VideoFrame.from_ndarray(picture.data, format="yuv420p")
             if (picture.width, picture.height) != (self.width, self.height):
                 frame = frame.reformat(width=self.width, height=self.height)
-            frame.pts = chunk.index
-            frame.time_base = fractions.Fraction(1, self.fps)
             pts90 = chunk.index * VIDEO_CLOCK // self.fps
             for enc in video:
+                frame.pts = enc.frames
+                frame.time_base = 1 / enc.fps
+                enc.frames += 1
                 key_wanted = enc.keyframe
                 enc.keyframe = False
                 frame.pict_type = (av.video.frame.PictureType.I if key_wanted
@@ -536,6 +629,20 @@ class WebRtcSink:
             pkt.time_base = AUDIO_TB
             out.append((OPUS, pkt, True))
         return out
+
+
+def _tap_rtcp(sender: RTCRtpSender, sink: WebRtcSink, viewer_id: str) -> None:
+    """Let the sink see this sender's RTCP before aiortc handles it."""
+    original: Callable[[Any], Awaitable[None]] = sender._handle_rtcp_packet
+
+    async def handle(packet: Any) -> None:
+        try:
+            sink._on_feedback(viewer_id, sender._ssrc, packet)
+        except Exception:  # feedback must never break the viewer's RTCP handling
+            log.exception("webrtc sink: bad RTCP feedback from viewer %s", viewer_id)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
 
 
 def _keyframe_hook(sink: WebRtcSink, codec: str) -> Callable[[], None]:
