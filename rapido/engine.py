@@ -357,15 +357,16 @@ class Engine:
 
     def _sample_load(self) -> float:
         """The node's load since the last sample: the share of its cores this process
-        used, or, if more than 1 % of frames left late, that share x 100 (so 1 % late
-        reads as a node at its limit, whatever the CPU says)."""
+        used, or the share of frames that left late x 20 if more (5 % late reads as a
+        node at its limit, whatever the CPU says; one late frame of one stream's 25 a
+        second is a hiccup, 0.8, which holds but does not degrade)."""
         wall, cpu, seen, late = time.monotonic(), time.process_time(), \
             self._frames_seen, self._frames_late
         w0, c0, s0, l0 = self._load_mark
         self._load_mark = (wall, cpu, seen, late)
         util = (cpu - c0) / max(1e-3, wall - w0) / self._cores
         late_share = (late - l0) / (seen - s0) if seen > s0 else 0.0
-        return max(0.0, util, min(2.0, late_share * 100))
+        return max(0.0, util, min(2.0, late_share * 20))
 
     def _adapt(self) -> None:
         self.load = load = self._sample_load()

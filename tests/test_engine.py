@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
@@ -102,3 +103,42 @@ async def test_idle_timeout_closes_forgotten_sessions(make_node: NodeFactory,
         assert watched["session_id"] in node.engine.sessions
     async with http.get(f"{node.url}/metrics") as r:
         assert "concurrent_streams_total 1.0" in await r.text()
+
+
+async def test_a_stalling_node_sheds_frame_rate_on_its_publishers(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    """Frames leaving late (a loop blocked 120 ms of every 200) is node load: once a
+    second the engine samples it, the webrtc publisher steps its frame rate down and
+    video_quality_score says so; a session on the null sink has no publisher quality."""
+    node = await make_node(model="none", min_fps=12.5, webrtc_warm_encoders=True)
+    s = await create_session(http, node, "stall", sink="webrtc")
+    await create_session(http, node, "plain")
+    sink = node.engine.sessions[s["session_id"]].sink
+
+    async def stall() -> None:
+        while True:
+            time.sleep(0.12)  # a real stall of the event loop, not a simulated one
+            await asyncio.sleep(0.08)
+
+    staller = asyncio.create_task(stall())
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while sink.stats()["quality"]["fps"] == 25:
+            assert asyncio.get_running_loop().time() < deadline, "never adapted"
+            await asyncio.sleep(0.2)
+    finally:
+        staller.cancel()
+        await asyncio.gather(staller, return_exceptions=True)
+    assert node.engine.load >= 0.85
+    q = sink.stats()["quality"]
+    assert q["limited_by"] == "cpu" and q["score"] < 1.0
+    async with http.get(f"{node.url}/api/sessions/{s['session_id']}") as r:
+        body = await r.json()
+    assert body["stats"]["sink"]["quality"]["fps"] < 25
+    async with http.get(f"{node.url}/metrics") as r:
+        text = await r.text()
+    score = float(next(ln.split()[1] for ln in text.splitlines()
+                       if ln.startswith("video_quality_score ")))
+    assert score < 1.0
+    # The warm encoder runs at the lower rate with no viewer at all.
+    assert sink.stats()["encoders"] == {"audio/opus": 1, "video/h264": 1}

@@ -193,6 +193,55 @@ async def test_backlog_is_bounded() -> None:
         await sink.aclose()
 
 
+async def test_node_load_thins_captured_pictures_never_audio() -> None:
+    sink = LiveKitSink(url=None, queue_size_ms=100, max_pending=100, min_fps=12.5)
+    await sink.start()
+    try:
+        t = 0.0
+        for _ in range(8):  # 4 s over the limit: down the ladder to the floor
+            sink.adapt(1.5, t)
+            t += 0.5
+        q = sink.stats()["quality"]
+        assert (q["fps"], q["limited_by"]) == (12.5, "cpu") and q["score"] == 0.5
+        for i in range(40):
+            sink.write(_chunk(i))
+        for _ in range(400):
+            if sink.audio_frames_captured >= 40:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.25)
+        assert sink.audio_frames_captured == 40
+        assert (sink.frames_captured, sink.frames_thinned) == (20, 20)
+        assert sink.playout_frames == 40
+        # A quiet node climbs back up, one rung per 5 s of quiet.
+        for _ in range(60):
+            sink.adapt(0.1, t)
+            t += 0.5
+        assert sink.stats()["quality"]["fps"] == 25
+    finally:
+        await sink.aclose()
+
+
+async def test_own_backlog_counts_as_load() -> None:
+    sink = LiveKitSink(url=None, max_pending=5, min_fps=12.5)
+    await sink.start()
+    try:
+        for i in range(30):
+            sink.write(_chunk(i))
+        assert sink.dropped_backlog > 0
+        sink.adapt(0.0, 0.0)
+        sink.write(_chunk(30))  # still dropping
+        sink.adapt(0.0, 1.1)
+        assert sink.stats()["quality"]["fps"] < 25
+        # Without min_fps the frame rate is fixed, whatever the load.
+        fixed = LiveKitSink(url=None)
+        for t in range(10):
+            fixed.adapt(2.0, float(t))
+        assert fixed.stats()["quality"]["fps"] == 25
+    finally:
+        await sink.aclose()
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
