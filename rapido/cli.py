@@ -40,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--jitter", default="steady", metavar="PROFILE",
                        help="audio arrival profile: steady, moderate, heavy, tts_fast, "
                        "stalls (default steady: exactly real time)")
-    bench.add_argument("--sink", choices=("null", "record"), default="null")
+    bench.add_argument("--sink", choices=("null", "record", "webrtc"), default="null",
+                       help="where frames go: null (none), record (H.264+AAC MP4 per "
+                       "stream), webrtc (H.264+Opus encoders per stream, running with no "
+                       "viewer)")
+    bench.add_argument("--adaptive", action="store_true",
+                       help="let publishers shed frame rate under load down to the "
+                       "config's min_fps (default: full frame rate, what capacity means)")
     bench.add_argument("--capacity", action="store_true",
                        help="search the largest stream count that stays real time")
     bench.add_argument("--max-streams-search", type=int, default=512,

@@ -87,6 +87,21 @@ def test_bench_json_has_every_field(bench_env: dict[str, str]) -> None:
     assert run["jitter"] == "moderate" and run["model"] == "rapido-lite"
 
 
+def test_webrtc_sink_encodes_every_picture_without_viewers(bench_env: dict[str, str]) -> None:
+    doc = _bench_json(bench_env, "--streams", "2", "--duration", "2", "--warmup", "0.5",
+                      "--sink", "webrtc")
+    [run] = doc["runs"]
+    assert run["sink"] == "webrtc" and run["adaptive"] is False
+    # Warm encoders: each stream's H.264 ran on every picture with nobody watching.
+    assert run["encoded_fps_min"] is not None and 24.0 <= run["encoded_fps_min"] <= 26.0
+    assert run["sink_dropped"] == 0 and run["quality_score"] == 1.0
+    # The null sink encodes nothing and has no publisher quality.
+    [plain] = _bench_json(bench_env, *SMOKE)["runs"]
+    assert plain["encoded_fps_min"] is None and plain["quality_score"] is None
+    # Encoding costs CPU: the same streams use clearly more of it.
+    assert run["cpu_ms_per_stream_second"] > plain["cpu_ms_per_stream_second"] * 1.2
+
+
 @pytest.mark.slow
 def test_compare_batching_gives_two_rows_and_ratios(bench_env: dict[str, str]) -> None:
     doc = _bench_json(bench_env, "--streams", "2", "--duration", "1", "--warmup", "0.3",

@@ -98,6 +98,14 @@ class BenchResult:
     gpu_util_percent: float | None = None
     gpu_mem_used_mb: float | None = None
     partial: bool = False
+    # -- added with adaptive quality -------------------------------------------------------
+    #: Chunks a sink dropped because its encoder fell behind (real time needs 0).
+    sink_dropped: int = 0
+    #: Pictures encoded per second, slowest stream (webrtc sink; None for others).
+    encoded_fps_min: float | None = None
+    #: Mean publisher quality score at the end of the window (None: no publisher).
+    quality_score: float | None = None
+    adaptive: bool = False
 
     def json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +260,8 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
 class _Snap:
     frames: list[int]
     underruns: list[int]
+    sink_dropped: list[int]
+    encoded: list[int | None]
     lat: dict[float, float]
     ticks: dict[float, float]
     batch: dict[float, float]
@@ -266,6 +276,8 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
     wait_sum, wait_count = _hist_totals(metrics, "batch_queue_wait_seconds")
     return _Snap(
         frames=[st.session.counters.frames_out for st in sts],
+        sink_dropped=[int(st.session.sink.stats().get("dropped_frames", 0)) for st in sts],
+        encoded=[st.session.sink.stats().get("video_frames_encoded") for st in sts],
         underruns=[st.session.jb.stats.underruns for st in sts],
         lat=_hist_snapshot(metrics), ticks=_hist_snapshot(metrics, "clock_tick_seconds"),
         batch=_hist_snapshot(metrics, "batch_size"),
@@ -301,6 +313,15 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
     gpu_util, gpu_mem = report.gpu_snapshot()
     fps_min = min(fps) if fps else 0.0
     p99_exact = exact[0.99]
+    sink_dropped = sum(b.sink_dropped) - sum(a.sink_dropped)
+    enc = [(e1 - e0) / wall for e0, e1 in zip(a.encoded, b.encoded, strict=True)
+           if e0 is not None and e1 is not None]
+    encoded_fps_min = round(min(enc), 2) if enc else None
+    scores = [st.session.sink.quality_score() for st in sts
+              if hasattr(st.session.sink, "quality_score")]
+    # Real time for an encoder: every picture (or, with --adaptive, at least min_fps).
+    encoding_ok = encoded_fps_min is None or \
+        encoded_fps_min >= config.min_fps - report.REALTIME_FPS_SLACK
     return BenchResult(
         streams=streams, duration_s=round(wall, 2), speech_duty=duty, sink=sink,
         fps_min=round(fps_min, 2), fps_median=round(float(np.median(fps)) if fps else 0.0, 2),
@@ -313,7 +334,7 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
         tick_p99_ms=round(_quantile(ticks, 0.99) * 1000, 2),
         realtime=(fps_min >= config.fps - report.REALTIME_FPS_SLACK
                   and p99_exact < report.REALTIME_P99_MS and under == 0 and misses == 0
-                  and not partial),
+                  and sink_dropped == 0 and encoding_ok and not partial),
         model=config.model, backend=config.backend, device=config.device, jitter=jitter,
         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
         frames_sampled=len(samples),
@@ -333,6 +354,9 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
         first_frame_p50_ms=round(float(np.median(first)), 1) if first else None,
         first_frame_max_ms=round(max(first), 1) if first else None,
         gpu_util_percent=gpu_util, gpu_mem_used_mb=gpu_mem, partial=partial,
+        sink_dropped=sink_dropped, encoded_fps_min=encoded_fps_min,
+        quality_score=round(sum(scores) / len(scores), 3) if scores else None,
+        adaptive=config.min_fps < config.fps,
     )
 
 
@@ -493,6 +517,11 @@ def bench_main(config: Config, args: argparse.Namespace) -> int:
         from rapido.bench.http import http_main
 
         return http_main(config, args)
+    # Encoders run whether or not anybody watches (the bench has no viewers), and the
+    # frame rate stays at its ceiling unless --adaptive lets it fall.
+    config = dataclasses.replace(
+        config, webrtc_warm_encoders=config.webrtc_warm_encoders or args.sink == "webrtc",
+        min_fps=config.min_fps if getattr(args, "adaptive", False) else float(config.fps))
     outcome = Outcome()
     try:
         asyncio.run(_main(config, args, outcome))

@@ -251,6 +251,7 @@ class WebRtcSink:
         # Counters (each written by one side only).
         self._frames_in = 0
         self._frames_encoded = 0
+        self._video_frames = 0  # pictures encoded (fewer than chunks when thinned)
         self._dropped = 0
         self._interrupts = 0
         self._encoders_created = 0
@@ -324,6 +325,7 @@ class WebRtcSink:
             "consumers": {k: len(v) for k, v in sorted(self._consumers.items())},
             "frames_in": self._frames_in,
             "frames_encoded": self._frames_encoded,
+            "video_frames_encoded": self._video_frames,
             "dropped_frames": self._dropped,
             "queue_depth": self._queue.qsize(),
             "interrupts": self._interrupts,
@@ -586,6 +588,7 @@ class WebRtcSink:
             if (picture.width, picture.height) != (self.width, self.height):
                 frame = frame.reformat(width=self.width, height=self.height)
             pts90 = chunk.index * VIDEO_CLOCK // self.fps
+            self._video_frames += 1
             for enc in video:
                 frame.pts = enc.frames
                 frame.time_base = 1 / enc.fps
