@@ -144,6 +144,34 @@ def test_load_between_thresholds_holds_the_rate() -> None:
     assert q.quality().fps == 20
 
 
+def test_a_limit_between_rungs_settles_instead_of_oscillating() -> None:
+    """A node that holds 15 fps but not 20: each probe up to 20 fails and doubles
+    the wait before the next, so over 10 minutes it mostly sits at 15."""
+    q = QualityController(B)
+    t, changes, at_15 = 0.0, 0, 0
+    last = q.quality().fps
+    while t < 600:
+        fps = q.quality().fps
+        q.on_load(1.2 if fps > 15 else 0.4, t)
+        q.update(t)
+        changes += q.quality().fps != last
+        last = q.quality().fps
+        at_15 += last == 15
+        t += 0.5
+    assert changes <= 30
+    assert at_15 / 1200 > 0.85
+    # Without the backoff it would probe every 5 s: ~100 changes.
+    naive = QualityController(B, max_up_wait_s=5.0)
+    t, naive_changes, last = 0.0, 0, naive.quality().fps
+    while t < 600:
+        naive.on_load(1.2 if naive.quality().fps > 15 else 0.4, t)
+        naive.update(t)
+        naive_changes += naive.quality().fps != last
+        last = naive.quality().fps
+        t += 0.5
+    assert naive_changes > 3 * changes, (naive_changes, changes)
+
+
 def test_brief_spikes_do_not_degrade() -> None:
     q = QualityController(B)
     t = 0.0

@@ -17,8 +17,10 @@ Frame rate (the node): the load sample is the share of the node's CPU in use, or
 1.0 and more when frames leave late. Above ``high_load`` for ``down_after_s`` the
 frame rate takes one step down a ladder (25 → 20 → 15 → 12.5 ... down to the floor);
 below ``low_load`` for ``up_after_s`` it takes one step back up. Down is quick and up
-is slow, so a node at its limit does not oscillate. Fewer encoded frames is what frees
-CPU; bitrate barely changes an encoder's cost, frame rate does almost linearly.
+is slow; a step up that is undone within ``probe_window_s`` was a failed probe and
+doubles the wait before the next one (up to ``max_up_wait_s``), so a node whose limit
+sits between two rungs settles instead of oscillating. Fewer encoded frames is what
+frees CPU; bitrate barely changes an encoder's cost, frame rate does almost linearly.
 
 Changes reach the encoder at most once per ``min_interval_s`` (a frame rate step
 down, which relieves an overloaded node, at once) and only when the bitrate moved by
@@ -113,6 +115,8 @@ class QualityController:
     low_load: float = 0.6
     down_after_s: float = 1.0
     up_after_s: float = 5.0
+    probe_window_s: float = 10.0
+    max_up_wait_s: float = 80.0
     min_change: float = 0.15
     min_interval_s: float = 2.0
     stale_after_s: float = 10.0
@@ -125,6 +129,8 @@ class QualityController:
     _over_since: float | None = field(default=None, init=False)
     _under_since: float | None = field(default=None, init=False)
     _load: float = field(default=0.0, init=False)
+    _up_wait: float = field(default=0.0, init=False)
+    _last_up: float | None = field(default=None, init=False)
     _applied: _Applied | None = field(default=None, init=False)
     changes: int = field(default=0, init=False)
 
@@ -132,6 +138,7 @@ class QualityController:
         if not 0 <= self.low_load < self.high_load:
             raise ValueError("load thresholds must satisfy 0 <= low < high")
         self._ladder = self.bounds.ladder()
+        self._up_wait = self.up_after_s
 
     # -- inputs ------------------------------------------------------------------
 
@@ -167,6 +174,9 @@ class QualityController:
         if not load >= 0:
             raise ValueError(f"load must be >= 0, got {load}")
         self._load = load
+        if self._last_up is not None and now - self._last_up >= self.probe_window_s:
+            self._up_wait = self.up_after_s  # the last step up held: probes are cheap again
+            self._last_up = None
         if load > self.high_load:
             self._under_since = None
             if self._over_since is None:
@@ -174,14 +184,18 @@ class QualityController:
             elif now - self._over_since >= self.down_after_s:
                 if self._rung < len(self._ladder) - 1:
                     self._rung += 1
+                    if self._last_up is not None:  # the last step up did not hold
+                        self._up_wait = min(self.max_up_wait_s, 2 * self._up_wait)
+                        self._last_up = None
                 self._over_since = now  # the next step needs another full period
         elif load < self.low_load:
             self._over_since = None
             if self._under_since is None:
                 self._under_since = now
-            elif now - self._under_since >= self.up_after_s:
+            elif now - self._under_since >= self._up_wait:
                 if self._rung > 0:
                     self._rung -= 1
+                    self._last_up = now
                 self._under_since = now
         else:
             self._over_since = self._under_since = None

@@ -19,9 +19,11 @@ its sender reports, which is what a browser lip-syncs by).
 Adaptive quality: a :class:`QualityController` per sink turns the viewers' RTCP
 (receiver reports' loss, REMB) and the node's load (``adapt``, once a second from the
 engine) into a bitrate and a frame rate within configured bounds. The worker re-opens
-a video encoder when they change (which starts it on a keyframe) and, below the
-source rate, encodes only evenly spaced frames; audio is never thinned. RTP time still
-comes from the frame's index, so a thinned stream stays in sync with its audio.
+a video encoder when the bitrate changes (which starts it on a keyframe) and, below
+the source rate, encodes only evenly spaced frames (no re-open: libx264 keeps each
+picture's bits, so the stream's bitrate falls with its frame rate); audio is never
+thinned. RTP time still comes from the frame's index, so a thinned stream stays in
+sync with its audio.
 
 Keyframes: aiortc's own keyframe flag (set on PLI/FIR) is only read on its encode
 path, which shared packets bypass, so each viewer's sender is pointed at
@@ -97,9 +99,6 @@ class _Enc:
     key: str
     ctx: VideoCodecContext | AudioCodecContext
     bitrate: int = 0
-    fps: Fraction = Fraction(0)
-    #: Frames given to this encoder (its own pts: it counts only the frames it got).
-    frames: int = 0
     keyframe: bool = True
 
 
@@ -524,18 +523,17 @@ class WebRtcSink:
             del self._encoders[key]
             if key == OPUS:
                 self._audio_next = None
-        bitrate, fps = self._target
+        bitrate = self._target[0]
         for key in wanted:
             enc = self._encoders.get(key)
-            if enc is not None and (key == OPUS or (enc.bitrate, enc.fps) == (bitrate, fps)):
+            if enc is not None and (key == OPUS or enc.bitrate == bitrate):
                 continue
-            # New, or adaptive quality moved: a fresh encoder (starting on a keyframe)
-            # rather than a live change, which libx264 and libvpx via PyAV do not take.
-            self._encoders[key] = _Enc(key, self._open(key, bitrate, fps), bitrate, fps)
+            # New, or the bitrate moved: a fresh encoder (starting on a keyframe) rather
+            # than a live change, which libx264 and libvpx via PyAV do not take.
+            self._encoders[key] = _Enc(key, self._open(key, bitrate), bitrate)
             self._encoders_created += 1
 
-    def _open(self, key: str, bitrate: int, fps: Fraction
-              ) -> VideoCodecContext | AudioCodecContext:
+    def _open(self, key: str, bitrate: int) -> VideoCodecContext | AudioCodecContext:
         if key == OPUS:
             actx = cast(AudioCodecContext, av.CodecContext.create("libopus", "w"))
             actx.sample_rate = AUDIO_RATE
@@ -568,11 +566,11 @@ class WebRtcSink:
         ctx.height = self.height
         ctx.pix_fmt = "yuv420p"
         ctx.bit_rate = bitrate
-        ctx.framerate = fps
-        ctx.time_base = 1 / fps
+        ctx.framerate = Fraction(self.fps, 1)
+        ctx.time_base = Fraction(1, self.fps)
         # Viewers ask for keyframes when they need one; a periodic one every 4 s
         # bounds how long a loss nobody reported can show.
-        ctx.gop_size = max(1, int(fps * 4))
+        ctx.gop_size = self.fps * 4
         ctx.thread_count = self.threads or min(4, multiprocessing.cpu_count())
         ctx.open()
         return ctx
@@ -580,19 +578,17 @@ class WebRtcSink:
     def _encode(self, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
         self._sync_encoders()
         out: list[tuple[str, av.Packet, bool]] = []
-        video = [e for e in self._encoders.values()
-                 if e.key != OPUS and keep_frame(chunk.index, e.fps, self.fps)]
-        if video:
+        video = [e for e in self._encoders.values() if e.key != OPUS]
+        if video and keep_frame(chunk.index, self._target[1], self.fps):
             picture = chunk.video
             frame = av.VideoFrame.from_ndarray(picture.data, format="yuv420p")
             if (picture.width, picture.height) != (self.width, self.height):
                 frame = frame.reformat(width=self.width, height=self.height)
+            frame.pts = chunk.index
+            frame.time_base = Fraction(1, self.fps)
             pts90 = chunk.index * VIDEO_CLOCK // self.fps
             self._video_frames += 1
             for enc in video:
-                frame.pts = enc.frames
-                frame.time_base = 1 / enc.fps
-                enc.frames += 1
                 key_wanted = enc.keyframe
                 enc.keyframe = False
                 frame.pict_type = (av.video.frame.PictureType.I if key_wanted
