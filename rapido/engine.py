@@ -86,6 +86,7 @@ class Engine:
         # Adaptive quality: the renderer's share of video_quality_score, and the node
         # load sampled once a second for the publishing sinks.
         self._render_quality = 1.0
+        self._publish_score = 1.0  # the publishers' mean, refreshed once a second
         self.load = 0.0
         self._frames_seen = 0
         self._frames_late = 0
@@ -345,15 +346,17 @@ class Engine:
     # -- adaptive quality -----------------------------------------------------------------
 
     def _on_render_quality(self, q: float) -> None:
-        self._render_quality = q
-        self._publish_quality()
+        # Called after every batch: only a store and a gauge set, no walk of sessions.
+        if q != self._render_quality:
+            self._render_quality = q
+            self.metrics.video_quality.set(q * self._publish_score)
 
     def _publish_quality(self) -> None:
         """video_quality_score = the renderer's quality x the publishers' mean score."""
         scores = [sink.quality_score() for s in self.sessions.values()
                   if hasattr(sink := s.sink, "quality_score")]
-        publish = sum(scores) / len(scores) if scores else 1.0
-        self.metrics.video_quality.set(self._render_quality * publish)
+        self._publish_score = sum(scores) / len(scores) if scores else 1.0
+        self.metrics.video_quality.set(self._render_quality * self._publish_score)
 
     def _sample_load(self) -> float:
         """The node's load since the last sample: the share of its cores this process

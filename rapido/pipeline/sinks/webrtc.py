@@ -581,7 +581,11 @@ class WebRtcSink:
         video = [e for e in self._encoders.values() if e.key != OPUS]
         if video and keep_frame(chunk.index, self._target[1], self.fps):
             picture = chunk.video
-            frame = av.VideoFrame.from_ndarray(picture.data, format="yuv420p")
+            # A view of the picture, not a copy (the copy would hold the GIL): the
+            # encoders copy their input into their own buffers, and pictures are never
+            # written to once made.
+            frame = av.VideoFrame.from_numpy_buffer(
+                np.ascontiguousarray(picture.data), format="yuv420p", width=picture.width)
             if (picture.width, picture.height) != (self.width, self.height):
                 frame = frame.reformat(width=self.width, height=self.height)
             frame.pts = chunk.index
