@@ -96,6 +96,8 @@ class Config:
                           lo=1, hi=60)
     webrtc_warm_encoders: bool = _opt(False, "keep an H.264 and an Opus encoder running per "
                                       "webrtc stream even with no viewer")
+    encoder_threads: int = _opt(0, "threads shared by every stream's encoding (record and "
+                                "webrtc sinks); 0 = one per core", lo=0, hi=256)
     webrtc_token_ttl_s: float = _opt(3600.0, "lifetime of a session's WHEP viewer token",
                                      lo=10, hi=7 * 86400)
     # -- model --------------------------------------------------------------------------

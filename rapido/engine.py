@@ -36,6 +36,7 @@ from rapido.pipeline.render import FrameRenderer, IdleRenderer
 from rapido.pipeline.session import SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Sink
 from rapido.pipeline.sinks.null import NullSink
+from rapido.pipeline.sinks.pool import EncoderPool
 from rapido.pipeline.sinks.recorder import RecorderSink
 from rapido.pipeline.sinks.webrtc import WebRtcSink
 
@@ -93,6 +94,8 @@ class Engine:
         self._load_mark = (time.monotonic(), time.process_time(), 0, 0)
         self._cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else (os.cpu_count() or 1))
+        # Every encoding sink's work runs on these few threads (see sinks/pool.py).
+        self.encoders = EncoderPool(config.encoder_threads or self._cores)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -162,6 +165,8 @@ class Engine:
             self._clock.cancel()
             await asyncio.gather(self._clock, return_exceptions=True)
             self._clock = None
+        # Last: every sink has finished its lane by now (their aclose waited for it).
+        await asyncio.to_thread(self.encoders.close)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting; wait up to ``timeout_s`` for speech in flight to finish.
@@ -248,12 +253,15 @@ class Engine:
         if spec.sink == "record":
             path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
             return RecorderSink(path, width=cfg.width, height=cfg.height, fps=cfg.fps,
-                                preset=cfg.record_preset, crf=cfg.record_crf)
+                                preset=cfg.record_preset, crf=cfg.record_crf,
+                                # One thread per encode: the pool's threads are the
+                                # parallelism, across streams rather than inside one.
+                                threads=1, pool=self.encoders)
         if spec.sink == "webrtc":
             return WebRtcSink(width=cfg.width, height=cfg.height, fps=cfg.fps,
                               video_bitrate=cfg.webrtc_video_bitrate,
                               min_bitrate=cfg.webrtc_min_bitrate, min_fps=cfg.min_fps,
-                              warm=cfg.webrtc_warm_encoders,
+                              warm=cfg.webrtc_warm_encoders, pool=self.encoders,
                               x264_preset=cfg.webrtc_x264_preset,
                               threads=cfg.webrtc_encoder_threads)
         if spec.sink == "livekit":

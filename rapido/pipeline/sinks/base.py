@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import queue
+import contextlib
+import os
 import threading
 from typing import Any, Protocol, runtime_checkable
 
 from rapido.pipeline.media import MediaChunk
 
+#: How much lower than the event loop an encoder thread runs (Linux thread nice value).
+ENCODER_NICE = 10
 
-def stop_worker(work: queue.Queue[Any], thread: threading.Thread, sentinel: object) -> None:
-    """Hand a sink's worker thread its stop sentinel and wait for it (blocking: call it
-    off the loop). The worker drains the queue until it sees the sentinel, so put() only
-    waits for one free slot; the liveness check guards against a worker that died."""
-    while True:
-        try:
-            work.put(sentinel, timeout=0.1)
-            break
-        except queue.Full:
-            if not thread.is_alive():
-                break
-    thread.join()
+
+def lower_thread_priority(nice: int = ENCODER_NICE) -> None:
+    """Make the calling thread yield the CPU to the event loop and the model worker.
+
+    With more runnable encoder threads than cores, the kernel shares the cores evenly,
+    so the loop thread (the clock, every stream's tick) waits behind a dozen encoders
+    and frames leave late while encoders still have slack (their queues hold a second).
+    A nice thread takes what the loop leaves. Linux only; elsewhere a no-op."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 class SinkError(RuntimeError):

@@ -1,8 +1,9 @@
 """Record one session to an MP4 file: H.264 video plus AAC mono audio.
 
-All PyAV work happens on one worker thread per recorder; the event loop only puts
-chunks on a bounded queue, so a slow disk or an encoder that falls behind can never
-stall the stream clock.
+All PyAV work happens on the recorder's lane of an :class:`EncoderPool` (the node's
+few shared encoder threads; one thread at a time per lane, in order); the event loop
+only puts chunks on the bounded lane, so a slow disk or an encoder that falls behind
+can never stall the stream clock.
 
 The file is a fragmented MP4 cut at every keyframe, and a keyframe is forced once a
 second, so a crash (or a copy taken while recording) leaves a file that plays up to
@@ -26,12 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import av
 import numpy as np
@@ -40,7 +39,8 @@ from av.container import OutputContainer
 from av.video.stream import VideoStream
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
-from rapido.pipeline.sinks.base import SinkError, stop_worker
+from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.pool import EncoderPool, Lane
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,6 @@ MOVFLAGS: Final = "frag_keyframe+empty_moov+default_base_moof+delay_moov"
 #: Silence to fill a gap left by dropped chunks is written in blocks of at most this
 #: many samples, so a long jump in frame index does not allocate one huge array.
 _SILENCE_BLOCK: Final = AUDIO_RATE
-
-#: Put on the queue by ``aclose`` after the last chunk: the worker finalises and exits.
-_STOP: Final = object()
 
 
 class RecorderSink:
@@ -76,10 +73,13 @@ class RecorderSink:
         max_queue: int = 250,
         audio_bitrate: int = 64_000,
         threads: int = 0,
+        pool: EncoderPool | None = None,
     ) -> None:
         """``audio_rate`` is the rate of the chunks' audio and of the AAC track (no
         resampling). ``threads`` is libx264's thread count; 0 lets libx264 choose, which
-        is per-core and may be too many when dozens of recorders share a machine."""
+        is per-core and may be too many when dozens of recorders share a machine.
+        ``pool`` is the node's shared encoder pool; without one the recorder runs a
+        one-thread pool of its own."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             # yuv420p halves both chroma dimensions; libx264 rejects odd sizes.
             raise ValueError(f"width and height must be positive and even, got {width}x{height}")
@@ -100,8 +100,10 @@ class RecorderSink:
         self._video_tb = Fraction(1, fps)
         self._audio_tb = Fraction(1, audio_rate)
 
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
+        self._max_queue = max_queue
+        self._pool = pool
+        self._own_pool: EncoderPool | None = None
+        self._lane: Lane | None = None
         self._container: OutputContainer | None = None
         self._vstream: VideoStream | None = None
         self._astream: AudioStream | None = None
@@ -142,21 +144,20 @@ class RecorderSink:
             await asyncio.to_thread(self._open)
         except Exception as exc:
             raise SinkError(f"cannot record to {self.path}: {exc}") from exc
+        pool = self._pool
+        if pool is None:
+            pool = self._own_pool = EncoderPool(1, name="rapido-recorder")
+        self._lane = pool.lane(self._handle, max_queue=self._max_queue,
+                               name=f"recorder {self.path.name}")
         self._started = True
-        self._thread = threading.Thread(
-            target=self._run, name=f"rapido-recorder:{self.path.name}", daemon=True
-        )
-        self._thread.start()
 
     def write(self, chunk: MediaChunk) -> None:
         """Queue ``chunk`` for encoding; never blocks and never raises for recording
         problems, because a failed recording must not stop the live stream."""
-        if not self._started or self._closed or self._error is not None:
+        if not self._started or self._closed or self._error is not None or self._lane is None:
             self._discard()
             return
-        try:
-            self._queue.put_nowait(chunk)
-        except queue.Full:
+        if not self._lane.put(chunk):
             self._dropped += 1
             self._dropped_since_log += 1
             now = time.monotonic()
@@ -215,7 +216,7 @@ class RecorderSink:
             "dropped_frames": self._dropped,
             "discarded_frames": self._discarded,
             "out_of_order_frames": self._out_of_order,
-            "queue_depth": self._queue.qsize(),
+            "queue_depth": self._lane.qsize() if self._lane is not None else 0,
             "bytes": size,
             "interrupts": self._interrupts,
             "error": None if err is None else f"{type(err).__name__}: {err}",
@@ -237,14 +238,17 @@ class RecorderSink:
         await asyncio.shield(self._close_task)
 
     async def _finish(self) -> None:
-        if self._thread is not None:
-            await asyncio.to_thread(self._stop_and_join, self._thread)
+        lane = self._lane
+        if lane is not None:
+            # Nothing is put after _closed: encode what is queued, then finalise (the
+            # lane is idle, so no pool thread touches the container any more).
+            await asyncio.to_thread(lane.join)
+            await asyncio.to_thread(self._finalise)
         elif self._container is not None:
-            # start() was cancelled after opening but before the worker started.
+            # start() was cancelled after opening but before the lane existed.
             await asyncio.to_thread(self._close_container)
-
-    def _stop_and_join(self, thread: threading.Thread) -> None:
-        stop_worker(self._queue, thread, _STOP)
+        if self._own_pool is not None:
+            await asyncio.to_thread(self._own_pool.close)
 
     # -- worker thread side ----------------------------------------------------------
 
@@ -284,22 +288,16 @@ class RecorderSink:
         self._vstream = vstream
         self._astream = astream
 
-    def _run(self) -> None:
+    def _handle(self, chunk: MediaChunk) -> None:
+        """One chunk, on the recorder's lane."""
+        if self._error is not None:
+            # Keep draining so that aclose() and write() never wait on a dead encoder;
+            # what is left is lost anyway.
+            return
         try:
-            while True:
-                item = self._queue.get()
-                if item is _STOP:
-                    break
-                if self._error is not None:
-                    # Keep draining so that aclose() and write() never wait on a dead
-                    # encoder; what is left is lost anyway.
-                    continue
-                try:
-                    self._encode(cast(MediaChunk, item))
-                except Exception as exc:
-                    self._fail("encoding", exc)
-        finally:
-            self._finalise()
+            self._encode(chunk)
+        except Exception as exc:
+            self._fail("encoding", exc)
 
     def _encode(self, chunk: MediaChunk) -> None:
         assert self._container is not None
@@ -321,7 +319,9 @@ class RecorderSink:
             return
 
         picture = chunk.video
-        vframe = av.VideoFrame.from_ndarray(picture.data, format="yuv420p")
+        # A view, not a copy (see WebRtcSink._encode): libx264 copies its input.
+        vframe = av.VideoFrame.from_numpy_buffer(
+            np.ascontiguousarray(picture.data), format="yuv420p", width=picture.width)
         if (picture.width, picture.height) != (self.width, self.height):
             vframe = vframe.reformat(width=self.width, height=self.height)
         vframe.pts = rel

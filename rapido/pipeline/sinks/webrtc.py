@@ -7,9 +7,11 @@ each viewer's sender gets a :class:`PacketTrack` whose ``recv()`` returns the sh
 ``av.Packet``: for a packet (not a frame) aiortc only packetises (``encoder.pack``),
 so the per-viewer cost is RTP framing and SRTP, not encoding.
 
-Threads: the event loop only queues chunks (``write`` returns at once); one worker
-thread per sink owns every encoder and hands finished packets back to the loop with
-``call_soon_threadsafe``, where they are fanned out to the viewers' queues.
+Threads: the event loop only queues chunks (``write`` returns at once) on the sink's
+lane of the node's :class:`EncoderPool` (a few threads shared by every sink, one lane
+handled by one thread at a time, in order); the lane owns the sink's encoders and
+hands finished packets back to the loop with ``call_soon_threadsafe``, where they are
+fanned out to the viewers' queues.
 
 Timestamps: video pts is ``index`` frames at 90 kHz, audio pts is ``index * samples
 per frame`` at 48 kHz, so the two streams of one chunk carry the same instant and are
@@ -37,8 +39,6 @@ import asyncio
 import fractions
 import logging
 import multiprocessing
-import queue
-import threading
 import time
 import uuid
 from collections import deque
@@ -64,7 +64,8 @@ from av.video.codeccontext import VideoCodecContext
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
 from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
-from rapido.pipeline.sinks.base import SinkError, stop_worker
+from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.pool import EncoderPool, Lane
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ VIDEO_CODECS: Final = (H264, VP8)
 #: Packets a viewer may have waiting (about 2 s of video): a viewer whose connection
 #: stalls this long is resynchronised at the next keyframe rather than buffered forever.
 VIEWER_QUEUE: Final = 50
-
-_STOP: Final = object()
 
 
 class InvalidOffer(ValueError):
@@ -199,6 +198,7 @@ class WebRtcSink:
         min_bitrate: int | None = None,
         min_fps: float | None = None,
         warm: bool = False,
+        pool: EncoderPool | None = None,
     ) -> None:
         """``threads`` is each video encoder's thread count; 0 lets the codec choose
         (one per core, too many once dozens of streams share a machine).
@@ -207,7 +207,8 @@ class WebRtcSink:
         ``min_bitrate`` and ``min_fps`` its floors (by default the ceilings: no
         adaptation). ``warm`` keeps an H.264 and an Opus encoder running with no
         viewer, so a viewer's first picture is the next keyframe, not an encoder
-        start (and so a benchmark measures real encoding)."""
+        start (and so a benchmark measures real encoding). ``pool`` is the node's
+        shared encoder pool; without one the sink runs a one-thread pool of its own."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even, got {width}x{height}")
         if max_queue < 1:
@@ -232,8 +233,10 @@ class WebRtcSink:
         self._dropped_seen = 0
 
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
+        self._max_queue = max_queue
+        self._pool = pool
+        self._own_pool: EncoderPool | None = None
+        self._lane: Lane | None = None
         self._started = False
         self._closed = False
 
@@ -271,12 +274,14 @@ class WebRtcSink:
             except Exception as exc:
                 raise SinkError(f"encoder {name} is not available: {exc}") from exc
         self._loop = asyncio.get_running_loop()
+        pool = self._pool
+        if pool is None:
+            pool = self._own_pool = EncoderPool(1, name="rapido-webrtc")
+        self._lane = pool.lane(self._handle, max_queue=self._max_queue, name="webrtc sink")
         self._started = True
-        self._thread = threading.Thread(target=self._run, name="rapido-webrtc", daemon=True)
-        self._thread.start()
 
     def write(self, chunk: MediaChunk) -> None:
-        if not self._started or self._closed:
+        if not self._started or self._closed or self._lane is None:
             return
         self._frames_in += 1
         if not self._wanted and not self._encoders:
@@ -284,22 +289,14 @@ class WebRtcSink:
             # still open the chunk goes on, so the worker sees they are unwanted and
             # closes them.)
             return
-        try:
-            self._queue.put_nowait(chunk)
-        except queue.Full:
+        if not self._lane.put(chunk):
             # Dropping the whole chunk keeps audio and video of what is sent together.
             self._dropped += 1
 
     def interrupt(self) -> None:
         self._interrupts += 1
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:  # pragma: no cover - aclose already running
-                self._queue.put_nowait(item)
-                break
+        if self._lane is not None:
+            self._lane.clear()
         for tracks in self._consumers.values():
             for track in tracks:
                 track.flush()
@@ -326,7 +323,7 @@ class WebRtcSink:
             "frames_encoded": self._frames_encoded,
             "video_frames_encoded": self._video_frames,
             "dropped_frames": self._dropped,
-            "queue_depth": self._queue.qsize(),
+            "queue_depth": self._lane.qsize() if self._lane is not None else 0,
             "interrupts": self._interrupts,
             "quality": self.quality.quality().as_json(),
             "receivers": self.quality.receivers(),
@@ -340,7 +337,7 @@ class WebRtcSink:
         sink's own encoder dropped chunks since the last sample (it is not keeping up,
         whatever the node says), or to its queue's fill."""
         now = time.monotonic() if now is None else now
-        own = self._queue.qsize() / max(1, self._queue.maxsize)
+        own = (self._lane.qsize() if self._lane is not None else 0) / self._max_queue
         if self._dropped > self._dropped_seen:
             own = 1.5
             self._dropped_seen = self._dropped
@@ -380,12 +377,14 @@ class WebRtcSink:
         self._closed = True
         await asyncio.gather(*(self.remove_viewer(v) for v in list(self.viewers)),
                              return_exceptions=True)
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(self._stop_and_join, thread)
-
-    def _stop_and_join(self, thread: threading.Thread) -> None:
-        stop_worker(self._queue, thread, _STOP)
+        lane = self._lane
+        if lane is not None:
+            # Nothing is put after _closed; wait for what is in hand, then let go of
+            # the encoders (the lane is idle, so no worker touches them any more).
+            await asyncio.to_thread(lane.join)
+            self._encoders.clear()
+        if self._own_pool is not None:
+            await asyncio.to_thread(self._own_pool.close)
 
     # -- viewers ---------------------------------------------------------------------
 
@@ -491,31 +490,26 @@ class WebRtcSink:
 
     # -- worker thread -----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _handle(self, chunk: MediaChunk) -> None:
+        """One chunk, on the sink's lane (one pool thread at a time, in order)."""
         loop = self._loop
         assert loop is not None
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            chunk = cast(MediaChunk, item)
+        try:
+            out = self._encode(chunk)
+        except Exception as exc:
+            # A broken encoder is rebuilt on the next chunk (and starts with a
+            # keyframe), rather than ending the stream for every viewer.
+            if self._error is None:
+                log.exception("webrtc sink: encoding failed")
+            self._error = exc
+            self._encoders.clear()
+            return
+        self._frames_encoded += 1
+        if out:
             try:
-                out = self._encode(chunk)
-            except Exception as exc:
-                # A broken encoder is rebuilt on the next chunk (and starts with a
-                # keyframe), rather than ending the stream for every viewer.
-                if self._error is None:
-                    log.exception("webrtc sink: encoding failed")
-                self._error = exc
-                self._encoders.clear()
-                continue
-            self._frames_encoded += 1
-            if out:
-                try:
-                    loop.call_soon_threadsafe(self._deliver, out)
-                except RuntimeError:  # the loop is gone: the node is stopping
-                    break
-        self._encoders.clear()
+                loop.call_soon_threadsafe(self._deliver, out)
+            except RuntimeError:  # the loop is gone: the node is stopping
+                pass
 
     def _sync_encoders(self) -> None:
         wanted = self._wanted

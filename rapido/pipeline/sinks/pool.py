@@ -1,0 +1,141 @@
+"""A few encoder threads shared by every sink of a node, each sink's work in order.
+
+One thread per sink was simple, but with a dozen encoding streams on two cores the
+threads fight the event loop for the GIL: every encoder thread that comes back from
+C code (where libx264 runs without the GIL) waits its turn, and so does the loop,
+whose clock then sends frames late although the cores are not full. A pool of about
+one thread per core does the same encoding with a fraction of the contention.
+
+Order: each sink owns a :class:`Lane`. A lane is in the pool's ready queue at most
+once (its ``scheduled`` flag, under the lane's lock), so only one worker runs a lane
+at a time and its items are handled in the order they were put. A worker handles a
+few items of a lane and then puts it back at the end of the ready queue, so one busy
+stream cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+from rapido.pipeline.sinks.base import lower_thread_priority
+
+log = logging.getLogger(__name__)
+
+#: Items of one lane a worker handles before giving the others a turn.
+BURST: Final = 4
+
+
+class Lane:
+    """One sink's ordered, bounded work queue on an :class:`EncoderPool`."""
+
+    def __init__(self, pool: EncoderPool, handler: Callable[[Any], None], max_queue: int,
+                 name: str) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        self.pool = pool
+        self.name = name
+        self.max_queue = max_queue
+        self._handler = handler
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False (and nothing queued) when the lane is full."""
+        with self._lock:
+            if len(self._items) >= self.max_queue:
+                return False
+            self._items.append(item)
+            if not self._scheduled:
+                self._scheduled = True
+                self._idle.clear()
+                self.pool._schedule(self)
+        return True
+
+    def clear(self) -> int:
+        """Drop what is queued and not yet handled (barge-in); returns how many."""
+        with self._lock:
+            n = len(self._items)
+            self._items.clear()
+            return n
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until everything put so far is handled (call it off the loop)."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        """In a worker: handle up to BURST items, then yield the worker."""
+        for _ in range(BURST):
+            with self._lock:
+                if not self._items:
+                    self._scheduled = False
+                    self._idle.set()
+                    return
+                item = self._items.popleft()
+            try:
+                self._handler(item)
+            except Exception:  # a handler's own errors are its business; never the pool's
+                log.exception("encoder pool: %s failed on an item", self.name)
+        with self._lock:
+            if not self._items:
+                self._scheduled = False
+                self._idle.set()
+                return
+        self.pool._schedule(self)  # still scheduled: back of the line
+
+
+class EncoderPool:
+    """``threads`` workers, started on first use, at a lower priority than the loop."""
+
+    def __init__(self, threads: int, name: str = "rapido-encode") -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        self.threads = threads
+        self.name = name
+        self._ready: queue.SimpleQueue[Lane | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def lane(self, handler: Callable[[Any], None], *, max_queue: int, name: str) -> Lane:
+        if self._closed:
+            raise RuntimeError("the encoder pool is closed")
+        with self._lock:
+            if not self._workers:
+                for i in range(self.threads):
+                    t = threading.Thread(target=self._work, name=f"{self.name}-{i}",
+                                         daemon=True)
+                    t.start()
+                    self._workers.append(t)
+        return Lane(self, handler, max_queue, name)
+
+    def _schedule(self, lane: Lane) -> None:
+        self._ready.put(lane)
+
+    def _work(self) -> None:
+        lower_thread_priority()
+        while True:
+            lane = self._ready.get()
+            if lane is None:
+                return
+            lane._run()
+
+    def close(self) -> None:
+        """Stop the workers once the lanes queued before now are done (blocking)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._workers:
+            self._ready.put(None)
+        for t in self._workers:
+            t.join()
