@@ -136,6 +136,18 @@ def test_overload_steps_frame_rate_down_quickly_and_up_slowly() -> None:
     assert q.quality().limited_by is None
 
 
+def test_steps_up_only_while_the_projected_load_fits() -> None:
+    q = QualityController(B)
+    t = feed_load(q, 1.2, 0.0, 10.0)
+    assert q.quality().fps == Fraction(25, 2)
+    # 0.7 at 12.5 fps projects to 0.84 at 15: up; at 15 it projects to 0.93: hold.
+    t = feed_load(q, 0.7, t, 30.0)
+    assert q.quality().fps == 15
+    # A lighter node (0.6: 0.8 at 20, 0.75 at 25) climbs all the way.
+    feed_load(q, 0.6, t, 30.0)
+    assert q.quality().fps == 25
+
+
 def test_load_between_thresholds_holds_the_rate() -> None:
     q = QualityController(B)
     t = feed_load(q, 1.0, 0.0, 1.6)

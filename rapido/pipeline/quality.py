@@ -16,8 +16,9 @@ can take and is resynchronised at a keyframe when its queue overflows.
 Frame rate (the node): the load sample is the share of the node's CPU in use, or
 1.0 and more when frames leave late. Above ``high_load`` for ``down_after_s`` the
 frame rate takes one step down a ladder (25 → 20 → 15 → 12.5 ... down to the floor);
-below ``low_load`` for ``up_after_s`` it takes one step back up. Down is quick and up
-is slow; a step up that is undone within ``probe_window_s`` was a failed probe and
+when the load scaled to the next rung up (``load x next/current``, as if all of it
+grew with the frame rate, which overstates it) stays below ``high_load`` for
+``up_after_s`` it takes one step back up. Down is quick and up is slow; a step up that is undone within ``probe_window_s`` was a failed probe and
 doubles the wait before the next one (up to ``max_up_wait_s``), so a node whose limit
 sits between two rungs settles instead of oscillating. Fewer encoded frames is what
 frees CPU; bitrate barely changes an encoder's cost, frame rate does almost linearly.
@@ -112,7 +113,6 @@ class _Applied:
 class QualityController:
     bounds: QualityBounds
     high_load: float = 0.85
-    low_load: float = 0.6
     down_after_s: float = 1.0
     up_after_s: float = 5.0
     probe_window_s: float = 10.0
@@ -135,8 +135,8 @@ class QualityController:
     changes: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.low_load < self.high_load:
-            raise ValueError("load thresholds must satisfy 0 <= low < high")
+        if not self.high_load > 0:
+            raise ValueError("high_load must be > 0")
         self._ladder = self.bounds.ladder()
         self._up_wait = self.up_after_s
 
@@ -188,7 +188,8 @@ class QualityController:
                         self._up_wait = min(self.max_up_wait_s, 2 * self._up_wait)
                         self._last_up = None
                 self._over_since = now  # the next step needs another full period
-        elif load < self.low_load:
+        elif self._rung > 0 and load * self._ladder[self._rung - 1] / self._ladder[self._rung] \
+                < self.high_load:
             self._over_since = None
             if self._under_since is None:
                 self._under_since = now
