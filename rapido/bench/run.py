@@ -101,7 +101,7 @@ class BenchResult:
     # -- added with adaptive quality -------------------------------------------------------
     #: Chunks a sink dropped because its encoder fell behind (real time needs 0).
     sink_dropped: int = 0
-    #: Pictures encoded per second, slowest stream (webrtc sink; None for others).
+    #: Pictures encoded per second, slowest stream (webrtc, record; None for others).
     encoded_fps_min: float | None = None
     #: Mean publisher quality score at the end of the window (None: no publisher).
     quality_score: float | None = None
@@ -277,7 +277,7 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
     return _Snap(
         frames=[st.session.counters.frames_out for st in sts],
         sink_dropped=[int(st.session.sink.stats().get("dropped_frames", 0)) for st in sts],
-        encoded=[st.session.sink.stats().get("video_frames_encoded") for st in sts],
+        encoded=[_encoded(st.session.sink.stats()) for st in sts],
         underruns=[st.session.jb.stats.underruns for st in sts],
         lat=_hist_snapshot(metrics), ticks=_hist_snapshot(metrics, "clock_tick_seconds"),
         batch=_hist_snapshot(metrics, "batch_size"),
@@ -285,6 +285,12 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
         wait_sum=wait_sum, wait_count=wait_count,
         batcher=dict(info.get("batcher") or {}),
     )
+
+
+def _encoded(stats: dict[str, Any]) -> int | None:
+    """Pictures a sink has encoded so far (None for a sink that encodes nothing)."""
+    n = stats.get("video_frames_encoded", stats.get("frames_written"))
+    return None if n is None else int(n)
 
 
 def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Metrics,

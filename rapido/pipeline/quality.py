@@ -18,14 +18,16 @@ Frame rate (the node): the load sample is the share of the node's CPU in use, or
 frame rate takes one step down a ladder (25 → 20 → 15 → 12.5 ... down to the floor);
 when the load scaled to the next rung up (``load x next/current``, as if all of it
 grew with the frame rate, which overstates it) stays below ``high_load`` for
-``up_after_s`` it takes one step back up. Down is quick and up is slow; a step up that is undone within ``probe_window_s`` was a failed probe and
-doubles the wait before the next one (up to ``max_up_wait_s``), so a node whose limit
-sits between two rungs settles instead of oscillating. Fewer encoded frames is what
+``up_after_s`` it takes one step back up. Down is quick and up is slow; a step up
+that is undone within ``probe_window_s`` was a failed probe and doubles the wait
+before the next one (up to ``max_up_wait_s``), so a node whose limit sits between
+two rungs settles instead of oscillating. Fewer encoded frames is what
 frees CPU; bitrate barely changes an encoder's cost, frame rate does almost linearly.
 
 Changes reach the encoder at most once per ``min_interval_s`` (a frame rate step
 down, which relieves an overloaded node, at once) and only when the bitrate moved by
-``min_change`` or the frame rate changed: re-opening an encoder costs a keyframe.
+``min_change`` or the frame rate changed: re-opening an encoder (which a bitrate
+change needs) costs a keyframe; a frame rate change only thins the frames encoded.
 
 Score: ``fps/max_fps x (0.5 + 0.5 x b)`` where ``b`` places the bitrate between the
 bounds on a log scale (0 at the floor, 1 at the ceiling): 1.0 is full quality, half
