@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
+from rapido.pipeline.sinks.base import ENCODER_NICE
 from rapido.pipeline.sinks.pool import EncoderPool
 
 
@@ -102,3 +104,20 @@ def test_bad_settings_and_closed_pool() -> None:
     pool.close()
     with pytest.raises(RuntimeError):
         pool.lane(lambda i: None, max_queue=1, name="x")
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are Linux-only")
+def test_workers_run_below_the_event_loop() -> None:
+    pool = EncoderPool(2)
+    pool.lane(lambda i: None, max_queue=1, name="x")
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        for t in pool._workers:
+            assert t.native_id is not None
+            for _ in range(100):  # the worker sets its own priority as it starts
+                if os.getpriority(os.PRIO_PROCESS, t.native_id) != mine:
+                    break
+                time.sleep(0.01)
+            assert os.getpriority(os.PRIO_PROCESS, t.native_id) == min(19, mine + ENCODER_NICE)
+    finally:
+        pool.close()

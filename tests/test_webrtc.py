@@ -456,7 +456,11 @@ async def test_a_falling_behind_encoder_counts_as_load() -> None:
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
         assert sink.stats()["dropped_frames"] > 0
         sink.adapt(0.0, 0.0)
-        sink._dropped += 1  # and it goes on dropping
+        # Dropped chunks are stutter: the score says so even before any adaptation.
+        assert sink.quality_score() < 0.5
+        assert sink.stats()["quality"]["score"] == round(sink.quality_score(), 3)
+        for i in range(50, 100):  # and it goes on dropping
+            sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
         sink.adapt(0.0, 1.1)
         assert sink.stats()["quality"]["fps"] < 25
     finally:

@@ -148,6 +148,9 @@ class LiveKitSink:
             min_fps=fps if min_fps is None else min_fps, max_fps=fps))
         self._fps_target = self.quality.update(time.monotonic()).fps
         self._backlog_seen = 0
+        self._captured_seen = 0
+        #: Share of the last interval's chunks not dropped from the backlog.
+        self._delivered = 1.0
         self._token_factory = token_factory
         self._connect_timeout = connect_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
@@ -281,16 +284,21 @@ class LiveKitSink:
         """One load sample: the node's, or this sink's backlog if it is worse."""
         now = time.monotonic() if now is None else now
         own = len(self._pending) / self._max_pending
-        if self.dropped_backlog > self._backlog_seen:
+        dropped = self.dropped_backlog - self._backlog_seen
+        taken = self.audio_frames_captured - self._captured_seen + dropped
+        self._backlog_seen, self._captured_seen = self.dropped_backlog, \
+            self.audio_frames_captured
+        self._delivered = 1.0 - dropped / taken if taken else 1.0
+        if dropped:
             own = 1.5
-            self._backlog_seen = self.dropped_backlog
         self.quality.on_load(max(node_load, own), now)
         q = self.quality.update(now)
         self._fps_target = q.fps
         return q
 
     def quality_score(self) -> float:
-        return self.quality.quality().score
+        """The controller's score, less the chunks dropped from the backlog lately."""
+        return self.quality.quality().score * self._delivered
 
     def stats(self) -> dict[str, Any]:
         queued = self._audio.queued_duration if self._audio is not None else 0.0
@@ -313,7 +321,8 @@ class LiveKitSink:
             "interrupts": self.interrupts,
             "video_codec": self.video_codec,
             "frames_thinned": self.frames_thinned,
-            "quality": self.quality.quality().as_json(),
+            "quality": {**self.quality.quality().as_json(),
+                        "score": round(self.quality_score(), 3)},
         }
 
     # -- pushing ---------------------------------------------------------------------

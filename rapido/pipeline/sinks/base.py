@@ -21,8 +21,11 @@ def lower_thread_priority(nice: int = ENCODER_NICE) -> None:
     and frames leave late while encoders still have slack (their queues hold a second).
     A nice thread takes what the loop leaves. Linux only; elsewhere a no-op."""
     if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        tid = threading.get_native_id()
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            # Relative to what the thread inherited (a niced node stays below its loop).
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 class SinkError(RuntimeError):

@@ -231,6 +231,9 @@ class WebRtcSink:
         # What the worker encodes at: replaced whole by the loop (atomic), read per frame.
         self._target: tuple[int, Fraction] = (first.bitrate, first.fps)
         self._dropped_seen = 0
+        self._in_seen = 0
+        #: Share of the last interval's chunks the encoder took (drops are stutter).
+        self._delivered = 1.0
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue = max_queue
@@ -325,7 +328,8 @@ class WebRtcSink:
             "dropped_frames": self._dropped,
             "queue_depth": self._lane.qsize() if self._lane is not None else 0,
             "interrupts": self._interrupts,
-            "quality": self.quality.quality().as_json(),
+            "quality": {**self.quality.quality().as_json(),
+                        "score": round(self.quality_score(), 3)},
             "receivers": self.quality.receivers(),
             "error": None if err is None else f"{type(err).__name__}: {err}",
         }
@@ -338,14 +342,18 @@ class WebRtcSink:
         whatever the node says), or to its queue's fill."""
         now = time.monotonic() if now is None else now
         own = (self._lane.qsize() if self._lane is not None else 0) / self._max_queue
-        if self._dropped > self._dropped_seen:
+        dropped, taken = self._dropped - self._dropped_seen, self._frames_in - self._in_seen
+        self._dropped_seen, self._in_seen = self._dropped, self._frames_in
+        self._delivered = 1.0 - dropped / taken if taken else 1.0
+        if dropped:
             own = 1.5
-            self._dropped_seen = self._dropped
         self.quality.on_load(max(node_load, own), now)
         return self._retarget(now)
 
     def quality_score(self) -> float:
-        return self.quality.quality().score
+        """The controller's score, less the chunks an overrun encoder dropped lately
+        (those are stutter, not a chosen lower frame rate)."""
+        return self.quality.quality().score * self._delivered
 
     def _retarget(self, now: float) -> Quality:
         q = self.quality.update(now)
