@@ -230,7 +230,7 @@ async def test_own_backlog_counts_as_load() -> None:
             sink.write(_chunk(i))
         assert sink.dropped_backlog > 0
         sink.adapt(0.0, 0.0)
-        assert sink.quality_score() < 0.5  # most chunks were dropped: stutter
+        assert sink.quality_score() < 0.8  # most chunks dropped: stutter (smoothed)
         sink.write(_chunk(30))  # still dropping
         sink.adapt(0.0, 1.1)
         assert sink.stats()["quality"]["fps"] < 25

@@ -457,7 +457,7 @@ async def test_a_falling_behind_encoder_counts_as_load() -> None:
         assert sink.stats()["dropped_frames"] > 0
         sink.adapt(0.0, 0.0)
         # Dropped chunks are stutter: the score says so even before any adaptation.
-        assert sink.quality_score() < 0.5
+        assert sink.quality_score() < 0.8  # smoothed: a third of the way per sample
         assert sink.stats()["quality"]["score"] == round(sink.quality_score(), 3)
         for i in range(50, 100):  # and it goes on dropping
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))

@@ -31,6 +31,7 @@ from rapido.config import Config
 from rapido.engine import Engine
 from rapido.gpu.avatar import Avatar
 from rapido.metrics import Metrics
+from rapido.pipeline.quality import QualityController
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 
 INPUT_RATE = 16_000
@@ -103,7 +104,8 @@ class BenchResult:
     sink_dropped: int = 0
     #: Pictures encoded per second, slowest stream (webrtc, record; None for others).
     encoded_fps_min: float | None = None
-    #: Mean publisher quality score at the end of the window (None: no publisher).
+    #: Mean publisher quality score at the end of the window, times the share of the
+    #: window's chunks the sinks did not drop (None: no publisher).
     quality_score: float | None = None
     adaptive: bool = False
 
@@ -323,8 +325,13 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
     enc = [(e1 - e0) / wall for e0, e1 in zip(a.encoded, b.encoded, strict=True)
            if e0 is not None and e1 is not None]
     encoded_fps_min = round(min(enc), 2) if enc else None
-    scores = [st.session.sink.quality_score() for st in sts
-              if hasattr(st.session.sink, "quality_score")]
+    # The controllers' scores at the end of the window, less the share of the window's
+    # chunks the encoders dropped (stutter; the sinks' own figure covers only the last
+    # second or so, too short for a run).
+    shown = sum(f1 - f0 for f0, f1 in zip(a.frames, b.frames, strict=True))
+    delivered = 1.0 - sink_dropped / shown if shown else 1.0
+    scores = [q.quality().score * delivered for st in sts
+              if isinstance(q := getattr(st.session.sink, "quality", None), QualityController)]
     # Real time for an encoder: every picture (or, with --adaptive, at least min_fps).
     encoding_ok = encoded_fps_min is None or \
         encoded_fps_min >= config.min_fps - report.REALTIME_FPS_SLACK

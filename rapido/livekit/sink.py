@@ -288,7 +288,9 @@ class LiveKitSink:
         taken = self.audio_frames_captured - self._captured_seen + dropped
         self._backlog_seen, self._captured_seen = self.dropped_backlog, \
             self.audio_frames_captured
-        self._delivered = 1.0 - dropped / taken if taken else 1.0
+        # Smoothed over a few seconds: drops come in bursts (a full queue), not evenly.
+        self._delivered = 0.7 * self._delivered + 0.3 * (1.0 - dropped / taken if taken
+                                                          else 1.0)
         if dropped:
             own = 1.5
         self.quality.on_load(max(node_load, own), now)

@@ -344,7 +344,9 @@ class WebRtcSink:
         own = (self._lane.qsize() if self._lane is not None else 0) / self._max_queue
         dropped, taken = self._dropped - self._dropped_seen, self._frames_in - self._in_seen
         self._dropped_seen, self._in_seen = self._dropped, self._frames_in
-        self._delivered = 1.0 - dropped / taken if taken else 1.0
+        # Smoothed over a few seconds: drops come in bursts (a full queue), not evenly.
+        self._delivered = 0.7 * self._delivered + 0.3 * (1.0 - dropped / taken if taken
+                                                          else 1.0)
         if dropped:
             own = 1.5
         self.quality.on_load(max(node_load, own), now)
