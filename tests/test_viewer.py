@@ -140,6 +140,11 @@ async def test_demo_plays_in_chromium_and_the_mouth_moves(
     fps = float(await page.text_content("#st-fps") or "0")
     assert 15 <= fps <= 35, fps
     assert (await page.text_content("#st-underruns") or "").strip().isdigit()
+    # The publisher's adaptive quality, from the session's stats: "1.00 · 25 fps · ..".
+    await page.wait_for_function(
+        "() => document.getElementById('st-quality').textContent.includes('fps')",
+        timeout=5_000)
+    assert " fps · " in (await page.text_content("#st-quality") or "")
     assert (await page.text_content("#st-av") or "").endswith(")")  # "<n> ms (from ..)"
     assert not errors, errors
 

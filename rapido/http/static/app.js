@@ -216,6 +216,10 @@ async function updateStats(v) {
     if (viewer !== v) return;
     $("st-state").textContent = s.state;
     $("st-underruns").textContent = String(s.stats.underruns);
+    const q = s.stats.sink && s.stats.sink.quality;
+    $("st-quality").textContent = q ?
+      `${q.score.toFixed(2)} · ${q.fps} fps · ${Math.round(q.bitrate / 1000)} kbps` +
+      (q.limited_by ? ` (${q.limited_by})` : "") : "–";
   } catch (e) {
     if (viewer === v) $("st-state").textContent = "gone";
   }
