@@ -111,6 +111,9 @@ class Engine:
             backend, blend, name = await loop.run_in_executor(None, self._open_model)
             self.renderer = LipSyncRenderer(
                 backend, blend=blend, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
+                # Several batches at once only where the backend allows it.
+                batch_workers=cfg.batch_workers if getattr(backend, "thread_safe", False)
+                else 1,
                 budget_ms=cfg.frame_budget_ms, batcher_metrics=self.metrics.batcher,
                 on_quality=self._on_render_quality, model_name=name)
             # Compositors are per avatar and take a moment: have them ready before /ready.

@@ -567,3 +567,34 @@ async def run_storm(storm: Storm) -> None:
 @given(storm=storms())
 def test_storm_of_streams_loses_and_duplicates_nothing(storm: Storm) -> None:
     asyncio.run(run_storm(storm))
+
+
+async def test_two_batches_in_flight_run_at_once_and_all_are_answered() -> None:
+    """With max_in_flight=2 a second batch starts while the first is still in the
+    model: a run_batch that waits for a partner only finishes if both run together."""
+
+    partner = threading.Barrier(2, timeout=5)
+    concurrent = []
+
+    def run(reqs: list[int]) -> list[int]:
+        try:
+            partner.wait()
+            concurrent.append(True)
+        except threading.BrokenBarrierError:
+            concurrent.append(False)
+        return [r * 10 for r in reqs]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch=2, max_wait_ms=0,
+                                                   max_in_flight=2)
+    async with batcher:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(batcher.submit(i, deadline=loop.time() + 10) for i in range(4)))
+        assert results == [0, 10, 20, 30]
+        assert concurrent[:2] == [True, True]
+        assert batcher.stats()["in_flight"] == 0
+
+
+def test_max_in_flight_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda reqs: reqs, max_in_flight=0)

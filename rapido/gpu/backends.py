@@ -66,7 +66,9 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
 
 @runtime_checkable
 class ModelBackend(Protocol):
-    """What the batcher drives. ``run`` is synchronous and called from one thread."""
+    """What the batcher drives. ``run`` is synchronous; it is called from one thread
+    unless the backend has a true ``thread_safe`` attribute, in which case up to
+    ``batch_workers`` batches may run at once, each from its own thread."""
 
     name: str
     device: str
@@ -126,6 +128,10 @@ class OnnxBackend:
     ``trt_cache_dir`` enables TensorRT's engine and timing caches there: building an
     engine takes minutes, loading a cached one seconds. ``max_batch`` defaults to the
     manifest's largest batch size and bounds both ``run`` and the TensorRT profile."""
+
+    #: onnxruntime's ``InferenceSession.run`` may be called from several threads, and
+    #: ``run`` below makes its I/O binding per call.
+    thread_safe = True
 
     def __init__(self, manifest: ModelManifest, *, providers: Sequence[str] | None = None,
                  intra_op_threads: int = 0, trt_cache_dir: Path | None = None,
@@ -223,7 +229,8 @@ class OnnxBackend:
     def _session_options(self, ort: Any) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One batch at a time from one thread: parallelism belongs inside each operator.
+        # Sequential inside a run: parallelism belongs inside each operator (and across
+        # runs, when the batcher has several batches in flight).
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.intra_op_num_threads = self._intra_op_threads
         so.inter_op_num_threads = 1
@@ -352,6 +359,8 @@ class _Graph:
 
 class TorchBackend:
     """A contract ``nn.Module`` served by torch; see the module docstring.
+
+    Not thread-safe: a captured CUDA graph replays from static input buffers.
 
     On CPU the dtype is forced to float32 (half-precision convolutions on CPU are slow
     or missing) and ``info()`` says so. On CUDA with ``cuda_graphs`` a batch is padded

@@ -314,8 +314,11 @@ class MicroBatcher(Generic[Req, Res]):
                  max_batch: int = 8, max_wait_ms: float = 30.0,
                  preferred_batch_sizes: tuple[int, ...] = (), name: str = "model",
                  metrics: BatcherMetrics | None = None,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, max_in_flight: int = 1) -> None:
         _check_sizes(max_batch, preferred_batch_sizes)
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.max_in_flight = max_in_flight
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.name = name
@@ -324,7 +327,7 @@ class MicroBatcher(Generic[Req, Res]):
         self._run_batch = run_batch
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"batcher-{name}")
+            max_workers=max_in_flight, thread_name_prefix=f"batcher-{name}")
         self._metrics = metrics
         if metrics is not None:
             self._m_size = metrics.batch_size.labels(name)
@@ -335,7 +338,9 @@ class MicroBatcher(Generic[Req, Res]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._running: asyncio.Future[None] | None = None  # done once a batch is answered
+        # One future per batch in the model, done once that batch is answered.
+        self._running: set[asyncio.Future[None]] = set()
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight = 0
         self._closed = False
         self._closing: asyncio.Task[None] | None = None
@@ -419,6 +424,8 @@ class MicroBatcher(Generic[Req, Res]):
                         async with asyncio.timeout_at(wake_at):
                             await wake.wait()
                 continue
+            await self._slots.acquire()
+            now = loop.time()  # the wait for a slot may have taken a while
             batch, expired = policy.take(now)
             for p in expired:
                 self._misses += 1
@@ -426,10 +433,12 @@ class MicroBatcher(Generic[Req, Res]):
                     self._m_miss.inc()
                 self._answer(p, DeadlineMiss(p.deadline, now))
             if batch:
-                await self._run(loop, batch, now)
+                self._run(loop, batch, now)  # releases the slot when answered
+            else:
+                self._slots.release()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[Req, Res]],
-                   now: float) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[Req, Res]],
+             now: float) -> None:
         self._batches += 1
         self._batched += len(batch)
         if self._metrics is not None:
@@ -442,21 +451,20 @@ class MicroBatcher(Generic[Req, Res]):
                                        [p.request for p in batch])
         except RuntimeError as exc:  # e.g. a given executor that was shut down
             self._fail(batch, f"could not start batch: {exc}", exc)
+            self._slots.release()
             return
-        self._running = done
-        self._in_flight = len(batch)
-        # Answering from a done-callback, not after the await, so that cancelling this
-        # task (aclose) can never lose the answers of a batch already in the model.
+        self._running.add(done)
+        self._in_flight += len(batch)
+        # Answering from a done-callback, so that cancelling the serving task (aclose)
+        # can never lose the answers of a batch already in the model.
         fut.add_done_callback(lambda f: self._finish(batch, f, done))
-        # wait() does not cancel `done` when this task is cancelled.
-        await asyncio.wait((done,))
 
     def _finish(self, batch: list[_Pending[Req, Res]],
                 fut: asyncio.Future[tuple[list[Res], float]], done: asyncio.Future[None]
                 ) -> None:
         try:
-            self._running = None
-            self._in_flight = 0
+            self._running.discard(done)
+            self._in_flight -= len(batch)
             if fut.cancelled():
                 self._fail(batch, "batch was cancelled in the executor", None)
                 return
@@ -477,6 +485,7 @@ class MicroBatcher(Generic[Req, Res]):
                 self._answer(p, result)
         finally:
             done.set_result(None)
+            self._slots.release()
 
     def _fail(self, batch: list[_Pending[Req, Res]], message: str,
               cause: BaseException | None) -> None:
@@ -529,8 +538,8 @@ class MicroBatcher(Generic[Req, Res]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._running is not None:
-            await asyncio.wait((self._running,))
+        if self._running:
+            await asyncio.wait(set(self._running))
         if self._own_executor:
             # The batch is answered, so the worker is idle and joins at once.
             self._executor.shutdown(wait=True)

@@ -94,6 +94,7 @@ class LipSyncRenderer:
         batcher_metrics: BatcherMetrics | None = None,
         on_quality: Any = None,
         model_name: str = "model",
+        batch_workers: int = 1,
     ) -> None:
         self.backend = backend
         self.spec = spec or MelSpec()
@@ -113,7 +114,7 @@ class LipSyncRenderer:
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             preferred_batch_sizes=tuple(s for s in backend.preferred_batch_sizes
                                         if s <= max_batch),
-            name=model_name, metrics=batcher_metrics)
+            name=model_name, metrics=batcher_metrics, max_in_flight=batch_workers)
 
     # -- the renderer seam ---------------------------------------------------------------
 
