@@ -109,7 +109,7 @@ class Config:
                       choices=("auto", "float32", "float16", "bfloat16"))
     max_batch: int = _opt(8, "largest model batch", lo=1, hi=256)
     max_wait_ms: float = _opt(30.0, "longest a frame waits for its batch to fill", lo=0, hi=1000)
-    batch_workers: int = _opt(2, "model batches running at once, each in its own thread "
+    batch_workers: int = _opt(1, "model batches running at once, each in its own thread "
                               "(ONNX backends; torch always runs one)", lo=1, hi=16)
     frame_budget_ms: float = _opt(120.0, "a speaking frame not rendered this long after its "
                                   "tick is shown idle (a deadline miss)", lo=10, hi=5000)
