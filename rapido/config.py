@@ -94,7 +94,10 @@ class Config:
     min_fps: float = _opt(12.5, "adaptive quality: lowest frame rate a publisher (webrtc or "
                           "LiveKit) sheds to while the node is overloaded (= fps: never)",
                           lo=1, hi=60)
-    webrtc_warm_encoders: bool = _opt(False, "keep an H.264 and an Opus encoder running per "
+    webrtc_warm_codec: str = _opt("h264", "the video codec webrtc_warm_encoders keeps running",
+                                  choices=("h264", "vp8"))
+    webrtc_warm_encoders: bool = _opt(False, "keep a video (webrtc_warm_codec) and an Opus "
+                                      "encoder running per "
                                       "webrtc stream even with no viewer")
     encoder_threads: int = _opt(0, "threads shared by every stream's encoding (record and "
                                 "webrtc sinks); 0 = one per core", lo=0, hi=256)

@@ -265,6 +265,7 @@ class Engine:
                               video_bitrate=cfg.webrtc_video_bitrate,
                               min_bitrate=cfg.webrtc_min_bitrate, min_fps=cfg.min_fps,
                               warm=cfg.webrtc_warm_encoders, pool=self.encoders,
+                              warm_codec=f"video/{cfg.webrtc_warm_codec}",
                               x264_preset=cfg.webrtc_x264_preset,
                               threads=cfg.webrtc_encoder_threads)
         if spec.sink == "livekit":

@@ -17,7 +17,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from rapido.http.whep import VIEWER_SECRET, mint_token
 from rapido.node import Node
 from rapido.pipeline.media import MediaChunk, VideoFrame
-from rapido.pipeline.sinks.webrtc import H264, OPUS, PacketTrack, WebRtcSink
+from rapido.pipeline.sinks.webrtc import H264, OPUS, VP8, PacketTrack, WebRtcSink
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
 
@@ -463,5 +463,21 @@ async def test_a_falling_behind_encoder_counts_as_load() -> None:
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
         sink.adapt(0.0, 1.1)
         assert sink.stats()["quality"]["fps"] < 25
+    finally:
+        await sink.aclose()
+
+
+async def test_warm_encoders_run_without_viewers_in_the_chosen_codec() -> None:
+    with pytest.raises(ValueError):
+        WebRtcSink(width=64, height=48, fps=25, warm=True, warm_codec="video/av1")
+    sink = WebRtcSink(width=64, height=48, fps=25, warm=True, warm_codec=VP8)
+    await sink.start()
+    picture = VideoFrame(np.full((72, 64), 128, np.uint8), 64, 48)
+    try:
+        for i in range(3):
+            sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
+        await wait_for(lambda: sink.stats()["video_frames_encoded"] == 3)
+        assert sink.stats()["encoders"] == {OPUS: 1, VP8: 1}
+        assert sink.stats()["viewers"] == 0
     finally:
         await sink.aclose()

@@ -198,6 +198,7 @@ class WebRtcSink:
         min_bitrate: int | None = None,
         min_fps: float | None = None,
         warm: bool = False,
+        warm_codec: str = H264,
         pool: EncoderPool | None = None,
     ) -> None:
         """``threads`` is each video encoder's thread count; 0 lets the codec choose
@@ -205,7 +206,8 @@ class WebRtcSink:
 
         ``video_bitrate`` and ``fps`` are the ceilings of adaptive quality,
         ``min_bitrate`` and ``min_fps`` its floors (by default the ceilings: no
-        adaptation). ``warm`` keeps an H.264 and an Opus encoder running with no
+        adaptation). ``warm`` keeps a ``warm_codec`` (H.264 or VP8) and an Opus
+        encoder running with no
         viewer, so a viewer's first picture is the next keyframe, not an encoder
         start (and so a benchmark measures real encoding). ``pool`` is the node's
         shared encoder pool; without one the sink runs a one-thread pool of its own."""
@@ -222,7 +224,10 @@ class WebRtcSink:
         self.x264_preset = x264_preset
         self.threads = threads
         self.max_viewers = max_viewers
-        self.warm = frozenset((H264, OPUS)) if warm else frozenset()
+        if warm_codec not in VIDEO_CODECS:
+            raise ValueError(f"warm_codec must be one of {', '.join(VIDEO_CODECS)}, "
+                             f"got {warm_codec!r}")
+        self.warm = frozenset((warm_codec, OPUS)) if warm else frozenset()
         self.quality = QualityController(QualityBounds(
             min_bitrate=video_bitrate if min_bitrate is None else min_bitrate,
             max_bitrate=video_bitrate,
