@@ -95,7 +95,11 @@ class Engine:
         self._cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                           else (os.cpu_count() or 1))
         # Every encoding sink's work runs on these few threads (see sinks/pool.py).
+        # Recorders get their own: they write to disk, and a stalled disk must not hold
+        # up the live streams' encoders.
         self.encoders = EncoderPool(config.encoder_threads or self._cores)
+        self.recorders = EncoderPool(config.encoder_threads or self._cores,
+                                     name="rapido-record")
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -168,8 +172,10 @@ class Engine:
             self._clock.cancel()
             await asyncio.gather(self._clock, return_exceptions=True)
             self._clock = None
-        # Last: every sink has finished its lane by now (their aclose waited for it).
+        # Last: sinks whose close is still running elsewhere (a DELETE) finish their
+        # lanes inside close(), which runs what is left before it returns.
         await asyncio.to_thread(self.encoders.close)
+        await asyncio.to_thread(self.recorders.close)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting; wait up to ``timeout_s`` for speech in flight to finish.
@@ -259,7 +265,7 @@ class Engine:
                                 preset=cfg.record_preset, crf=cfg.record_crf,
                                 # One thread per encode: the pool's threads are the
                                 # parallelism, across streams rather than inside one.
-                                threads=1, pool=self.encoders)
+                                threads=1, pool=self.recorders)
         if spec.sink == "webrtc":
             return WebRtcSink(width=cfg.width, height=cfg.height, fps=cfg.fps,
                               video_bitrate=cfg.webrtc_video_bitrate,

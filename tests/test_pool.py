@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rapido.pipeline.sinks.base import ENCODER_NICE
+from rapido.pipeline.sinks.base import ENCODER_NICE, SinkError
 from rapido.pipeline.sinks.pool import EncoderPool
 
 
@@ -102,8 +102,24 @@ def test_bad_settings_and_closed_pool() -> None:
     with pytest.raises(ValueError):
         pool.lane(lambda i: None, max_queue=0, name="x")
     pool.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SinkError):
         pool.lane(lambda i: None, max_queue=1, name="x")
+
+
+def test_close_finishes_every_queued_item_then_refuses_more() -> None:
+    """A lane with more than a burst queued requeues itself behind the stop markers;
+    close() must still see it through, or its sink's join() would wait forever."""
+    pool = EncoderPool(1)
+    done: list[int] = []
+    lane = pool.lane(lambda i: (time.sleep(0.002), done.append(i)), max_queue=100,
+                     name="long")
+    for i in range(10):
+        assert lane.put(i)
+    pool.close()
+    assert done == list(range(10))
+    assert lane.join(timeout=1)
+    assert lane.put(10) is False and lane.qsize() == 0
+    assert lane.join(timeout=1)
 
 
 @pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are Linux-only")

@@ -50,6 +50,7 @@ class _Stream:
     fed: int = 0  # samples of the utterance already given to the mel stream
     last_window: np.ndarray | None = None
     last_crop: np.ndarray | None = None
+    last_crop_index: int = -1  # with several batches in flight, keep the newest crop
     finished: bool = False
 
 
@@ -177,6 +178,7 @@ class LipSyncRenderer:
             st.mel.reset()
             st.utterance, st.fed, st.finished = job.utterance, 0, False
             st.last_window = st.last_crop = None
+            st.last_crop_index = -1
         start = job.utt_pos
         ahead = job.lookahead if job.lookahead is not None else job.audio[:0]
         end = start + job.real_samples + len(ahead)
@@ -206,8 +208,8 @@ class LipSyncRenderer:
             for k, crop in zip(model, out, strict=True):
                 crops[k] = crop
                 st = reqs[k].stream
-                if st is not None:
-                    st.last_crop = crop
+                if st is not None and reqs[k].job.index > st.last_crop_index:
+                    st.last_crop, st.last_crop_index = crop, reqs[k].job.index
         ready: list[np.ndarray] = []
         for crop in crops:
             assert crop is not None  # a request without a mel carries its repeat crop

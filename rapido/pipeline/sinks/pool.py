@@ -11,6 +11,10 @@ once (its ``scheduled`` flag, under the lane's lock), so only one worker runs a 
 at a time and its items are handled in the order they were put. A worker handles a
 few items of a lane and then puts it back at the end of the ready queue, so one busy
 stream cannot starve the others.
+
+Closing: ``close`` stops the workers and then handles, in its own thread, whatever
+lanes were still queued (a lane requeued behind the stop markers would otherwise be
+stranded, and its sink's ``join`` would wait forever). After that a ``put`` is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from rapido.pipeline.sinks.base import lower_thread_priority
+from rapido.pipeline.sinks.base import SinkError, lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +52,18 @@ class Lane:
         self._idle.set()
 
     def put(self, item: Any) -> bool:
-        """Queue ``item``; False (and nothing queued) when the lane is full."""
+        """Queue ``item``; False (and nothing queued) when the lane is full or its
+        pool has closed."""
         with self._lock:
             if len(self._items) >= self.max_queue:
                 return False
             self._items.append(item)
             if not self._scheduled:
+                if not self.pool._schedule(self):
+                    self._items.pop()
+                    return False
                 self._scheduled = True
                 self._idle.clear()
-                self.pool._schedule(self)
         return True
 
     def clear(self) -> int:
@@ -73,9 +80,9 @@ class Lane:
         """Block until everything put so far is handled (call it off the loop)."""
         return self._idle.wait(timeout)
 
-    def _run(self) -> None:
-        """In a worker: handle up to BURST items, then yield the worker."""
-        for _ in range(BURST):
+    def _run(self, burst: int = BURST) -> None:
+        """In a worker: handle up to ``burst`` items, then yield the worker."""
+        for _ in range(burst):
             with self._lock:
                 if not self._items:
                     self._scheduled = False
@@ -91,7 +98,8 @@ class Lane:
                 self._scheduled = False
                 self._idle.set()
                 return
-        self.pool._schedule(self)  # still scheduled: back of the line
+        if not self.pool._schedule(self):  # still scheduled: back of the line
+            self._run(burst=1 << 62)  # the pool has finished: nobody else will
 
 
 class EncoderPool:
@@ -106,11 +114,12 @@ class EncoderPool:
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._finished = False  # workers gone: nothing may be queued any more
 
     def lane(self, handler: Callable[[Any], None], *, max_queue: int, name: str) -> Lane:
-        if self._closed:
-            raise RuntimeError("the encoder pool is closed")
         with self._lock:
+            if self._closed:
+                raise SinkError("the node's encoder pool is closed (the node is stopping)")
             if not self._workers:
                 for i in range(self.threads):
                     t = threading.Thread(target=self._work, name=f"{self.name}-{i}",
@@ -119,8 +128,12 @@ class EncoderPool:
                     self._workers.append(t)
         return Lane(self, handler, max_queue, name)
 
-    def _schedule(self, lane: Lane) -> None:
-        self._ready.put(lane)
+    def _schedule(self, lane: Lane) -> bool:
+        with self._lock:
+            if self._finished:
+                return False
+            self._ready.put(lane)
+            return True
 
     def _work(self) -> None:
         lower_thread_priority()
@@ -131,11 +144,24 @@ class EncoderPool:
             lane._run()
 
     def close(self) -> None:
-        """Stop the workers once the lanes queued before now are done (blocking)."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._workers:
-            self._ready.put(None)
-        for t in self._workers:
+        """Stop the workers, then finish every lane still queued (blocking)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = list(self._workers)
+            for _ in workers:
+                self._ready.put(None)
+        for t in workers:
             t.join()
+        with self._lock:
+            self._finished = True
+        # Lanes that requeued themselves behind the stop markers, or were scheduled
+        # after them: run them to the end here.
+        while True:
+            try:
+                lane = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if lane is not None:
+                lane._run(burst=1 << 62)

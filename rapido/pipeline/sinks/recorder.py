@@ -40,6 +40,7 @@ from av.video.stream import VideoStream
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
 from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.frames import to_av_frame
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,12 @@ class RecorderSink:
         pool = self._pool
         if pool is None:
             pool = self._own_pool = EncoderPool(1, name="rapido-recorder")
-        self._lane = pool.lane(self._handle, max_queue=self._max_queue,
-                               name=f"recorder {self.path.name}")
+        try:
+            self._lane = pool.lane(self._handle, max_queue=self._max_queue,
+                                   name=f"recorder {self.path.name}")
+        except SinkError:  # the node is stopping: do not leave the file open
+            await asyncio.to_thread(self._close_container)
+            raise
         self._started = True
 
     def write(self, chunk: MediaChunk) -> None:
@@ -319,9 +324,7 @@ class RecorderSink:
             return
 
         picture = chunk.video
-        # A view, not a copy (see WebRtcSink._encode): libx264 copies its input.
-        vframe = av.VideoFrame.from_numpy_buffer(
-            np.ascontiguousarray(picture.data), format="yuv420p", width=picture.width)
+        vframe = to_av_frame(picture)
         if (picture.width, picture.height) != (self.width, self.height):
             vframe = vframe.reformat(width=self.width, height=self.height)
         vframe.pts = rel

@@ -65,6 +65,7 @@ from av.video.codeccontext import VideoCodecContext
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
 from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
 from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.frames import to_av_frame
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,20 @@ class InvalidOffer(ValueError):
 
 @dataclass(slots=True)
 class _Enc:
-    """One encoder, owned by the worker thread; ``keyframe`` is set from the loop (a
-    bool store is atomic) and cleared by the worker when it encodes one."""
+    """One encoder, owned by its lane's worker. Keyframe requests come from the loop
+    as a counter (an int store is atomic); the worker serves every request made before
+    it reads the counter, so a request made while it encodes is not lost."""
 
     key: str
     ctx: VideoCodecContext | AudioCodecContext
     bitrate: int = 0
-    keyframe: bool = True
+    key_requests: int = 1  # a new encoder starts with a keyframe
+    key_served: int = 0
+
+    @property
+    def keyframe(self) -> bool:
+        """A keyframe has been asked for and not yet encoded."""
+        return self.key_requests != self.key_served
 
 
 @dataclass(eq=False)
@@ -247,6 +255,7 @@ class WebRtcSink:
         self._lane: Lane | None = None
         self._started = False
         self._closed = False
+        self._close_task: asyncio.Future[None] | None = None
 
         # Loop side: who listens to which encoder. The worker reads ``_wanted``, a
         # frozenset replaced whole, to know which encoders to run.
@@ -369,6 +378,8 @@ class WebRtcSink:
 
     def _on_feedback(self, viewer_id: str, ssrc: int, packet: object) -> None:
         """RTCP from one viewer's video sender: its loss and REMB feed the controller."""
+        if viewer_id not in self.viewers:
+            return  # a report that raced the viewer's removal must not bring it back
         now = time.monotonic()
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
             for report in packet.reports:
@@ -387,9 +398,14 @@ class WebRtcSink:
         self._retarget(now)
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Idempotent; concurrent callers wait for the same close, and a caller being
+        cancelled (a client gone mid-DELETE) does not leave it half done."""
+        if self._close_task is None:
+            self._closed = True
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
         await asyncio.gather(*(self.remove_viewer(v) for v in list(self.viewers)),
                              return_exceptions=True)
         lane = self._lane
@@ -473,7 +489,7 @@ class WebRtcSink:
     def request_keyframe(self, codec: str) -> None:
         enc = self._encoders.get(codec)
         if enc is not None:
-            enc.keyframe = True
+            enc.key_requests += 1
         # An encoder not running yet starts with a keyframe anyway.
 
     def _join(self, track: PacketTrack) -> None:
@@ -590,11 +606,7 @@ class WebRtcSink:
         video = [e for e in self._encoders.values() if e.key != OPUS]
         if video and keep_frame(chunk.index, self._target[1], self.fps):
             picture = chunk.video
-            # A view of the picture, not a copy (the copy would hold the GIL): the
-            # encoders copy their input into their own buffers, and pictures are never
-            # written to once made.
-            frame = av.VideoFrame.from_numpy_buffer(
-                np.ascontiguousarray(picture.data), format="yuv420p", width=picture.width)
+            frame = to_av_frame(picture)
             if (picture.width, picture.height) != (self.width, self.height):
                 frame = frame.reformat(width=self.width, height=self.height)
             frame.pts = chunk.index
@@ -602,8 +614,9 @@ class WebRtcSink:
             pts90 = chunk.index * VIDEO_CLOCK // self.fps
             self._video_frames += 1
             for enc in video:
-                key_wanted = enc.keyframe
-                enc.keyframe = False
+                asked = enc.key_requests  # read once: later requests wait for the next
+                key_wanted = asked != enc.key_served
+                enc.key_served = asked
                 frame.pict_type = (av.video.frame.PictureType.I if key_wanted
                                    else av.video.frame.PictureType.NONE)
                 packets = cast(VideoCodecContext, enc.ctx).encode(frame)
