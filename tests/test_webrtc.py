@@ -481,3 +481,17 @@ async def test_warm_encoders_run_without_viewers_in_the_chosen_codec() -> None:
         assert sink.stats()["viewers"] == 0
     finally:
         await sink.aclose()
+
+
+def test_feedback_from_an_unknown_or_departed_viewer_is_ignored() -> None:
+    from aiortc.rtp import RtcpReceiverInfo, RtcpRrPacket
+
+    sink = WebRtcSink(width=64, height=48, fps=25, min_bitrate=100_000)
+    report = RtcpRrPacket(ssrc=1, reports=[RtcpReceiverInfo(
+        ssrc=42, fraction_lost=200, packets_lost=10, highest_sequence=100, jitter=0,
+        lsr=0, dlsr=0)])
+    # A receiver report racing remove_viewer (aiortc stops the receiver first) must not
+    # bring the viewer back into the bitrate decision.
+    sink._on_feedback("gone", 42, report)
+    assert sink.stats()["receivers"] == {}
+    assert sink.stats()["quality"]["bitrate"] == sink.video_bitrate
