@@ -99,8 +99,8 @@ class Config:
     webrtc_warm_encoders: bool = _opt(False, "keep a video (webrtc_warm_codec) and an Opus "
                                       "encoder running per "
                                       "webrtc stream even with no viewer")
-    encoder_threads: int = _opt(0, "threads shared by every stream's encoding (record and "
-                                "webrtc sinks); 0 = one per core", lo=0, hi=256)
+    encoder_threads: int = _opt(0, "threads shared by the webrtc sinks' encoders, and as many "
+                                "for the record sinks'; 0 = one per core", lo=0, hi=256)
     webrtc_token_ttl_s: float = _opt(3600.0, "lifetime of a session's WHEP viewer token",
                                      lo=10, hi=7 * 86400)
     # -- model --------------------------------------------------------------------------
