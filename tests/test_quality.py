@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rapido.pipeline.quality import (
+    Backlog,
     Quality,
     QualityBounds,
     QualityController,
@@ -224,6 +225,20 @@ def test_bad_feedback_is_refused_and_changes_nothing() -> None:
         q.on_load(float("nan"), 0.0)
     assert q.receivers() == {}
     assert q.update(1.0).score == 1.0
+
+
+def test_backlog_counts_drops_as_load_and_stutter() -> None:
+    b = Backlog()
+    assert b.sample(fill=0.2, dropped=0, offered=25) == 0.2
+    assert b.delivered == 1.0
+    # Half of the next second's chunks dropped: overloaded, and the share falls.
+    assert b.sample(fill=0.9, dropped=25, offered=75) == 1.5
+    assert b.delivered == pytest.approx(0.85)
+    # Clean seconds bring it back, a third of the way per sample.
+    for n in range(2, 12):
+        assert b.sample(fill=0.1, dropped=25, offered=75 + 25 * n) == 0.1
+    assert b.delivered > 0.99
+    assert b.sample(fill=0.0, dropped=25, offered=75 + 25 * 11) == 0.0  # nothing offered
 
 
 def test_score_is_monotonic_in_both() -> None:

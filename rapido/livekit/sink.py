@@ -37,7 +37,13 @@ import numpy as np
 from livekit import rtc
 
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
-from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
+from rapido.pipeline.quality import (
+    Backlog,
+    Quality,
+    QualityBounds,
+    QualityController,
+    keep_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +153,7 @@ class LiveKitSink:
             min_bitrate=max_bitrate, max_bitrate=max_bitrate,
             min_fps=fps if min_fps is None else min_fps, max_fps=fps))
         self._fps_target = self.quality.update(time.monotonic()).fps
-        self._backlog_seen = 0
-        self._captured_seen = 0
-        #: Share of the last interval's chunks not dropped from the backlog.
-        self._delivered = 1.0
+        self._backlog = Backlog()  # drops are stutter: they count as load and in the score
         self._token_factory = token_factory
         self._connect_timeout = connect_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
@@ -283,16 +286,9 @@ class LiveKitSink:
     def adapt(self, node_load: float, now: float | None = None) -> Quality:
         """One load sample: the node's, or this sink's backlog if it is worse."""
         now = time.monotonic() if now is None else now
-        own = len(self._pending) / self._max_pending
-        dropped = self.dropped_backlog - self._backlog_seen
-        taken = self.audio_frames_captured - self._captured_seen + dropped
-        self._backlog_seen, self._captured_seen = self.dropped_backlog, \
-            self.audio_frames_captured
-        # Smoothed over a few seconds: drops come in bursts (a full queue), not evenly.
-        self._delivered = 0.7 * self._delivered + 0.3 * (1.0 - dropped / taken if taken
-                                                          else 1.0)
-        if dropped:
-            own = 1.5
+        own = self._backlog.sample(
+            fill=len(self._pending) / self._max_pending, dropped=self.dropped_backlog,
+            offered=self.audio_frames_captured + self.dropped_backlog)
         self.quality.on_load(max(node_load, own), now)
         q = self.quality.update(now)
         self._fps_target = q.fps
@@ -300,7 +296,7 @@ class LiveKitSink:
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks dropped from the backlog lately."""
-        return self.quality.quality().score * self._delivered
+        return self.quality.quality().score * self._backlog.delivered
 
     def stats(self) -> dict[str, Any]:
         queued = self._audio.queued_duration if self._audio is not None else 0.0

@@ -265,6 +265,28 @@ class QualityController:
         return r
 
 
+@dataclass(slots=True)
+class Backlog:
+    """A publisher's own side of the load: whether its queue keeps up.
+
+    ``sample`` takes the queue's fill (0..1) and the running totals of chunks dropped
+    and chunks offered; it returns the load this publisher adds (its fill, or 1.5 if it
+    dropped anything since the last sample: it is not keeping up, whatever the node
+    says) and keeps ``delivered``, the share of chunks not dropped, smoothed over a few
+    samples because drops come in bursts (a full queue), not evenly."""
+
+    delivered: float = 1.0
+    _dropped: int = 0
+    _offered: int = 0
+
+    def sample(self, *, fill: float, dropped: int, offered: int) -> float:
+        new_dropped, new_offered = dropped - self._dropped, offered - self._offered
+        self._dropped, self._offered = dropped, offered
+        share = 1.0 - new_dropped / new_offered if new_offered > 0 else 1.0
+        self.delivered = 0.7 * self.delivered + 0.3 * share
+        return 1.5 if new_dropped else fill
+
+
 def score(bitrate: int, fps: Fraction | float, bounds: QualityBounds) -> float:
     fps_part = min(1.0, float(fps) / bounds.max_fps)
     if bounds.max_bitrate == bounds.min_bitrate:

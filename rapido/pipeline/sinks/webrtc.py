@@ -63,7 +63,13 @@ from av.audio.codeccontext import AudioCodecContext
 from av.video.codeccontext import VideoCodecContext
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
-from rapido.pipeline.quality import Quality, QualityBounds, QualityController, keep_frame
+from rapido.pipeline.quality import (
+    Backlog,
+    Quality,
+    QualityBounds,
+    QualityController,
+    keep_frame,
+)
 from rapido.pipeline.sinks.base import SinkError
 from rapido.pipeline.sinks.frames import to_av_frame
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
@@ -243,10 +249,7 @@ class WebRtcSink:
         first = self.quality.update(time.monotonic())
         # What the worker encodes at: replaced whole by the loop (atomic), read per frame.
         self._target: tuple[int, Fraction] = (first.bitrate, first.fps)
-        self._dropped_seen = 0
-        self._in_seen = 0
-        #: Share of the last interval's chunks the encoder took (drops are stutter).
-        self._delivered = 1.0
+        self._backlog = Backlog()  # drops are stutter: they count as load and in the score
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue = max_queue
@@ -355,21 +358,16 @@ class WebRtcSink:
         sink's own encoder dropped chunks since the last sample (it is not keeping up,
         whatever the node says), or to its queue's fill."""
         now = time.monotonic() if now is None else now
-        own = (self._lane.qsize() if self._lane is not None else 0) / self._max_queue
-        dropped, taken = self._dropped - self._dropped_seen, self._frames_in - self._in_seen
-        self._dropped_seen, self._in_seen = self._dropped, self._frames_in
-        # Smoothed over a few seconds: drops come in bursts (a full queue), not evenly.
-        self._delivered = 0.7 * self._delivered + 0.3 * (1.0 - dropped / taken if taken
-                                                          else 1.0)
-        if dropped:
-            own = 1.5
+        own = self._backlog.sample(
+            fill=(self._lane.qsize() if self._lane is not None else 0) / self._max_queue,
+            dropped=self._dropped, offered=self._frames_in)
         self.quality.on_load(max(node_load, own), now)
         return self._retarget(now)
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks an overrun encoder dropped lately
         (those are stutter, not a chosen lower frame rate)."""
-        return self.quality.quality().score * self._delivered
+        return self.quality.quality().score * self._backlog.delivered
 
     def _retarget(self, now: float) -> Quality:
         q = self.quality.update(now)
