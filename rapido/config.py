@@ -76,6 +76,9 @@ class Config:
     livekit_video_codec: str = _opt("h264", "codec published to LiveKit", choices=("h264", "vp8"))
     livekit_max_bitrate: int = _opt(1_500_000, "LiveKit video max bitrate (bits/s)",
                                     lo=100_000, hi=20_000_000)
+    livekit_min_bitrate: int = _opt(150_000, "the LiveKit video bitrate (libwebrtc's own "
+                                    "estimate, read from its stats) that scores as the lowest "
+                                    "quality", lo=30_000, hi=20_000_000)
     livekit_simulcast: bool = _opt(False, "publish simulcast layers to LiveKit")
     livekit_queue_size_ms: int = _opt(100, "LiveKit AudioSource queue (a multiple of 10 ms)",
                                       lo=10, hi=5000)
@@ -148,6 +151,9 @@ class Config:
         if self.webrtc_min_bitrate > self.webrtc_video_bitrate:
             raise ConfigError(f"webrtc_min_bitrate: {self.webrtc_min_bitrate} is above "
                               f"webrtc_video_bitrate ({self.webrtc_video_bitrate})")
+        if self.livekit_min_bitrate > self.livekit_max_bitrate:
+            raise ConfigError(f"livekit_min_bitrate: {self.livekit_min_bitrate} is above "
+                              f"livekit_max_bitrate ({self.livekit_max_bitrate})")
         if self.width % 2 or self.height % 2:
             raise ConfigError("width/height: must be even (I420 video)")
         try:

@@ -310,8 +310,8 @@ class Engine:
                                                   ttl_s=ttl, agent_identity=agent),
             width=cfg.width, height=cfg.height, fps=cfg.fps,
             queue_size_ms=cfg.livekit_queue_size_ms, video_codec=cfg.livekit_video_codec,
-            max_bitrate=cfg.livekit_max_bitrate, simulcast=cfg.livekit_simulcast,
-            min_fps=cfg.min_fps,
+            max_bitrate=cfg.livekit_max_bitrate, min_bitrate=cfg.livekit_min_bitrate,
+            simulcast=cfg.livekit_simulcast, min_fps=cfg.min_fps,
             on_connect=self.metrics.livekit_connection.observe, on_state=on_state)
 
     def livekit_json(self, s: StreamSession) -> dict[str, Any]:

@@ -221,7 +221,7 @@ def test_ctrl_c_prints_what_was_measured(bench_env: dict[str, str]) -> None:
     seen = b""
     deadline = time.monotonic() + 30
     while b"(max_batch 8)" not in seen and time.monotonic() < deadline:
-        chunk = proc.stderr.read1(256)
+        chunk = os.read(proc.stderr.fileno(), 256)
         if not chunk:
             break
         seen += chunk

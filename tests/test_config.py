@@ -46,6 +46,7 @@ def test_layering(tmp_path: Path) -> None:
     ({"RAPIDO_MIN_FPS": "30"}, "min_fps", "above fps"),
     ({"RAPIDO_MIN_FPS": "0"}, "min_fps", "1"),
     ({"RAPIDO_WEBRTC_MIN_BITRATE": "2000000"}, "webrtc_min_bitrate", "above"),
+    ({"RAPIDO_LIVEKIT_MIN_BITRATE": "2000000"}, "livekit_min_bitrate", "above"),
 ])
 def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -63,7 +63,7 @@ async def test_overload_degrades_to_half_rate(make_node: NodeFactory,
 
     results = await asyncio.gather(*(speak(s) for s in sessions))
     info = node.engine.renderer.info()
-    assert all(abs(float(r["position_ms"]) - 3000) <= 40 for r in results)
+    assert all(abs(float(str(r["position_ms"])) - 3000) <= 40 for r in results)
     assert info["frames_repeated"] > 0 or info["frames_failed"] > 0
     async with http.get(f"{node.url}/metrics") as r:
         text = await r.text()

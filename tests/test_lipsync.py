@@ -67,9 +67,9 @@ async def test_mouth_follows_audio_energy(make_node: NodeFactory, tmp_path: Path
         if len(around) and np.max(np.abs(around)) < 1e-3:
             silent_total += 1
             silent_exact += int(np.array_equal(frame, idle))
-    r = float(np.corrcoef(change, energy)[0, 1])
-    print(f"pearson r = {r:.3f} over {n} frames")
-    assert r >= 0.6, r
+    pearson = float(np.corrcoef(change, energy)[0, 1])
+    print(f"pearson r = {pearson:.3f} over {n} frames")
+    assert pearson >= 0.6, pearson
     # Frames with silence all around them are exactly the idle frames.
     assert silent_total > 20
     assert silent_exact == silent_total

@@ -13,8 +13,10 @@ from typing import Any
 import jwt
 import numpy as np
 import pytest
+from livekit.rtc._proto import stats_pb2
 
 from rapido.livekit import agents
+from rapido.livekit.linkstats import VideoLink, video_link
 from rapido.livekit.sink import LiveKitSink, backoff_delay, validate_queue_size_ms
 from rapido.livekit.tokens import (
     PUBLISH_ON_BEHALF,
@@ -241,6 +243,99 @@ async def test_own_backlog_counts_as_load() -> None:
         assert fixed.stats()["quality"]["fps"] == 25
     finally:
         await sink.aclose()
+
+
+def _outbound(kind: str = "video", *, target: float = 1_200_000.0, fps: float = 25.0,
+              size: tuple[int, int] = (854, 480), active: bool | None = True,
+              reason: stats_pb2.QualityLimitationReason.ValueType = stats_pb2.LIMITATION_NONE,
+              ) -> stats_pb2.RtcStats:
+    out = stats_pb2.OutboundRtpStreamStats(
+        target_bitrate=target, frames_per_second=fps, frame_width=size[0],
+        frame_height=size[1], quality_limitation_reason=reason)
+    if active is not None:
+        out.active = active
+    return stats_pb2.RtcStats(outbound_rtp=stats_pb2.RtcStats.OutboundRtp(
+        stream=stats_pb2.RtpStreamStats(kind=kind), outbound=out))
+
+
+def test_video_link_from_libwebrtc_stats() -> None:
+    # Nothing published yet, or only audio: no video link to speak of.
+    assert video_link([]) is None
+    assert video_link([_outbound("audio", target=32_000)]) is None
+    assert video_link([stats_pb2.RtcStats(
+        transport=stats_pb2.RtcStats.Transport())]) is None
+    one = video_link([_outbound("audio", target=32_000), _outbound(target=900_000)])
+    assert one == VideoLink(target_bitrate=900_000, limitation=None, layers=1, fps=25.0,
+                            width=854, height=480)
+    # Simulcast on a short link: the top layer is switched off, the other two are summed,
+    # the largest active one gives size and rate, the worst reason is the link's.
+    three = video_link([
+        _outbound(target=1_000_000, size=(854, 480), active=False),
+        _outbound(target=300_000, size=(427, 240), fps=20.0,
+                  reason=stats_pb2.LIMITATION_BANDWIDTH),
+        _outbound(target=100_000, size=(214, 120), fps=15.0, reason=stats_pb2.LIMITATION_CPU),
+    ])
+    assert three == VideoLink(target_bitrate=400_000, limitation="bandwidth", layers=2,
+                              fps=20.0, width=427, height=240)
+    assert three.as_json()["size"] == "427x240"
+    cpu = video_link([_outbound(reason=stats_pb2.LIMITATION_CPU), _outbound(active=None)])
+    assert cpu is not None and (cpu.limitation, cpu.layers) == ("cpu", 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_video_link_skips_garbage_numbers(bad: float) -> None:
+    assert video_link([_outbound(target=bad)]) is None
+    assert video_link([_outbound(fps=bad)]) is None
+    link = video_link([_outbound(target=bad), _outbound(target=500_000, size=(427, 240))])
+    assert link is not None and (link.target_bitrate, link.layers) == (500_000, 1)
+
+
+async def test_libwebrtc_estimate_reaches_the_score() -> None:
+    sink = LiveKitSink(url=None, max_bitrate=1_500_000, min_bitrate=150_000)
+    await sink.start()
+    t0 = time.monotonic() + 2.0  # sample times after the controller's first decision
+    try:
+        assert sink.stats()["link"] is None
+        sink.adapt(0.1, t0 + 0.0)
+        assert sink.stats()["quality"] == {"bitrate": 1_500_000, "fps": 25.0, "score": 1.0,
+                                           "limited_by": None}
+        # libwebrtc says the link takes ~500 kbps: the score shows it, as it would for a
+        # webrtc sink whose viewer reports loss.
+        sink.on_rtc_stats([_outbound(target=474_342, reason=stats_pb2.LIMITATION_BANDWIDTH)],
+                          now=t0 + 1.0)
+        sink.adapt(0.1, t0 + 3.0)
+        q = sink.stats()["quality"]
+        assert (q["bitrate"], q["fps"], q["limited_by"]) == (474_342, 25.0, "bandwidth")
+        assert q["score"] == pytest.approx(0.75, abs=0.01)  # halfway up the log scale
+        assert sink.stats()["link"]["limitation"] == "bandwidth"
+        # An estimate under the floor counts as the floor.
+        sink.on_rtc_stats([_outbound(target=40_000)], now=t0 + 5.0)
+        sink.adapt(0.1, t0 + 5.5)
+        assert sink.stats()["quality"]["bitrate"] == 150_000
+        assert sink.stats()["quality"]["score"] == pytest.approx(0.5)
+        # Stats with no video (e.g. between reconnects) change nothing ...
+        sink.on_rtc_stats([_outbound("audio")], now=t0 + 6.0)
+        assert sink.stats()["link"]["target_bitrate"] == 40_000
+        # ... and an estimate nobody has refreshed for 10 s no longer holds quality down.
+        sink.adapt(0.1, t0 + 16.0)
+        assert sink.stats()["quality"]["bitrate"] == 1_500_000
+        # The link recovers: libwebrtc asks for the ceiling again.
+        sink.on_rtc_stats([_outbound(target=1_500_000)], now=t0 + 17.0)
+        sink.adapt(0.1, t0 + 19.0)
+        assert sink.stats()["quality"]["score"] == 1.0
+    finally:
+        await sink.aclose()
+
+
+def test_link_bounds_validated() -> None:
+    with pytest.raises(ValueError, match="min_bitrate"):
+        LiveKitSink(url=None, max_bitrate=500_000, min_bitrate=600_000)
+    with pytest.raises(ValueError, match="min_bitrate"):
+        LiveKitSink(url=None, min_bitrate=0)
+    with pytest.raises(ValueError, match="stats_interval_s"):
+        LiveKitSink(url=None, stats_interval_s=0)
+    # A ceiling below the default floor lowers the floor with it.
+    assert LiveKitSink(url=None, max_bitrate=100_000).quality.bounds.min_bitrate == 100_000
 
 
 def _closed_port() -> int:

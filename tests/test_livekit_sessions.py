@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 
+from rapido.livekit.sink import LiveKitSink
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
 
@@ -94,7 +95,9 @@ async def test_agent_avatar_session_through_the_api(make_node: NodeFactory, tmp_
     assert s["sink"] == "livekit" and s["agent_identity"] == "agent-7"
     assert s["room_name"] == "tutor-room-1"
     sink = node.engine.sessions[s["session_id"]].sink
-    claims = jwt.decode(sink._token_factory(), SECRET, algorithms=["HS256"])  # type: ignore[attr-defined]
+    assert isinstance(sink, LiveKitSink)
+    assert sink._token_factory is not None
+    claims = jwt.decode(sink._token_factory(), SECRET, algorithms=["HS256"])
     assert claims["video"]["room"] == "tutor-room-1" and claims["video"]["canPublish"]
     assert claims.get("kind") == "agent"
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent-7"

@@ -45,8 +45,11 @@ def test_each_lane_keeps_its_order_and_never_runs_on_two_threads_at_once() -> No
 def test_a_busy_lane_does_not_starve_the_others() -> None:
     pool = EncoderPool(1)
     order: list[str] = []
-    slow = pool.lane(lambda i: (time.sleep(0.001), order.append("slow")), max_queue=100,
-                     name="slow")
+    def slow_work(i: int) -> None:
+        time.sleep(0.001)
+        order.append("slow")
+
+    slow = pool.lane(slow_work, max_queue=100, name="slow")
     fast = pool.lane(lambda i: order.append("fast"), max_queue=100, name="fast")
     for i in range(40):
         slow.put(i)
@@ -111,8 +114,11 @@ def test_close_finishes_every_queued_item_then_refuses_more() -> None:
     close() must still see it through, or its sink's join() would wait forever."""
     pool = EncoderPool(1)
     done: list[int] = []
-    lane = pool.lane(lambda i: (time.sleep(0.002), done.append(i)), max_queue=100,
-                     name="long")
+    def work(i: int) -> None:
+        time.sleep(0.002)
+        done.append(i)
+
+    lane = pool.lane(work, max_queue=100, name="long")
     for i in range(10):
         assert lane.put(i)
     pool.close()

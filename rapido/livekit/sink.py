@@ -19,7 +19,10 @@ bandwidth estimate, up to ``max_bitrate``); what it cannot know is this node's l
 ``adapt`` (once a second from the engine) feeds the node's load and this sink's own
 backlog to a :class:`QualityController` whose frame rate decides which pictures are
 captured: below the source rate only evenly spaced ones (audio is never thinned), so
-the native encoder does proportionally less work.
+the native encoder does proportionally less work. While connected, the room's WebRTC
+stats are read every ``stats_interval_s``: libwebrtc's target bitrate for the video
+(:mod:`rapido.livekit.linkstats`) reaches the controller as the link's estimate, so the
+score and ``limited_by`` show a short connection as they do for the webrtc sink.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any, Final
 import numpy as np
 from livekit import rtc
 
+from rapido.livekit.linkstats import VideoLink, video_link
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
 from rapido.pipeline.quality import (
     Backlog,
@@ -98,8 +102,10 @@ class LiveKitSink:
         max_pending: int = 50,
         video_codec: str = "h264",
         max_bitrate: int = 1_500_000,
+        min_bitrate: int | None = None,
         simulcast: bool = False,
         min_fps: float | None = None,
+        stats_interval_s: float = 2.0,
         connect_timeout_s: float = 10.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -115,7 +121,9 @@ class LiveKitSink:
         successful connect time (``livekit_connection_seconds``); ``on_state(state,
         reason)`` every state change. ``max_pending`` bounds the chunks waiting for the
         audio source: beyond it the oldest is dropped and counted. ``min_fps`` is the
-        lowest frame rate adaptive quality may shed to (default ``fps``: never)."""
+        lowest frame rate adaptive quality may shed to (default ``fps``: never);
+        ``min_bitrate`` the link estimate that scores lowest (default 150 kbps, or
+        ``max_bitrate`` if that is lower)."""
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive, got {width}x{height}")
         if audio_rate not in _AUDIO_RATES:
@@ -131,6 +139,12 @@ class LiveKitSink:
             raise ValueError(f"video_codec must be one of {sorted(CODECS)}, got {video_codec!r}")
         if max_bitrate <= 0:
             raise ValueError(f"max_bitrate must be positive, got {max_bitrate}")
+        min_bitrate = min(150_000, max_bitrate) if min_bitrate is None else min_bitrate
+        if not 0 < min_bitrate <= max_bitrate:
+            raise ValueError(f"min_bitrate must be within 1..max_bitrate ({max_bitrate}), "
+                             f"got {min_bitrate}")
+        if not stats_interval_s > 0:
+            raise ValueError(f"stats_interval_s must be positive, got {stats_interval_s}")
         if connect_timeout_s <= 0 or backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
             raise ValueError(
                 "need connect_timeout_s > 0 and 0 < backoff_initial_s <= backoff_max_s")
@@ -150,10 +164,14 @@ class LiveKitSink:
         self.max_bitrate = max_bitrate
         self.simulcast = simulcast
         self.quality = QualityController(QualityBounds(
-            min_bitrate=max_bitrate, max_bitrate=max_bitrate,
+            min_bitrate=min_bitrate, max_bitrate=max_bitrate,
             min_fps=fps if min_fps is None else min_fps, max_fps=fps))
         self._fps_target = self.quality.update(time.monotonic()).fps
         self._backlog = Backlog()  # drops are stutter: they count as load and in the score
+        self._stats_interval = stats_interval_s
+        #: The last summary of libwebrtc's video stats (None until it has sent video).
+        self.link: VideoLink | None = None
+        self.stats_errors = 0
         self._token_factory = token_factory
         self._connect_timeout = connect_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
@@ -294,6 +312,16 @@ class LiveKitSink:
         self._fps_target = q.fps
         return q
 
+    def on_rtc_stats(self, publisher_stats: list[Any], now: float | None = None) -> None:
+        """One reading of the room's publisher stats (``RtcStats`` messages): libwebrtc's
+        video target bitrate becomes the link's estimate in the controller."""
+        now = time.monotonic() if now is None else now
+        link = video_link(publisher_stats)
+        if link is None:
+            return
+        self.link = link
+        self.quality.on_remb("livekit", link.target_bitrate, now)
+
     def quality_score(self) -> float:
         """The controller's score, less the chunks dropped from the backlog lately."""
         return self.quality.quality().score * self._backlog.delivered
@@ -321,6 +349,8 @@ class LiveKitSink:
             "frames_thinned": self.frames_thinned,
             "quality": {**self.quality.quality().as_json(),
                         "score": round(self.quality_score(), 3)},
+            "link": None if self.link is None else self.link.as_json(),
+            "stats_errors": self.stats_errors,
         }
 
     # -- pushing ---------------------------------------------------------------------
@@ -478,7 +508,28 @@ class LiveKitSink:
         room.on("reconnected", on_reconnected)
         if not room.isconnected():
             on_disconnected("before publishing finished")
-        return await done
+        poller = asyncio.create_task(self._poll_stats(room), name="rapido-livekit-stats")
+        try:
+            return await done
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+
+    async def _poll_stats(self, room: rtc.Room) -> None:
+        """Read the room's WebRTC stats while it is connected (see ``on_rtc_stats``)."""
+        while True:
+            await asyncio.sleep(self._stats_interval)
+            if not room.isconnected():
+                continue  # reconnecting: the SDK has nothing to report meanwhile
+            try:
+                stats = await asyncio.wait_for(room.get_rtc_stats(), self._stats_interval)
+                self.on_rtc_stats(list(stats.publisher_stats))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # stats are advisory: never let them end a stream
+                self.stats_errors += 1
+                log.debug("livekit sink: reading stats failed: %s", exc)
 
     async def _leave_room(self) -> None:
         room, self._room = self._room, None

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import librosa  # type: ignore[import-not-found]
+import librosa  # type: ignore[import-not-found, unused-ignore]
 import numpy as np
-import scipy.signal  # type: ignore[import-not-found]
+import scipy.signal  # type: ignore[import-not-found, unused-ignore]
 
 MEL_BASIS = librosa.filters.mel(sr=16000, n_fft=800, n_mels=80, fmin=55, fmax=7600)
 
