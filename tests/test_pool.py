@@ -62,16 +62,17 @@ def test_a_busy_lane_does_not_starve_the_others() -> None:
 
 def test_full_lane_refuses_and_clear_drops_pending() -> None:
     pool = EncoderPool(1)
-    gate = threading.Event()
+    gate, took = threading.Event(), threading.Event()
     done: list[int] = []
 
     def handle(i: int) -> None:
+        took.set()
         gate.wait(10)
         done.append(i)
 
     lane = pool.lane(handle, max_queue=3, name="gated")
     assert lane.put(0)
-    time.sleep(0.05)  # the worker took 0 and waits at the gate
+    assert took.wait(5)  # the worker took 0 and waits at the gate
     assert [lane.put(i) for i in (1, 2, 3, 4)] == [True, True, True, False]
     assert lane.qsize() == 3
     assert lane.clear() == 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,13 +130,17 @@ async def _watch_and_check(node: Node, http: aiohttp.ClientSession, seconds: flo
             # packet wider than video's: the second is 20 ms early, never late.
             band = 0.020 if kind == "video" else 0.040
             assert np.percentile(off, 95) - np.percentile(off, 5) < band, kind
-        half = len(video) // 2
-        drift_v = statistics.median(offsets["video"][half:]) - \
-            statistics.median(offsets["video"][:half])
-        ahalf = len(audio) // 2
-        drift_a = statistics.median(offsets["audio"][ahalf:]) - \
-            statistics.median(offsets["audio"][:ahalf])
-        assert abs(drift_v - drift_a) < 0.020
+        # Drift: where each band sits in the second half of the run against the first.
+        # Audio's band has two modes 20 ms apart (first and second packet of a chunk),
+        # half the packets each; a median would land on either mode by chance, so audio
+        # is placed by its upper mode (the first packets: 75th percentile).
+        def drift(off: np.ndarray, q: float) -> float:
+            half = len(off) // 2
+            return float(np.percentile(off[half:], q) - np.percentile(off[:half], q))
+
+        drift_v, drift_a = drift(offsets["video"], 50), drift(offsets["audio"], 75)
+        print(f"drift over the run: video {1e3 * drift_v:+.1f} ms, audio {1e3 * drift_a:+.1f} ms")
+        assert abs(drift_v - drift_a) < 0.020, (drift_v, drift_a)
         # Every picture arrives together with audio (sent in the same callback).
         a_arr = np.array([f.arrival for f in audio])
         near = [np.min(np.abs(a_arr - f.arrival)) for f in video]
@@ -169,7 +172,8 @@ async def test_viewer_gets_25fps_and_continuous_synced_audio_30s(
 
 async def test_two_viewers_share_one_encoder_and_delete_ends_one(
         make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
-    node = await make_node(model="none", api_key="k" * 16)
+    # min_fps = fps: frames are counted below, which node load must not thin.
+    node = await make_node(model="none", api_key="k" * 16, min_fps=25.0)
     auth = {"Authorization": f"Bearer {'k' * 16}"}
     s = await create_session(http, node, "rtc-two", headers=auth, sink="webrtc")
     sink = node.engine.sessions[s["session_id"]].sink
@@ -201,6 +205,8 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
         await wait_for(lambda: a.pc.connectionState == "closed" or
                        sink.stats()["viewers"] == 1)
         assert sink.stats()["viewers"] == 1
+        # Pictures a's decoder already held may still come out: let them drain first.
+        await asyncio.sleep(0.2)
         n_a = len(a.of("video"))
         n_b = len(b.of("video"))
         await asyncio.sleep(0.5)
@@ -331,8 +337,10 @@ class Lossy:
 
 async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
         make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    # min_fps = fps: this is about the connection; a busy machine must not make the
+    # node's own load step the frame rate down (limited_by would say "cpu").
     node = await make_node(model="none", webrtc_video_bitrate=1_000_000,
-                           webrtc_min_bitrate=150_000)
+                           webrtc_min_bitrate=150_000, min_fps=25.0)
     s = await create_session(http, node, "rtc-lossy", sink="webrtc")
     sink = node.engine.sessions[s["session_id"]].sink
     assert isinstance(sink, WebRtcSink)
