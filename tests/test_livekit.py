@@ -8,11 +8,12 @@ import json
 import random
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import numpy as np
 import pytest
+from livekit import rtc
 from livekit.rtc._proto import stats_pb2
 
 from rapido.livekit import agents
@@ -246,16 +247,18 @@ async def test_own_backlog_counts_as_load() -> None:
 
 
 def _outbound(kind: str = "video", *, target: float = 1_200_000.0, fps: float = 25.0,
-              size: tuple[int, int] = (854, 480), active: bool | None = True,
+              size: tuple[int, int] = (854, 480), active: bool = True,
               reason: stats_pb2.QualityLimitationReason.ValueType = stats_pb2.LIMITATION_NONE,
               ) -> stats_pb2.RtcStats:
+    """An outbound-rtp entry as the SDK hands it over (every field filled)."""
     out = stats_pb2.OutboundRtpStreamStats(
         target_bitrate=target, frames_per_second=fps, frame_width=size[0],
-        frame_height=size[1], quality_limitation_reason=reason)
-    if active is not None:
-        out.active = active
+        frame_height=size[1], quality_limitation_reason=reason, active=active)
     return stats_pb2.RtcStats(outbound_rtp=stats_pb2.RtcStats.OutboundRtp(
         stream=stats_pb2.RtpStreamStats(kind=kind), outbound=out))
+
+
+BW = stats_pb2.LIMITATION_BANDWIDTH
 
 
 def test_video_link_from_libwebrtc_stats() -> None:
@@ -267,19 +270,23 @@ def test_video_link_from_libwebrtc_stats() -> None:
     one = video_link([_outbound("audio", target=32_000), _outbound(target=900_000)])
     assert one == VideoLink(target_bitrate=900_000, limitation=None, layers=1, fps=25.0,
                             width=854, height=480)
-    # Simulcast on a short link: the top layer is switched off, the other two are summed,
-    # the largest active one gives size and rate, the worst reason is the link's.
+    # Simulcast: libwebrtc copies the stream's target and reason into every layer's
+    # entry; read once, not summed. The top layer paused (0 fps): the largest layer
+    # still sending gives size and rate.
     three = video_link([
-        _outbound(target=1_000_000, size=(854, 480), active=False),
-        _outbound(target=300_000, size=(427, 240), fps=20.0,
-                  reason=stats_pb2.LIMITATION_BANDWIDTH),
-        _outbound(target=100_000, size=(214, 120), fps=15.0, reason=stats_pb2.LIMITATION_CPU),
+        _outbound(target=400_000, size=(854, 480), fps=0.0, reason=BW),
+        _outbound(target=400_000, size=(427, 240), fps=20.0, reason=BW),
+        _outbound(target=400_000, size=(214, 120), fps=20.0, reason=BW),
     ])
     assert three == VideoLink(target_bitrate=400_000, limitation="bandwidth", layers=2,
                               fps=20.0, width=427, height=240)
     assert three.as_json()["size"] == "427x240"
-    cpu = video_link([_outbound(reason=stats_pb2.LIMITATION_CPU), _outbound(active=None)])
+    # The worst reason of any layer is the link's; `active` (the app's per-layer
+    # switch, read as false when a build omits it) does not hide a layer.
+    cpu = video_link([_outbound(reason=stats_pb2.LIMITATION_CPU), _outbound(active=False)])
     assert cpu is not None and (cpu.limitation, cpu.layers) == ("cpu", 2)
+    both = video_link([_outbound(reason=stats_pb2.LIMITATION_CPU), _outbound(reason=BW)])
+    assert both is not None and both.limitation == "bandwidth"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
@@ -299,32 +306,170 @@ async def test_libwebrtc_estimate_reaches_the_score() -> None:
         sink.adapt(0.1, t0 + 0.0)
         assert sink.stats()["quality"] == {"bitrate": 1_500_000, "fps": 25.0, "score": 1.0,
                                            "limited_by": None}
-        # libwebrtc says the link takes ~500 kbps: the score shows it, as it would for a
-        # webrtc sink whose viewer reports loss.
-        sink.on_rtc_stats([_outbound(target=474_342, reason=stats_pb2.LIMITATION_BANDWIDTH)],
-                          now=t0 + 1.0)
-        sink.adapt(0.1, t0 + 3.0)
+        # A target under the ceiling with nothing limiting it (ramp-up after a connect,
+        # easy content) is not a short link.
+        sink.on_rtc_stats([_outbound(target=300_000)], now=t0 + 0.5)
+        sink.adapt(0.1, t0 + 2.5)
+        assert sink.stats()["quality"]["score"] == 1.0
+        assert sink.stats()["link"]["target_bitrate"] == 300_000
+        # libwebrtc says bandwidth holds the video at ~500 kbps: the score shows it, as
+        # it would for a webrtc sink whose viewer reports loss.
+        sink.on_rtc_stats([_outbound(target=474_342, reason=BW)], now=t0 + 3.0)
+        sink.adapt(0.1, t0 + 5.0)
         q = sink.stats()["quality"]
         assert (q["bitrate"], q["fps"], q["limited_by"]) == (474_342, 25.0, "bandwidth")
         assert q["score"] == pytest.approx(0.75, abs=0.01)  # halfway up the log scale
         assert sink.stats()["link"]["limitation"] == "bandwidth"
         # An estimate under the floor counts as the floor.
-        sink.on_rtc_stats([_outbound(target=40_000)], now=t0 + 5.0)
-        sink.adapt(0.1, t0 + 5.5)
+        sink.on_rtc_stats([_outbound(target=40_000, reason=BW)], now=t0 + 7.0)
+        sink.adapt(0.1, t0 + 7.5)
         assert sink.stats()["quality"]["bitrate"] == 150_000
         assert sink.stats()["quality"]["score"] == pytest.approx(0.5)
         # Stats with no video (e.g. between reconnects) change nothing ...
-        sink.on_rtc_stats([_outbound("audio")], now=t0 + 6.0)
+        sink.on_rtc_stats([_outbound("audio")], now=t0 + 8.0)
         assert sink.stats()["link"]["target_bitrate"] == 40_000
         # ... and an estimate nobody has refreshed for 10 s no longer holds quality down.
-        sink.adapt(0.1, t0 + 16.0)
+        sink.adapt(0.1, t0 + 18.0)
         assert sink.stats()["quality"]["bitrate"] == 1_500_000
-        # The link recovers: libwebrtc asks for the ceiling again.
-        sink.on_rtc_stats([_outbound(target=1_500_000)], now=t0 + 17.0)
-        sink.adapt(0.1, t0 + 19.0)
+        # The link recovers: bandwidth no longer limits the video.
+        sink.on_rtc_stats([_outbound(target=40_000, reason=BW)], now=t0 + 19.0)
+        sink.adapt(0.1, t0 + 21.0)
+        assert sink.stats()["quality"]["score"] == pytest.approx(0.5)
+        sink.on_rtc_stats([_outbound(target=1_400_000)], now=t0 + 22.0)
+        sink.adapt(0.1, t0 + 24.0)
         assert sink.stats()["quality"]["score"] == 1.0
     finally:
         await sink.aclose()
+
+
+class _Participant:
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def publish_track(self, track: Any, options: Any) -> None:
+        self.published.append(track.name)
+
+
+class _Room:
+    """Stands in for a LiveKit server behind ``rtc.Room`` (none is reachable here): it
+    connects at once and answers stats requests with what a test scripts. Only the
+    sink's own logic around the room is under test."""
+
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats  # called per request: returns publisher stats or raises
+        self.connected = False
+        self.handlers: dict[str, Any] = {}
+        self.local_participant = _Participant()
+        self.requests = 0
+
+    async def connect(self, url: str, token: str) -> None:
+        self.connected = True
+
+    def on(self, event: str, callback: Any) -> None:
+        self.handlers[event] = callback
+
+    def isconnected(self) -> bool:
+        return self.connected
+
+    async def disconnect(self) -> None:
+        self.connected = False
+
+    def drop(self, reason: str = "test") -> None:
+        self.connected = False
+        self.handlers["disconnected"](reason)
+
+    async def get_rtc_stats(self) -> Any:
+        self.requests += 1
+        result = self.stats(self)
+        if asyncio.iscoroutine(result):
+            result = await result
+
+        class _Stats:
+            publisher_stats = result
+        return _Stats()
+
+
+def _sink_with(rooms: list[_Room], stats: Any) -> LiveKitSink:
+    def factory() -> rtc.Room:
+        rooms.append(_Room(stats))
+        return cast(rtc.Room, rooms[-1])
+    return LiveKitSink(url="ws://stand-in", token_factory=lambda: "token",
+                       stats_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.1,
+                       room_factory=factory)
+
+
+async def _until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_connected_sink_polls_stats_and_survives_errors() -> None:
+    replies = iter([[_outbound(target=474_342, reason=BW)], RuntimeError("stats failed")])
+
+    def stats(room: _Room) -> Any:
+        reply = next(replies, [_outbound(target=474_342, reason=BW)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    rooms: list[_Room] = []
+    sink = _sink_with(rooms, stats)
+    await sink.start()
+    try:
+        await _until(lambda: sink.state == "connected" and sink.stats_errors >= 1
+                     and rooms[0].requests >= 3)
+        assert rooms[0].local_participant.published == ["avatar-video", "avatar-audio"]
+        assert sink.stats()["link"]["limitation"] == "bandwidth"
+        await asyncio.sleep(2.1)  # the controller applies a change at most every 2 s
+        sink.adapt(0.1)
+        assert sink.stats()["quality"]["limited_by"] == "bandwidth"
+        assert sink.state == "connected" and len(rooms) == 1  # an error ends nothing
+    finally:
+        await sink.aclose()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "rapido-livekit-stats"]
+
+
+async def test_disconnect_during_a_stats_reply_still_reconnects() -> None:
+    """The room drops just as a stats reply lands (the reply and the poller's cancel
+    arrive together, and a cancel can be lost then): the poller must end anyway, so the
+    sink goes degraded and reconnects instead of waiting on it for good."""
+    asked, reply = asyncio.Event(), asyncio.Event()
+
+    async def stats(room: _Room) -> Any:
+        if room is rooms[0]:
+            asked.set()
+            await reply.wait()
+        return [_outbound()]
+
+    rooms: list[_Room] = []
+    states: list[str] = []
+    sink = _sink_with(rooms, stats)
+    sink._on_state = lambda state, reason: states.append(state)
+    await sink.start()
+    try:
+        await asyncio.wait_for(asked.wait(), 5)
+        reply.set()
+        rooms[0].drop("server left")
+        await _until(lambda: len(rooms) >= 2 and sink.state == "connected")
+        assert states[:3] == ["connecting", "connected", "degraded"]
+        assert sink.retries == 1 and sink.connects == 2
+    finally:
+        await sink.aclose()
+
+
+async def test_close_during_a_stats_request() -> None:
+    async def never(room: _Room) -> Any:
+        await asyncio.Event().wait()
+
+    rooms: list[_Room] = []
+    sink = _sink_with(rooms, never)
+    await sink.start()
+    await _until(lambda: rooms and rooms[0].requests >= 1)
+    await asyncio.wait_for(sink.aclose(), 5)
+    assert sink.state == "closed" and not rooms[0].connected
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("rapido-livekit")]
 
 
 def test_link_bounds_validated() -> None:
@@ -332,8 +477,9 @@ def test_link_bounds_validated() -> None:
         LiveKitSink(url=None, max_bitrate=500_000, min_bitrate=600_000)
     with pytest.raises(ValueError, match="min_bitrate"):
         LiveKitSink(url=None, min_bitrate=0)
-    with pytest.raises(ValueError, match="stats_interval_s"):
-        LiveKitSink(url=None, stats_interval_s=0)
+    for bad in (0.0, -1.0, 6.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="stats_interval_s"):
+            LiveKitSink(url=None, stats_interval_s=bad)
     # A ceiling below the default floor lowers the floor with it.
     assert LiveKitSink(url=None, max_bitrate=100_000).quality.bounds.min_bitrate == 100_000
 

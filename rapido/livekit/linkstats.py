@@ -28,15 +28,17 @@ _REASONS: Final = {
 
 @dataclass(frozen=True, slots=True)
 class VideoLink:
-    """One published video track's sending side, summed over its active layers."""
+    """One published video track's sending side, as libwebrtc reports it."""
 
-    #: Bits/s libwebrtc asks of the encoder across every active (simulcast) layer.
+    #: Bits/s libwebrtc's bandwidth allocation gives the whole video stream. libwebrtc
+    #: copies the stream's target into every simulcast layer's entry, so it is read
+    #: once (the largest), never summed.
     target_bitrate: int
-    #: "bandwidth", "cpu", "other", or None when nothing limits it.
+    #: "bandwidth", "cpu", "other", or None when nothing limits it (the worst layer's).
     limitation: str | None
-    #: Active layers (1 without simulcast; fewer than published when the link is short).
+    #: Layers sending pictures (1 without simulcast).
     layers: int
-    #: The top active layer's encoded frame rate and picture size.
+    #: The largest sending layer's encoded frame rate and picture size.
     fps: float
     width: int
     height: int
@@ -49,12 +51,14 @@ class VideoLink:
 
 def video_link(stats: Iterable[stats_pb2.RtcStats]) -> VideoLink | None:
     """Summarise the outbound video streams in a publisher's stats; None when there are
-    none yet (not published, or libwebrtc has not sent a packet) or none is usable.
+    none yet (not published) or none is usable.
 
-    Entries whose numbers are not finite or are negative are skipped, not trusted: the
-    stats come from native code across an FFI boundary and feed a controller."""
+    ``active`` is not consulted: it is the application's per-layer switch (dynacast),
+    not a bandwidth signal, and a build that omits it would read as ``false``. Entries
+    whose numbers are not finite or are negative are skipped, not trusted: the stats
+    come from native code across an FFI boundary and feed a controller."""
     target = 0.0
-    layers = 0
+    sending = 0
     reasons: set[int] = set()
     top: stats_pb2.OutboundRtpStreamStats | None = None
     for s in stats:
@@ -64,19 +68,23 @@ def video_link(stats: Iterable[stats_pb2.RtcStats]) -> VideoLink | None:
         if rtp.stream.kind != "video":
             continue
         out = rtp.outbound
-        if out.HasField("active") and not out.active:
-            continue  # a simulcast layer switched off for lack of bandwidth
         if not (math.isfinite(out.target_bitrate) and out.target_bitrate >= 0
                 and math.isfinite(out.frames_per_second) and out.frames_per_second >= 0):
             continue
-        target += out.target_bitrate
-        layers += 1
+        target = max(target, out.target_bitrate)
         reasons.add(out.quality_limitation_reason)
-        if top is None or out.frame_width * out.frame_height > top.frame_width * top.frame_height:
+        if out.frames_per_second > 0:
+            sending += 1
+        if top is None or _rank(out) > _rank(top):
             top = out
     if top is None:
         return None
     limitation = next((name for code, name in _REASONS.items() if code in reasons), None)
-    return VideoLink(target_bitrate=int(target), limitation=limitation, layers=layers,
+    return VideoLink(target_bitrate=int(target), limitation=limitation, layers=sending,
                      fps=float(top.frames_per_second), width=int(top.frame_width),
                      height=int(top.frame_height))
+
+
+def _rank(out: stats_pb2.OutboundRtpStreamStats) -> tuple[bool, int]:
+    """The layer a viewer with a good link gets: sending first, then the largest."""
+    return out.frames_per_second > 0, out.frame_width * out.frame_height

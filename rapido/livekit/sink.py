@@ -20,9 +20,12 @@ bandwidth estimate, up to ``max_bitrate``); what it cannot know is this node's l
 backlog to a :class:`QualityController` whose frame rate decides which pictures are
 captured: below the source rate only evenly spaced ones (audio is never thinned), so
 the native encoder does proportionally less work. While connected, the room's WebRTC
-stats are read every ``stats_interval_s``: libwebrtc's target bitrate for the video
-(:mod:`rapido.livekit.linkstats`) reaches the controller as the link's estimate, so the
-score and ``limited_by`` show a short connection as they do for the webrtc sink.
+stats are read every ``stats_interval_s`` (:mod:`rapido.livekit.linkstats`): when
+libwebrtc says bandwidth limits the video, its target bitrate reaches the controller as
+the link's estimate, so the score and ``limited_by`` show a short connection as they do
+for the webrtc sink. A target below the ceiling without that reason is not taken as a
+short link: libwebrtc's estimate also sits low while it ramps up after a connect and
+when easy content never needs the ceiling.
 """
 
 from __future__ import annotations
@@ -143,8 +146,9 @@ class LiveKitSink:
         if not 0 < min_bitrate <= max_bitrate:
             raise ValueError(f"min_bitrate must be within 1..max_bitrate ({max_bitrate}), "
                              f"got {min_bitrate}")
-        if not stats_interval_s > 0:
-            raise ValueError(f"stats_interval_s must be positive, got {stats_interval_s}")
+        if not 0 < stats_interval_s <= 5.0:
+            # Readings go stale in the controller after 10 s: at most every 5 s keeps one.
+            raise ValueError(f"stats_interval_s must be within (0, 5], got {stats_interval_s}")
         if connect_timeout_s <= 0 or backoff_initial_s <= 0 or backoff_max_s < backoff_initial_s:
             raise ValueError(
                 "need connect_timeout_s > 0 and 0 < backoff_initial_s <= backoff_max_s")
@@ -313,14 +317,16 @@ class LiveKitSink:
         return q
 
     def on_rtc_stats(self, publisher_stats: list[Any], now: float | None = None) -> None:
-        """One reading of the room's publisher stats (``RtcStats`` messages): libwebrtc's
-        video target bitrate becomes the link's estimate in the controller."""
+        """One reading of the room's publisher stats (``RtcStats`` messages): when
+        libwebrtc says bandwidth limits the video, its target bitrate becomes the link's
+        estimate in the controller; otherwise the link holds nothing down."""
         now = time.monotonic() if now is None else now
         link = video_link(publisher_stats)
         if link is None:
             return
         self.link = link
-        self.quality.on_remb("livekit", link.target_bitrate, now)
+        estimate = link.target_bitrate if link.limitation == "bandwidth" else self.max_bitrate
+        self.quality.on_remb("livekit", estimate, now)
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks dropped from the backlog lately."""
@@ -508,25 +514,25 @@ class LiveKitSink:
         room.on("reconnected", on_reconnected)
         if not room.isconnected():
             on_disconnected("before publishing finished")
-        poller = asyncio.create_task(self._poll_stats(room), name="rapido-livekit-stats")
+        poller = asyncio.create_task(self._poll_stats(room, done), name="rapido-livekit-stats")
         try:
             return await done
         finally:
+            # The poller also ends by itself once `done` is set, so a cancel it happens to
+            # swallow (one arriving as a stats reply lands) cannot hold this up for good.
             poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            await asyncio.wait({poller})
 
-    async def _poll_stats(self, room: rtc.Room) -> None:
-        """Read the room's WebRTC stats while it is connected (see ``on_rtc_stats``)."""
-        while True:
+    async def _poll_stats(self, room: rtc.Room, done: asyncio.Future[str]) -> None:
+        """Read the room's WebRTC stats until it disconnects (see ``on_rtc_stats``)."""
+        while not (done.done() or self._closed):
             await asyncio.sleep(self._stats_interval)
-            if not room.isconnected():
-                continue  # reconnecting: the SDK has nothing to report meanwhile
+            if done.done() or self._closed or not room.isconnected():
+                continue
             try:
-                stats = await asyncio.wait_for(room.get_rtc_stats(), self._stats_interval)
+                async with asyncio.timeout(self._stats_interval):
+                    stats = await room.get_rtc_stats()
                 self.on_rtc_stats(list(stats.publisher_stats))
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # stats are advisory: never let them end a stream
                 self.stats_errors += 1
                 log.debug("livekit sink: reading stats failed: %s", exc)
