@@ -88,7 +88,9 @@ def test_bench_json_has_every_field(bench_env: dict[str, str]) -> None:
 
 
 def test_webrtc_sink_encodes_every_picture_without_viewers(bench_env: dict[str, str]) -> None:
-    doc = _bench_json(bench_env, "--streams", "2", "--duration", "2", "--warmup", "0.5",
+    # One stream: this is about warm encoders keeping up, not about capacity (which a
+    # busy CI machine could shave).
+    doc = _bench_json(bench_env, "--streams", "1", "--duration", "2", "--warmup", "0.5",
                       "--sink", "webrtc")
     [run] = doc["runs"]
     assert run["sink"] == "webrtc" and run["adaptive"] is False
