@@ -24,7 +24,10 @@ from tests.test_ws import next_event, send_jittered
 @dataclass
 class Received:
     kind: str
-    arrival: float  # time.monotonic() when decoded
+    #: time.monotonic() when the frame's first RTP packet arrived: what the network
+    #: delivered, not when this in-process client's decoder thread got round to it
+    #: (that thread shares the node's cores, and its lag is not the node's pacing).
+    arrival: float
     pts_s: float
     samples: int = 0
 
@@ -35,6 +38,8 @@ class Viewer:
     location: str
     frames: list[Received] = field(default_factory=list)
     readers: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Per kind, raw RTP timestamp -> monotonic arrival of its first packet.
+    rtp_arrivals: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def of(self, kind: str, since: float = 0.0) -> list[Received]:
         return [f for f in self.frames if f.kind == kind and f.arrival >= since]
@@ -46,12 +51,30 @@ class Viewer:
         await asyncio.gather(*self.readers, return_exceptions=True)
 
 
-async def _read(track: MediaStreamTrack, viewer: Viewer) -> None:
+def _time_rtp_arrivals(pc: RTCPeerConnection, viewer: Viewer) -> None:
+    for t in pc.getTransceivers():
+        seen = viewer.rtp_arrivals.setdefault(t.kind, {})
+        original = t.receiver._handle_rtp_packet
+
+        async def handle(packet: Any, arrival_time_ms: int, _orig: Any = original,
+                         _seen: dict[int, float] = seen) -> None:
+            _seen.setdefault(packet.timestamp, time.monotonic())
+            await _orig(packet, arrival_time_ms=arrival_time_ms)
+
+        t.receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+
+
+async def _read(track: MediaStreamTrack, receiver: Any, viewer: Viewer) -> None:
+    seen = viewer.rtp_arrivals[track.kind]
     try:
         while True:
             frame = await track.recv()
             assert frame.pts is not None and frame.time_base is not None
-            viewer.frames.append(Received(track.kind, time.monotonic(),
+            # aiortc hands frames over with pts = RTP timestamp - the first one seen.
+            origin = receiver._RTCRtpReceiver__timestamp_mapper._origin
+            arrival = seen.pop((frame.pts + origin) & 0xFFFFFFFF, None)
+            assert arrival is not None, "a decoded frame whose packets were never seen"
+            viewer.frames.append(Received(track.kind, arrival,
                                           float(frame.pts * frame.time_base),
                                           getattr(frame, "samples", 0)))
     except MediaStreamError:
@@ -68,10 +91,12 @@ async def watch(http: aiohttp.ClientSession, whep_url: str, token: str,
         caps = RTCRtpSender.getCapabilities("video").codecs
         video.setCodecPreferences([c for c in caps if c.mimeType.lower() == video_codec])
     viewer = Viewer(pc, "")
+    _time_rtp_arrivals(pc, viewer)
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
-        viewer.readers.append(asyncio.ensure_future(_read(track, viewer)))
+        receiver = next(t.receiver for t in pc.getTransceivers() if t.receiver.track is track)
+        viewer.readers.append(asyncio.ensure_future(_read(track, receiver, viewer)))
 
     await pc.setLocalDescription(await pc.createOffer())
     async with http.post(whep_url, data=pc.localDescription.sdp,
