@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from rapido.aio import cancel_and_wait
 from rapido.config import Config, load_regions
 from rapido.gpu.avatar import Avatar, default_avatar, load_avatar
 from rapido.gpu.backends import ModelBackend, make_backend
@@ -169,8 +170,7 @@ class Engine:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self._clock is not None:
-            self._clock.cancel()
-            await asyncio.gather(self._clock, return_exceptions=True)
+            await cancel_and_wait([self._clock])
             self._clock = None
         # Last: sinks whose close is still running elsewhere (a DELETE) finish their
         # lanes inside close(), which runs what is left before it returns.

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from rapido.aio import cancel_and_wait
 from rapido.bench import report
 from rapido.bench.run import INPUT_RATE, speech_like, stream_trace
 from rapido.config import Config
@@ -236,9 +237,7 @@ async def run_http(config: Config, args: argparse.Namespace, clients: list[_Clie
                     asyncio.gather(*tasks, return_exceptions=True),
                     end_at - loop.time() + GRACE_S)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(tasks)
             for c, res in zip(clients, done, strict=True):
                 if isinstance(res, BaseException):
                     c.errors.append(f"{type(res).__name__}: {res}")

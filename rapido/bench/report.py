@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from rapido.aio import cancel_and_wait
+
 #: Hours in a month, for the cost per stream-month (365 * 24 / 12).
 HOURS_PER_MONTH = 730.0
 #: What "real time" means in the bench (kept in one place for the table, plot and search).
@@ -193,8 +195,7 @@ class Progress:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
             self._task = None
         if self._drawn:
             print(file=self.file, flush=True)

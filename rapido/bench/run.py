@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rapido.aio import cancel_and_wait
 from rapido.bench import report
 from rapido.bench.args import validate
 from rapido.bench.traces import Arrival, make_trace
@@ -249,9 +250,7 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         if out is not None:
             out.append(result)
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         await engine.aclose()
     if cancelled:
         raise asyncio.CancelledError

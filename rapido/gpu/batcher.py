@@ -45,6 +45,8 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from rapido.aio import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -536,8 +538,7 @@ class MicroBatcher(Generic[Req, Res]):
         self._closed = True
         self._close_queue()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         if self._running:
             await asyncio.wait(set(self._running))
         if self._own_executor:

@@ -16,6 +16,7 @@ import secrets
 import numpy as np
 from aiohttp import web
 
+from rapido.aio import cancel_and_wait
 from rapido.bench.run import speech_like
 from rapido.engine import AdmissionError
 from rapido.http.api import session_json
@@ -82,7 +83,4 @@ async def _speak(session: StreamSession) -> None:
 
 async def _cancel_tasks(app: web.Application) -> None:
     running: set[asyncio.Task[None]] = app[DEMO_TASKS]
-    tasks = list(running)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancel_and_wait(list(running))

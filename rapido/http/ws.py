@@ -14,6 +14,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import WSMsgType, web
 
+from rapido.aio import cancel_and_wait
 from rapido.http.api import get_session
 from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
 from rapido.pipeline.audio import AudioFormatError, pcm_s16le
@@ -86,8 +87,7 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     finally:
         session.unsubscribe(events)
         request.app[WEBSOCKETS].discard(ws)
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        await cancel_and_wait([writer])
         metrics.ws_connections.dec()
     return ws
 

@@ -25,6 +25,8 @@ from typing import Any, Final
 import numpy as np
 from livekit import rtc
 
+from rapido.aio import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 AUDIO_STREAM_TOPIC: Final = "lk.audio_stream"
@@ -295,10 +297,7 @@ class AvatarWorker:
         with contextlib.suppress(Exception):
             self.room.unregister_byte_stream_handler(AUDIO_STREAM_TOPIC)
             self.room.local_participant.unregister_rpc_method(RPC_CLEAR_BUFFER)
-        for task in [*self._tasks, *([self._sender] if self._sender else [])]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([*self._tasks, self._sender])
 
     def send(self, rpc: OutgoingRpc | None) -> None:
         """Queue an RPC from :meth:`AvatarProtocol.playback_started` / ``_finished``."""

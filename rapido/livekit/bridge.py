@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from livekit import rtc
 
+from rapido.aio import cancel_and_wait
 from rapido.livekit.agents import AvatarProtocol, AvatarWorker, OutgoingRpc
 from rapido.pipeline.session import SessionClosed, StreamSession
 
@@ -103,8 +104,6 @@ class AgentBridge:
 
     async def aclose(self) -> None:
         self.session.unsubscribe(self._events)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._worker is not None:
             await self._worker.aclose()

@@ -42,6 +42,7 @@ from typing import Any, Final
 import numpy as np
 from livekit import rtc
 
+from rapido.aio import cancel_and_wait
 from rapido.livekit.linkstats import VideoLink, video_link
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
 from rapido.pipeline.quality import (
@@ -253,11 +254,7 @@ class LiveKitSink:
         self._video.clear()
         if self._video_timer is not None:
             self._video_timer.cancel()
-        for task in (self._connector, self._pusher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_and_wait((self._connector, self._pusher))
         await self._leave_room()
         for src in (self._audio, self._vsource):
             if src is not None:
@@ -520,8 +517,7 @@ class LiveKitSink:
         finally:
             # The poller also ends by itself once `done` is set, so a cancel it happens to
             # swallow (one arriving as a stats reply lands) cannot hold this up for good.
-            poller.cancel()
-            await asyncio.wait({poller})
+            await cancel_and_wait([poller])
 
     async def _poll_stats(self, room: rtc.Room, done: asyncio.Future[str]) -> None:
         """Read the room's WebRTC stats until it disconnects (see ``on_rtc_stats``)."""

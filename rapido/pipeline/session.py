@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from rapido.aio import cancel_and_wait
 from rapido.gpu.avatar import Avatar
 from rapido.pipeline.audio import Resampler
 from rapido.pipeline.jitter import (
@@ -426,9 +427,7 @@ class StreamSession:
                 pass
             _close_queue(q)
         self._listeners.clear()
-        if self._feeder is not None:
-            self._feeder.cancel()
-            await asyncio.gather(self._feeder, return_exceptions=True)
+        await cancel_and_wait([self._feeder])
         self.renderer.close_stream(self.id)
         try:
             await self.sink.aclose()
