@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/python -m rapido serve $(ARGS)
 
+# System tools some tests run (nginx, chromium, ...): installed when root and missing,
+# otherwise those tests skip and say which package they need.
 test: $(STAMP)
+	@bash scripts/install-test-deps.sh || echo "test tools: install failed; the tests that need them will skip"
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)

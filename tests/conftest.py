@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,32 @@ from rapido.config import Config
 from rapido.node import Node
 
 API_KEY = "test-key-123"
+REPO = Path(__file__).resolve().parents[1]
+INSTALL_TEST_DEPS = REPO / "scripts" / "install-test-deps.sh"
+
+#: CI sets this (.ci/run): a test whose system tool is missing fails instead of skipping.
+REQUIRE_SYSTEM_TOOLS = os.environ.get("RAPIDO_TEST_REQUIRE_SYSTEM_TOOLS") == "1"
+
+
+def system_tools() -> dict[str, str]:
+    """command -> Debian package, as scripts/install-test-deps.sh lists them (one list)."""
+    text = INSTALL_TEST_DEPS.read_text()
+    return dict(re.findall(r'^\s*"([\w.-]+):([\w.+-]+)"', text, re.MULTILINE))
+
+
+def system_tool(name: str) -> str:
+    """The path of a system tool a test runs for real. Missing: the test skips naming the
+    package (or fails, in CI). Only tools the install script knows may be asked for."""
+    package = system_tools().get(name)
+    assert package is not None, f"{name} is not in {INSTALL_TEST_DEPS.name}: add it there"
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path:
+        return path
+    msg = (f"{name} not found: install the Debian package {package} "
+           f"(bash scripts/install-test-deps.sh does, as root)")
+    if REQUIRE_SYSTEM_TOOLS:
+        pytest.fail(msg + "; RAPIDO_TEST_REQUIRE_SYSTEM_TOOLS=1 requires it")
+    pytest.skip(msg)
 
 NodeFactory = Callable[..., Awaitable[Node]]
 

@@ -2,8 +2,9 @@
 example, the Grafana dashboard and the GPU bench script.
 
 These checks run the real tools: systemd-analyze and systemctl (Debian package
-``systemd``), ``nginx`` and ``openssl``. A missing tool fails its test with the package
-to install; RAPIDO_TEST_NO_SYSTEM_TOOLS=1 turns those failures into skips.
+``systemd``), ``nginx``, ``openssl`` and ``shellcheck``, which
+``scripts/install-test-deps.sh`` installs. A missing tool skips its test naming the
+package; in CI (RAPIDO_TEST_REQUIRE_SYSTEM_TOOLS=1) it fails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 
 from rapido.config import Config
 from rapido.metrics import Metrics
+from tests.conftest import INSTALL_TEST_DEPS, system_tool, system_tools
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
@@ -35,24 +37,13 @@ GPU_BENCH = SCRIPTS / "gpu_bench.sh"
 NGINX_CONF = SCRIPTS / "nginx" / "rapido.conf"
 DASHBOARD = SCRIPTS / "grafana" / "rapido.json"
 
-PACKAGES = {"systemd-analyze": "systemd", "systemctl": "systemd", "nginx": "nginx",
-            "openssl": "openssl"}
 # Variables the wrapper reads or sets that are not server settings.
 WRAPPER_VARS = {"RAPIDO_BASE_PORT", "RAPIDO_BASE_GOSSIP_PORT", "RAPIDO_GOSSIP_PORT",
                 "RAPIDO_PYTHON"}
 CONFIG_VARS = {"RAPIDO_" + name.upper() for name in Config.__dataclass_fields__}
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
-    if path:
-        return path
-    msg = (f"{name} not found: install the Debian package {PACKAGES.get(name, name)} "
-           "(apt-get install -y systemd nginx openssl), or set "
-           "RAPIDO_TEST_NO_SYSTEM_TOOLS=1 to skip the checks that need it")
-    if os.environ.get("RAPIDO_TEST_NO_SYSTEM_TOOLS") == "1":
-        pytest.skip(msg)
-    pytest.fail(msg)
+tool = system_tool
 
 
 def run(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 30,
@@ -484,6 +475,26 @@ def test_scripts_parse_and_pass_shellcheck() -> None:
     run("bash", "-n", GPU_BENCH)
     for script in (WRAPPER, INSTALL, GPU_BENCH):
         assert os.access(script, os.X_OK), f"{script.name} is not executable"
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
-    run("shellcheck", WRAPPER, INSTALL, GPU_BENCH)
+    run(tool("shellcheck"), WRAPPER, INSTALL, GPU_BENCH, INSTALL_TEST_DEPS)
+
+
+def test_test_tools_script_lists_what_the_tests_run(tmp_path: Path) -> None:
+    """One list of system tools: the tests ask only for tools the install script knows,
+    and its --check names every missing package."""
+    tools = system_tools()
+    assert {"systemd-analyze", "systemctl", "nginx", "openssl", "shellcheck",
+            "chromium"} <= set(tools)
+    assert tools["systemd-analyze"] == "systemd"
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    # With nothing on PATH every tool is missing (bash itself is run by path).
+    proc = run(shutil.which("bash") or "/bin/bash", INSTALL_TEST_DEPS, "--check",
+               env={"PATH": str(empty)}, ok=False)
+    # ... except those in /usr/sbin or /sbin, which the script always looks in.
+    in_sbin = {name for name in tools for d in ("/usr/sbin", "/sbin") if Path(d, name).exists()}
+    assert proc.returncode == 1, proc.stderr
+    for name, package in tools.items():
+        if name not in in_sbin:
+            assert f" {name}" in proc.stdout and package in proc.stdout, proc.stdout
+    proc = run("bash", INSTALL_TEST_DEPS, "--bogus", ok=False)
+    assert proc.returncode == 2 and "usage" in proc.stderr

@@ -1,7 +1,8 @@
 """The viewer page in a real headless Chromium: Demo plays over WHEP and the mouth moves.
 
-Needs Debian's ``chromium`` (/usr/bin/chromium) and the ``playwright`` Python package
-(never ``playwright install``: the system Chromium is used). Without them the test fails.
+Needs Debian's ``chromium`` (scripts/install-test-deps.sh installs it; without it the
+test skips, in CI it fails) and the ``playwright`` Python package (never ``playwright
+install``: the system Chromium is used).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import pytest
 
 from rapido.gpu.avatar import default_avatar
 from rapido.http.demo import SCRIPT
-from tests.conftest import API_KEY, NodeFactory
+from tests.conftest import API_KEY, NodeFactory, system_tool
 
-CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/viewer.png")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -59,16 +59,14 @@ async def browser(tmp_path: Path) -> AsyncIterator[Any]:
     except ImportError:
         pytest.fail("the viewer test needs the 'playwright' Python package "
                     "(pip install playwright; never 'playwright install')")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"the viewer test needs Chromium at {CHROMIUM} "
-                    "(apt-get install -y chromium)")
+    chromium = system_tool("chromium")
     async with async_playwright() as pw:
         try:
             context = await pw.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, args=ARGS,
+                str(tmp_path / "chromium-profile"), executable_path=chromium, args=ARGS,
                 headless=True, viewport={"width": 1200, "height": 900})
         except Exception as exc:  # any launch failure is a test failure
-            pytest.fail(f"could not launch {CHROMIUM}: {exc}")
+            pytest.fail(f"could not launch {chromium}: {exc}")
         try:
             yield context
         finally:
