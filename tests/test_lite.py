@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from rapido.bench.run import speech_like
-from rapido.gpu.avatar import default_avatar
 from rapido.gpu.models.lite import (
     LiteMouthModel,
     build_lite,
@@ -28,6 +27,7 @@ from rapido.gpu.models.lite import (
     mel_bin_centres,
     mouth_params,
 )
+from rapido.gpu.portrait import default_avatar
 from rapido.pipeline.features import DEFAULT_SPEC, melspectrogram
 
 SR = 16_000

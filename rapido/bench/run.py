@@ -30,8 +30,8 @@ from rapido.bench.args import validate
 from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
-from rapido.gpu.avatar import Avatar
 from rapido.metrics import Metrics
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.quality import QualityController
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from rapido.gpu.avatar import Avatar
 from rapido.gpu.backends import ModelBackend
 from rapido.gpu.batcher import BatcherMetrics, MicroBatcher
 from rapido.gpu.compositor import Blend, Compositor, compositor_for
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.features import MelSpec, MelStream, compute_pending
 from rapido.pipeline.media import VideoFrame
 from rapido.pipeline.render import FrameJob

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rapido.gpu.avatar import Avatar, default_avatar
+from rapido.gpu.portrait import default_avatar
+from rapido.pipeline.avatar import Avatar
 
 __all__ = [
     "MODEL_NAME",
