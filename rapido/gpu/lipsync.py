@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from rapido.gpu.backends import ModelBackend
-from rapido.gpu.batcher import BatcherMetrics, MicroBatcher
+from rapido.gpu.batcher import BatcherSeries, MicroBatcher
 from rapido.gpu.compositor import Blend, Compositor, compositor_for
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.features import MelSpec, MelStream, compute_pending
@@ -92,7 +92,7 @@ class LipSyncRenderer:
         max_wait_ms: float = 30.0,
         budget_ms: float = 120.0,
         spec: MelSpec | None = None,
-        batcher_metrics: BatcherMetrics | None = None,
+        batcher_metrics: BatcherSeries | None = None,
         on_quality: Any = None,
         model_name: str = "model",
         batch_workers: int = 1,
