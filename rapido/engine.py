@@ -21,16 +21,17 @@ import numpy as np
 
 from rapido.aio import cancel_and_wait
 from rapido.config import Config, load_regions
-from rapido.gpu.avatar import Avatar, default_avatar, load_avatar
 from rapido.gpu.backends import ModelBackend, make_backend
 from rapido.gpu.compositor import Blend
 from rapido.gpu.lipsync import LipSyncRenderer
+from rapido.gpu.portrait import default_avatar
 from rapido.gpu.registry import default_model_dir, resolve_model
 from rapido.livekit.bridge import AgentBridge
 from rapido.livekit.regions import select_region
 from rapido.livekit.sink import LiveKitSink
 from rapido.livekit.tokens import publisher_identity, publisher_token, room_name, viewer_token
 from rapido.metrics import Metrics
+from rapido.pipeline.avatar import Avatar, load_avatar
 from rapido.pipeline.jitter import JitterEvent, PlaybackFinished, PlaybackStarted, Underrun
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.render import FrameRenderer, IdleRenderer

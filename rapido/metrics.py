@@ -16,13 +16,40 @@ from prometheus_client import (
     generate_latest,
 )
 
-from rapido.gpu.batcher import BatcherMetrics
-
 # The *_created series double the exposition for no use on our dashboards.
 disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5, 1.0)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5,
+                       1.0)
+_BATCH_RUN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12,
+                      0.2, 0.5, 1.0)
+
+
+class BatcherMetrics:
+    """The batchers' Prometheus series on one registry, labelled by model name. Make one
+    per registry and share it between batchers: a second one would clash on the names."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_batch: int = 32) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        r = registry
+        self.batch_size = Histogram(
+            "batch_size", "Requests per model batch", ["model"],
+            buckets=tuple(float(i) for i in range(1, max_batch + 1)), registry=r)
+        self.queue_wait = Histogram(
+            "batch_queue_wait_seconds", "Time a request queued before its batch started",
+            ["model"], buckets=_BATCH_WAIT_BUCKETS, registry=r)
+        self.run = Histogram(
+            "batch_run_seconds", "Model time of one batch, in the worker thread", ["model"],
+            buckets=_BATCH_RUN_BUCKETS, registry=r)
+        self.deadline_misses = Counter(
+            "batch_deadline_misses", "Requests whose deadline passed while queued", ["model"],
+            registry=r)  # exported as batch_deadline_misses_total
+        self.failures = Counter(
+            "batch_failures", "Batches that raised or returned the wrong number of results",
+            ["model"], registry=r)
 
 
 class Metrics:

@@ -14,9 +14,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from rapido.bench.run import speech_like
 from rapido.config import Config
 from rapido.node import Node
+from rapido.pipeline.speech import speech_like
 
 API_KEY = "test-key-123"
 REPO = Path(__file__).resolve().parents[1]

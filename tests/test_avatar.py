@@ -6,14 +6,9 @@ import av
 import numpy as np
 import pytest
 
-from rapido.gpu.avatar import (
-    Avatar,
-    default_avatar,
-    draw_default_avatar,
-    i420_to_rgb,
-    rgb_to_i420,
-)
-from rapido.pipeline.media import VideoFrame
+from rapido.gpu.portrait import default_avatar, draw_default_avatar
+from rapido.pipeline.avatar import Avatar
+from rapido.pipeline.media import VideoFrame, i420_to_rgb, rgb_to_i420
 
 
 @pytest.fixture(scope="module")

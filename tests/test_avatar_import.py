@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from rapido.gpu.avatar import load_avatar, save_avatar
 from rapido.gpu.avatar_import import AvatarImportError, import_avatar, parse_box
+from rapido.pipeline.avatar import load_avatar, save_avatar
 
 
 def write_png(path: Path, rgb: np.ndarray) -> Path:

@@ -22,12 +22,12 @@ from rapido.gpu.backends import (
     CPU,
     ModelBackend,
     OnnxBackend,
-    TorchBackend,
     check_batch,
     make_backend,
 )
 from rapido.gpu.manifest import ModelError, ModelManifest, write_manifest
 from rapido.gpu.models import export_onnx
+from rapido.gpu.torch_backend import TorchBackend
 
 S = 32
 SEED = 7

@@ -16,14 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from rapido.gpu.batcher import (
-    BatcherClosed,
-    BatcherMetrics,
-    BatchError,
-    BatchPolicy,
-    DeadlineMiss,
-    MicroBatcher,
-)
+from rapido.gpu.batcher import BatcherClosed, BatchError, DeadlineMiss, MicroBatcher
+from rapido.gpu.policy import BatchPolicy
+from rapido.metrics import BatcherMetrics
 
 FAR = 1e9  # a deadline nobody reaches
 WAIT = 3.0  # seconds: no answer by then means none is coming

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rapido.gpu.avatar import default_avatar, i420_to_rgb
 from rapido.gpu.compositor import Compositor, resize_matrix
+from rapido.gpu.portrait import default_avatar
+from rapido.pipeline.media import i420_to_rgb
 
 
 @pytest.fixture(scope="module", params=["mouth", "lower_half"])

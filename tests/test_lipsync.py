@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from rapido.gpu.avatar import default_avatar
+from rapido.gpu.portrait import default_avatar
 from rapido.pipeline.media import AUDIO_RATE
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered

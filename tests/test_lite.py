@@ -19,8 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rapido.bench.run import speech_like
-from rapido.gpu.avatar import default_avatar
 from rapido.gpu.models.lite import (
     LiteMouthModel,
     build_lite,
@@ -28,7 +26,9 @@ from rapido.gpu.models.lite import (
     mel_bin_centres,
     mouth_params,
 )
+from rapido.gpu.portrait import default_avatar
 from rapido.pipeline.features import DEFAULT_SPEC, melspectrogram
+from rapido.pipeline.speech import speech_like
 
 SR = 16_000
 FPS = 25

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rapido.gpu.avatar import default_avatar
+from rapido.gpu.portrait import default_avatar
 from rapido.http.demo import SCRIPT
 from tests.conftest import API_KEY, NodeFactory, system_tool
 

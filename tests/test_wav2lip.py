@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from rapido.gpu.backends import OnnxBackend, TorchBackend, make_backend
+from rapido.gpu.backends import OnnxBackend, make_backend
 from rapido.gpu.manifest import ModelError, ModelManifest, check_onnx, load_manifest
 from rapido.gpu.models import wav2lip
 from rapido.gpu.models.wav2lip import Wav2Lip96, build, load_checkpoint
+from rapido.gpu.torch_backend import TorchBackend
 
 S = 96
 

@@ -28,8 +28,9 @@ import numpy as np
 
 from rapido.aio import cancel_and_wait
 from rapido.bench import report
-from rapido.bench.run import INPUT_RATE, speech_like, stream_trace
+from rapido.bench.run import INPUT_RATE, stream_trace
 from rapido.config import Config
+from rapido.pipeline.speech import speech_like
 
 MAX_HTTP_STREAMS = 256
 GRACE_S = 30.0

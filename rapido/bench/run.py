@@ -30,29 +30,17 @@ from rapido.bench.args import validate
 from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
-from rapido.gpu.avatar import Avatar
 from rapido.metrics import Metrics
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.quality import QualityController
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
+from rapido.pipeline.speech import speech_like
 
 INPUT_RATE = 16_000
 CHUNK_S = 0.02
 UTTERANCE_S = 3.0
 #: Streams' start phases are spread over this much time, so they do not all speak at once.
 PHASE_SPREAD_S = 0.37
-
-
-def speech_like(seconds: float, rate: int = INPUT_RATE, seed: int = 0) -> np.ndarray:
-    """Syllable-rate amplitude-modulated harmonics: speech-like energy and spectrum."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)), 0, None) ** 0.5
-    noise = rng.normal(0, 0.05, len(t))
-    x = (voice * 0.25 + noise) * envelope
-    return (np.clip(x, -1, 1) * 20000).astype(np.int16)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from rapido.gpu.avatar import Avatar, rgb_to_i420, save_avatar
+from rapido.pipeline.avatar import Avatar, save_avatar
+from rapido.pipeline.media import rgb_to_i420
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_SECONDS = 5.0

@@ -22,12 +22,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rapido.gpu.avatar import Avatar, i420_to_rgb
-from rapido.pipeline.media import VideoFrame
+from rapido.pipeline.avatar import Avatar
+from rapido.pipeline.media import VideoFrame, i420_to_rgb
 
 Blend = Literal["lower_half", "mouth"]
 
-# BT.601 limited range, as rapido.gpu.avatar.rgb_to_i420 (ffmpeg's default for yuv420p).
+# BT.601 limited range, as rapido.pipeline.media.rgb_to_i420 (ffmpeg's default for yuv420p).
 _Y = np.array([0.256788, 0.504129, 0.097906], dtype=np.float32)
 _U = np.array([-0.148223, -0.290993, 0.439216], dtype=np.float32)
 _V = np.array([0.439216, -0.367788, -0.071427], dtype=np.float32)

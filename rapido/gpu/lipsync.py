@@ -4,7 +4,9 @@ Per clock tick the engine hands over one job per stream. Silent frames are answe
 once with the avatar's idle frame (silence costs no model time). Speaking frames are
 gathered for the tick, their mel windows computed in one vectorised pass over all
 streams, and submitted to the :class:`MicroBatcher`; the batch runs the model and the
-compositor in the batcher's worker thread, so the event loop only moves references.
+compositor in the batcher's worker thread, so the event loop only moves references. The
+worker only computes; per-stream state (mel streams, the crop a half-rate frame repeats)
+is read and written on the loop alone.
 
 Faults stay local: a failed batch or a missed deadline shows idle frames for the frames
 it held (counted, logged), and the streams go on. When misses rise the renderer degrades
@@ -23,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from rapido.gpu.avatar import Avatar
 from rapido.gpu.backends import ModelBackend
-from rapido.gpu.batcher import BatcherMetrics, MicroBatcher
+from rapido.gpu.batcher import BatcherSeries, MicroBatcher
 from rapido.gpu.compositor import Blend, Compositor, compositor_for
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.features import MelSpec, MelStream, compute_pending
 from rapido.pipeline.media import VideoFrame
 from rapido.pipeline.render import FrameJob
@@ -49,9 +51,12 @@ class _Stream:
     utterance: int | None = None
     fed: int = 0  # samples of the utterance already given to the mel stream
     last_window: np.ndarray | None = None
-    last_crop: np.ndarray | None = None
+    last_crop: np.ndarray | None = None  # read and written on the event loop only
     last_crop_index: int = -1  # with several batches in flight, keep the newest crop
     finished: bool = False
+    #: Bumped whenever the crop state is reset (a new utterance): a result that comes back
+    #: from an older epoch belongs to speech that is no longer playing.
+    epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -61,6 +66,12 @@ class _Request:
     mel: np.ndarray | None  # [1, 80, 16]; None when the crop is repeated (degraded)
     repeat: np.ndarray | None = None  # the crop to repeat instead of running the model
     stream: _Stream | None = None
+    epoch: int = 0  # ``stream.epoch`` when the request was made
+
+
+#: What the worker hands back per request: the frame, and the model's crop (None for a
+#: repeated crop) for the loop to keep as the stream's latest.
+_Result = tuple[VideoFrame, np.ndarray | None]
 
 
 @dataclass
@@ -92,7 +103,7 @@ class LipSyncRenderer:
         max_wait_ms: float = 30.0,
         budget_ms: float = 120.0,
         spec: MelSpec | None = None,
-        batcher_metrics: BatcherMetrics | None = None,
+        batcher_metrics: BatcherSeries | None = None,
         on_quality: Any = None,
         model_name: str = "model",
         batch_workers: int = 1,
@@ -111,7 +122,7 @@ class LipSyncRenderer:
         self.frames_repeated = 0
         self.frames_failed = 0
         self._on_quality = on_quality
-        self.batcher: MicroBatcher[_Request, VideoFrame] = MicroBatcher(
+        self.batcher: MicroBatcher[_Request, _Result] = MicroBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             preferred_batch_sizes=tuple(s for s in backend.preferred_batch_sizes
                                         if s <= max_batch),
@@ -163,7 +174,7 @@ class LipSyncRenderer:
                     job.video = job.avatar.idle_frame(job.index)
                     job.done()
                     continue
-                req = _Request(job, comp, window[None], stream=st)
+                req = _Request(job, comp, window[None], stream=st, epoch=st.epoch)
             self.batcher.submit_nowait(req, deadline=job.due + self.budget_s,
                                        callback=self._on_result)
         # That was every stream of this tick: nothing more comes for a frame interval, so
@@ -179,6 +190,7 @@ class LipSyncRenderer:
             st.utterance, st.fed, st.finished = job.utterance, 0, False
             st.last_window = st.last_crop = None
             st.last_crop_index = -1
+            st.epoch += 1
         start = job.utt_pos
         ahead = job.lookahead if job.lookahead is not None else job.audio[:0]
         end = start + job.real_samples + len(ahead)
@@ -192,9 +204,17 @@ class LipSyncRenderer:
         return st
 
     # -- in the batcher's worker thread -----------------------------------------------------
+    # Computes only: per-stream state belongs to the loop (see _keep_crop).
 
-    def _run_batch(self, reqs: list[_Request]) -> list[VideoFrame]:
+    def _run_batch(self, reqs: list[_Request]) -> list[_Result]:
+        frames, model_crops = self._render(reqs)
+        return list(zip(frames, model_crops, strict=True))
+
+    def _render(self, reqs: list[_Request]
+                ) -> tuple[list[VideoFrame], list[np.ndarray | None]]:
+        """The batch's frames, and per request the model's crop (None where repeated)."""
         crops: list[np.ndarray | None] = [r.repeat for r in reqs]
+        model_crops: list[np.ndarray | None] = [None] * len(reqs)
         model = [k for k, r in enumerate(reqs) if r.mel is not None]
         out: np.ndarray | None = None
         if model:
@@ -206,10 +226,7 @@ class LipSyncRenderer:
                 raise RuntimeError(f"the model returned {len(out)} crops for "
                                    f"{len(model)} frames")
             for k, crop in zip(model, out, strict=True):
-                crops[k] = crop
-                st = reqs[k].stream
-                if st is not None and reqs[k].job.index > st.last_crop_index:
-                    st.last_crop, st.last_crop_index = crop, reqs[k].job.index
+                crops[k] = model_crops[k] = crop
         ready: list[np.ndarray] = []
         for crop in crops:
             assert crop is not None  # a request without a mel carries its repeat crop
@@ -218,7 +235,7 @@ class LipSyncRenderer:
         if all(r.compositor is comp for r in reqs):
             # The usual case: one avatar, so the whole batch composites in one pass.
             batch = out if out is not None and len(model) == len(reqs) else np.stack(ready)
-            return comp.compose_batch([r.job.index for r in reqs], batch)
+            return comp.compose_batch([r.job.index for r in reqs], batch), model_crops
         frames: list[VideoFrame | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(reqs):
@@ -228,11 +245,11 @@ class LipSyncRenderer:
                 [reqs[k].job.index for k in ks], np.stack([ready[k] for k in ks]))
             for k, frame in zip(ks, done, strict=True):
                 frames[k] = frame
-        return frames  # type: ignore[return-value]
+        return frames, model_crops  # type: ignore[return-value]
 
     # -- back on the loop ------------------------------------------------------------------
 
-    def _on_result(self, req: _Request, result: VideoFrame | BaseException) -> None:
+    def _on_result(self, req: _Request, result: _Result | BaseException) -> None:
         job = req.job
         now = time.monotonic()
         if isinstance(result, BaseException):
@@ -242,15 +259,26 @@ class LipSyncRenderer:
             self._window.add(now, True)
             log.debug("frame %d of %s shown idle: %s", job.index, job.stream, result)
         else:
-            job.video = result
+            job.video, crop = result
             if req.mel is None:
                 self.frames_repeated += 1
                 job.degraded = True
             else:
                 self.frames_model += 1
+                self._keep_crop(req, crop)
             self._window.add(now, False)
         self._update_mode()
         job.done()
+
+    def _keep_crop(self, req: _Request, crop: np.ndarray | None) -> None:
+        """Remember the model's crop as the stream's latest, for half-rate frames to repeat;
+        unless the stream has since moved on to a new utterance: the crop of old speech
+        must not come back as the mouth of the new."""
+        st = req.stream
+        if crop is None or st is None or st.epoch != req.epoch:
+            return
+        if req.job.index > st.last_crop_index:
+            st.last_crop, st.last_crop_index = crop, req.job.index
 
     def _update_mode(self) -> None:
         rate = self._window.miss_rate()

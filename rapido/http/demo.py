@@ -17,7 +17,6 @@ import numpy as np
 from aiohttp import web
 
 from rapido.aio import cancel_and_wait
-from rapido.bench.run import speech_like
 from rapido.engine import AdmissionError
 from rapido.http.api import session_json
 from rapido.http.errors import ApiError, json_response
@@ -25,6 +24,7 @@ from rapido.http.keys import ENGINE
 from rapido.pipeline.audio import resample
 from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.speech import speech_like
 
 log = logging.getLogger(__name__)
 

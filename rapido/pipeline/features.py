@@ -33,6 +33,10 @@ batched stages write into per-thread scratch arrays that are reused from tick to
 on these VMs a fresh multi-megabyte array costs more in page faults than the FFT on it.
 No BLAS call is made per tick (the mel filterbank is applied as a sparse sum), so the
 cost does not depend on how many threads OpenBLAS decides to wake up.
+
+One module, over 500 lines, on purpose: the reference (:func:`melspectrogram`) and the
+streaming path (:class:`MelStream`, :func:`compute_pending`) share the filterbank, filter
+and STFT helpers, and keeping them side by side is what keeps the two bit-compatible.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Shape of the logic (after WebRTC's NetEQ):
 * Nothing is ever dropped. ``max_ms`` is where the *caller* stops reading its source
   (back-pressure, see :attr:`has_room`); the buffer itself accepts every push. Only
   :meth:`flush` (barge-in) discards audio, and it reports how much.
+
+One module, a little over 500 lines, on purpose: it is one pure state machine
+(:class:`AudioJitterBuffer`) plus the event and stats types it returns; splitting those
+apart would only scatter its interface.
 """
 
 from __future__ import annotations

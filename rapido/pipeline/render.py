@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from rapido.gpu.avatar import Avatar
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.media import VideoFrame
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from rapido.aio import cancel_and_wait
-from rapido.gpu.avatar import Avatar
 from rapido.pipeline.audio import Resampler
+from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.jitter import (
     AudioJitterBuffer,
     JitterConfig,

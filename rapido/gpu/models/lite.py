@@ -20,6 +20,10 @@ Everything in ``forward`` is elementwise arithmetic, sigmoid, clamp, pow/sqrt, w
 one small matmul and static slices and concats: no data-dependent control flow, so the
 ONNX graph is the same for every input and exports with a dynamic batch axis. Only a
 small window around the mouth is computed; the rest of the output is the reference.
+
+One module, a little over 500 lines, on purpose: the audio features, the mouth drawing
+and the ONNX export are one model whose parts are tuned against each other (the tests
+check them together).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rapido.gpu.avatar import Avatar, default_avatar
+from rapido.gpu.portrait import default_avatar
+from rapido.pipeline.avatar import Avatar
 
 __all__ = [
     "MODEL_NAME",
