@@ -16,7 +16,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from rapido.http.whep import VIEWER_SECRET, mint_token
 from rapido.node import Node
 from rapido.pipeline.media import MediaChunk, VideoFrame
-from rapido.pipeline.sinks.webrtc import H264, OPUS, VP8, PacketTrack, WebRtcSink
+from rapido.webrtc import H264, OPUS, VP8, PacketTrack, WebRtcSink
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
 
@@ -218,7 +218,7 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
         server_pc = sink.viewers[b.location.rsplit("/", 1)[1]].pc
         video_sender = next(x for x in server_pc.getSenders()
                             if x.track is not None and x.track.kind == "video")
-        enc = sink._encoders[H264]
+        enc = sink.encoders[H264]
         await wait_for(lambda: not enc.keyframe)
         video_sender._send_keyframe()
         assert enc.keyframe
@@ -381,7 +381,7 @@ async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
         (rep,) = sink.stats()["receivers"].values()
         assert rep["loss"] > 0.1 and rep["reports"] >= 3
         # The new bitrate reaches the encoder with the next frame: re-opened at that rate.
-        await wait_for(lambda: sink._encoders[H264].bitrate <= q["bitrate"])
+        await wait_for(lambda: sink.encoders[H264].bitrate <= q["bitrate"])
         assert sink.stats()["encoders_created"] >= 3
         # The node's gauge carries it.
         node.engine._publish_quality()

@@ -1,56 +1,40 @@
 """Serve one session to any number of WebRTC viewers, encoding each stream once.
 
-aiortc's ``RTCRtpSender`` normally runs one encoder per peer connection. With a
-hundred viewers of one lesson that is a hundred identical H.264 encodes. Here the
-sink owns one encoder per codec in use (H.264 and/or VP8) plus one Opus encoder, and
-each viewer's sender gets a :class:`PacketTrack` whose ``recv()`` returns the shared
-``av.Packet``: for a packet (not a frame) aiortc only packetises (``encoder.pack``),
-so the per-viewer cost is RTP framing and SRTP, not encoding.
+The sink owns the stream's :class:`~rapido.webrtc.encoders.SharedEncoders` (one
+encoder per codec in use) and fans their packets out to every viewer's
+:class:`~rapido.webrtc.track.PacketTrack`; it answers each viewer's SDP offer with an
+aiortc peer connection of its own.
 
 Threads: the event loop only queues chunks (``write`` returns at once) on the sink's
 lane of the node's :class:`EncoderPool` (a few threads shared by every sink, one lane
 handled by one thread at a time, in order); the lane owns the sink's encoders and
 hands finished packets back to the loop with ``call_soon_threadsafe``, where they are
-fanned out to the viewers' queues.
-
-Timestamps: video pts is ``index`` frames at 90 kHz, audio pts is ``index * samples
-per frame`` at 48 kHz, so the two streams of one chunk carry the same instant and are
-sent in the same loop callback (aiortc's sender reports send time against RTP time in
-its sender reports, which is what a browser lip-syncs by).
+fanned out to the viewers' queues. The video and audio packets of one chunk carry the
+same instant and are sent in the same loop callback (aiortc's sender reports send
+time against RTP time in its sender reports, which is what a browser lip-syncs by).
 
 Adaptive quality: a :class:`QualityController` per sink turns the viewers' RTCP
 (receiver reports' loss, REMB) and the node's load (``adapt``, once a second from the
-engine) into a bitrate and a frame rate within configured bounds. The worker re-opens
-a video encoder when the bitrate changes (which starts it on a keyframe) and, below
-the source rate, encodes only evenly spaced frames (no re-open: libx264 keeps each
-picture's bits, so the stream's bitrate falls with its frame rate); audio is never
-thinned. RTP time still comes from the frame's index, so a thinned stream stays in
-sync with its audio.
+engine) into a bitrate and a frame rate within configured bounds, which the encoders
+follow (a bitrate change re-opens them, a lower frame rate thins the pictures).
 
 Keyframes: aiortc's own keyframe flag (set on PLI/FIR) is only read on its encode
 path, which shared packets bypass, so each viewer's sender is pointed at
-:meth:`WebRtcSink.request_keyframe` instead. A viewer also needs a keyframe to start:
-its track drops video until one arrives and asks the encoder for one when it joins.
+:meth:`WebRtcSink.request_keyframe` instead (:mod:`rapido.webrtc.patches`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fractions
 import logging
-import multiprocessing
 import time
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from fractions import Fraction
-from typing import Any, Final, cast
+from functools import partial
+from typing import Any
 
 import av
-import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RtcpPsfbPacket,
@@ -58,61 +42,22 @@ from aiortc.rtp import (
     RtcpSrPacket,
     unpack_remb_fci,
 )
-from aiortc.sdp import SessionDescription
-from av.audio.codeccontext import AudioCodecContext
-from av.video.codeccontext import VideoCodecContext
 
-from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
+from rapido.pipeline.media import MediaChunk, frame_samples
 from rapido.pipeline.quality import (
     Backlog,
     Quality,
     QualityBounds,
     QualityController,
-    keep_frame,
 )
 from rapido.pipeline.sinks.base import SinkError
-from rapido.pipeline.sinks.frames import to_av_frame
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
+from rapido.webrtc.encoders import H264, OPUS, VIDEO_CODECS, Encoded, SharedEncoders
+from rapido.webrtc.patches import redirect_keyframe_requests, tap_rtcp
+from rapido.webrtc.sdp import InvalidOffer, check_offer, negotiated
+from rapido.webrtc.track import PacketTrack
 
 log = logging.getLogger(__name__)
-
-VIDEO_CLOCK: Final = 90_000
-VIDEO_TB: Final = fractions.Fraction(1, VIDEO_CLOCK)
-AUDIO_TB: Final = fractions.Fraction(1, AUDIO_RATE)
-#: Opus at 20 ms per packet, what every WebRTC stack sends by default.
-OPUS_FRAME: Final = AUDIO_RATE // 50
-
-#: Codec keys as aiortc names them (``mimeType`` lower-cased).
-H264: Final = "video/h264"
-VP8: Final = "video/vp8"
-OPUS: Final = "audio/opus"
-VIDEO_CODECS: Final = (H264, VP8)
-
-#: Packets a viewer may have waiting (about 2 s of video): a viewer whose connection
-#: stalls this long is resynchronised at the next keyframe rather than buffered forever.
-VIEWER_QUEUE: Final = 50
-
-
-class InvalidOffer(ValueError):
-    """The viewer's SDP offer could not be used."""
-
-
-@dataclass(slots=True)
-class _Enc:
-    """One encoder, owned by its lane's worker. Keyframe requests come from the loop
-    as a counter (an int store is atomic); the worker serves every request made before
-    it reads the counter, so a request made while it encodes is not lost."""
-
-    key: str
-    ctx: VideoCodecContext | AudioCodecContext
-    bitrate: int = 0
-    key_requests: int = 1  # a new encoder starts with a keyframe
-    key_served: int = 0
-
-    @property
-    def keyframe(self) -> bool:
-        """A keyframe has been asked for and not yet encoded."""
-        return self.key_requests != self.key_served
 
 
 @dataclass(eq=False)
@@ -120,76 +65,6 @@ class Viewer:
     id: str
     pc: RTCPeerConnection
     tracks: list[PacketTrack] = field(default_factory=list)
-
-
-class PacketTrack(MediaStreamTrack):
-    """A viewer's end of a shared encoder: ``recv()`` yields already encoded packets.
-
-    The track joins its encoder's fan-out on the first ``recv()``, i.e. when the
-    viewer's connection is up and its sender starts reading, so nothing piles up for a
-    viewer still doing ICE and no encoder runs for viewers that never connect."""
-
-    def __init__(self, sink: WebRtcSink, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self._sink = sink
-        self.codec: str | None = None
-        self._queue: deque[av.Packet] = deque()
-        self._wake = asyncio.Event()
-        self._joined = False
-        # Video can only be decoded from a keyframe on; audio from any packet.
-        self.needs_keyframe = kind == "video"
-        self.dropped = 0
-
-    def bind(self, codec: str) -> None:
-        self.codec = codec
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live" or self.codec is None:
-            raise MediaStreamError
-        if not self._joined:
-            self._joined = True
-            self._sink._join(self)
-        while not self._queue:
-            self._wake.clear()
-            await self._wake.wait()
-            if self.readyState != "live":
-                raise MediaStreamError
-        return self._queue.popleft()
-
-    def push(self, packet: av.Packet, keyframe: bool) -> None:
-        if self.needs_keyframe:
-            if not keyframe:
-                return
-            self.needs_keyframe = False
-        if len(self._queue) >= VIEWER_QUEUE:
-            self.dropped += len(self._queue)
-            self._queue.clear()
-            if self.kind == "video":
-                # The packets just dropped were references for what follows.
-                self.needs_keyframe = True
-                assert self.codec is not None
-                self._sink.request_keyframe(self.codec)
-                if not keyframe:
-                    return
-                self.needs_keyframe = False
-        self._queue.append(packet)
-        self._wake.set()
-
-    def flush(self) -> None:
-        """Drop what is waiting (barge-in); video then restarts at a keyframe."""
-        if not self._queue:
-            return
-        self.dropped += len(self._queue)
-        self._queue.clear()
-        if self.kind == "video" and self.codec is not None:
-            self.needs_keyframe = True
-            self._sink.request_keyframe(self.codec)
-
-    def stop(self) -> None:
-        super().stop()
-        self._wake.set()
-        self._sink._leave(self)
 
 
 class WebRtcSink:
@@ -248,7 +123,7 @@ class WebRtcSink:
             min_fps=fps if min_fps is None else min_fps, max_fps=fps))
         first = self.quality.update(time.monotonic())
         # What the worker encodes at: replaced whole by the loop (atomic), read per frame.
-        self._target: tuple[int, Fraction] = (first.bitrate, first.fps)
+        self._target = (first.bitrate, first.fps)
         self._backlog = Backlog()  # drops are stutter: they count as load and in the score
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -267,16 +142,15 @@ class WebRtcSink:
         self.viewers: dict[str, Viewer] = {}
 
         # Worker side.
-        self._encoders: dict[str, _Enc] = {}
-        self._audio_next: int | None = None
+        self.encoders = SharedEncoders(
+            width=width, height=height, fps=fps, samples_per_frame=self.samples_per_frame,
+            audio_bitrate=audio_bitrate, x264_preset=x264_preset, threads=threads)
 
         # Counters (each written by one side only).
         self._frames_in = 0
         self._frames_encoded = 0
-        self._video_frames = 0  # pictures encoded (fewer than chunks when thinned)
         self._dropped = 0
         self._interrupts = 0
-        self._encoders_created = 0
         self._viewers_total = 0
         self._error: BaseException | None = None
 
@@ -304,7 +178,7 @@ class WebRtcSink:
         if not self._started or self._closed or self._lane is None:
             return
         self._frames_in += 1
-        if not self._wanted and not self._encoders:
+        if not self._wanted and not self.encoders:
             # Nobody is watching: encoding would be wasted work. (While encoders are
             # still open the chunk goes on, so the worker sees they are unwanted and
             # closes them.)
@@ -327,8 +201,7 @@ class WebRtcSink:
 
     def encoder_counts(self) -> dict[str, int]:
         """Encoders running, by codec: at most one each, however many viewers."""
-        # list() copies the worker's dict in one step (atomic under the GIL).
-        return {key: 1 for key in sorted(list(self._encoders))}
+        return self.encoders.counts()
 
     def stats(self) -> dict[str, Any]:
         err = self._error
@@ -337,11 +210,11 @@ class WebRtcSink:
             "viewers": len(self.viewers),
             "viewers_total": self._viewers_total,
             "encoders": self.encoder_counts(),
-            "encoders_created": self._encoders_created,
+            "encoders_created": self.encoders.created,
             "consumers": {k: len(v) for k, v in sorted(self._consumers.items())},
             "frames_in": self._frames_in,
             "frames_encoded": self._frames_encoded,
-            "video_frames_encoded": self._video_frames,
+            "video_frames_encoded": self.encoders.video_frames,
             "dropped_frames": self._dropped,
             "queue_depth": self._lane.qsize() if self._lane is not None else 0,
             "interrupts": self._interrupts,
@@ -411,7 +284,7 @@ class WebRtcSink:
             # Nothing is put after _closed; wait for what is in hand, then let go of
             # the encoders (the lane is idle, so no worker touches them any more).
             await asyncio.to_thread(lane.join)
-            self._encoders.clear()
+            self.encoders.clear()
         if self._own_pool is not None:
             await asyncio.to_thread(self._own_pool.close)
 
@@ -424,7 +297,7 @@ class WebRtcSink:
             raise SinkError("webrtc sink is not running")
         if len(self.viewers) >= self.max_viewers:
             raise SinkError(f"this stream has its limit of {self.max_viewers} viewers")
-        _check_offer(offer_sdp)
+        check_offer(offer_sdp)
         pc = RTCPeerConnection()
         viewer = Viewer(uuid.uuid4().hex, pc)
         try:
@@ -445,7 +318,7 @@ class WebRtcSink:
             # aiortc gathers every ICE candidate inside setLocalDescription, so the
             # answer below is complete (WHEP has no trickle here).
             await pc.setLocalDescription(answer)
-            codecs = _negotiated(pc.localDescription.sdp)
+            codecs = negotiated(pc.localDescription.sdp)
             for kind, (sender, track) in senders.items():
                 codec = codecs.get(kind)
                 if codec is None or (kind == "video" and codec not in VIDEO_CODECS) \
@@ -455,10 +328,9 @@ class WebRtcSink:
                     viewer.tracks.remove(track)
                     continue
                 track.bind(codec)
-                # Why: aiortc turns PLI/FIR into a flag only its own encode path reads.
-                sender._send_keyframe = _keyframe_hook(self, codec)  # type: ignore[method-assign]
+                redirect_keyframe_requests(sender, partial(self.request_keyframe, codec))
                 if kind == "video":
-                    _tap_rtcp(sender, self, viewer.id)
+                    tap_rtcp(sender, viewer.id, self._on_feedback)
             if not viewer.tracks:
                 raise InvalidOffer("the offer has no H.264, VP8 or Opus media to receive")
         except BaseException:
@@ -485,12 +357,11 @@ class WebRtcSink:
         return True
 
     def request_keyframe(self, codec: str) -> None:
-        enc = self._encoders.get(codec)
-        if enc is not None:
-            enc.key_requests += 1
-        # An encoder not running yet starts with a keyframe anyway.
+        self.encoders.request_keyframe(codec)
 
-    def _join(self, track: PacketTrack) -> None:
+    # -- the tracks' fan-out (track.PacketSource) --------------------------------------
+
+    def attach(self, track: PacketTrack) -> None:
         assert track.codec is not None
         if self._closed:
             return
@@ -498,7 +369,7 @@ class WebRtcSink:
         self._update_wanted()
         self.request_keyframe(track.codec)
 
-    def _leave(self, track: PacketTrack) -> None:
+    def detach(self, track: PacketTrack) -> None:
         if track.codec is None:
             return
         tracks = self._consumers.get(track.codec)
@@ -512,7 +383,7 @@ class WebRtcSink:
     def _update_wanted(self) -> None:
         self._wanted = frozenset(self._consumers) | self.warm
 
-    def _deliver(self, out: list[tuple[str, av.Packet, bool]]) -> None:
+    def _deliver(self, out: Encoded) -> None:
         for codec, packet, keyframe in out:
             for track in list(self._consumers.get(codec, ())):
                 track.push(packet, keyframe)
@@ -523,15 +394,16 @@ class WebRtcSink:
         """One chunk, on the sink's lane (one pool thread at a time, in order)."""
         loop = self._loop
         assert loop is not None
+        bitrate, fps = self._target
         try:
-            out = self._encode(chunk)
+            out = self.encoders.encode(chunk, self._wanted, bitrate, fps)
         except Exception as exc:
             # A broken encoder is rebuilt on the next chunk (and starts with a
             # keyframe), rather than ending the stream for every viewer.
             if self._error is None:
                 log.exception("webrtc sink: encoding failed")
             self._error = exc
-            self._encoders.clear()
+            self.encoders.clear()
             return
         self._frames_encoded += 1
         if out:
@@ -539,160 +411,3 @@ class WebRtcSink:
                 loop.call_soon_threadsafe(self._deliver, out)
             except RuntimeError:  # the loop is gone: the node is stopping
                 pass
-
-    def _sync_encoders(self) -> None:
-        wanted = self._wanted
-        for key in [k for k in self._encoders if k not in wanted]:
-            del self._encoders[key]
-            if key == OPUS:
-                self._audio_next = None
-        bitrate = self._target[0]
-        for key in wanted:
-            enc = self._encoders.get(key)
-            if enc is not None and (key == OPUS or enc.bitrate == bitrate):
-                continue
-            # New, or the bitrate moved: a fresh encoder (starting on a keyframe) rather
-            # than a live change, which libx264 and libvpx via PyAV do not take.
-            self._encoders[key] = _Enc(key, self._open(key, bitrate), bitrate)
-            self._encoders_created += 1
-
-    def _open(self, key: str, bitrate: int) -> VideoCodecContext | AudioCodecContext:
-        if key == OPUS:
-            actx = cast(AudioCodecContext, av.CodecContext.create("libopus", "w"))
-            actx.sample_rate = AUDIO_RATE
-            actx.layout = "mono"
-            actx.format = "s16"
-            actx.bit_rate = self.audio_bitrate
-            actx.time_base = AUDIO_TB
-            actx.options = {"application": "voip", "frame_duration": "20"}
-            actx.open()
-            return actx
-        if key == H264:
-            ctx = cast(VideoCodecContext, av.CodecContext.create("libx264", "w"))
-            # Constrained Baseline at level 3.1: what aiortc and browsers negotiate
-            # (profile-level-id 42e01f); no B-frames, in-band SPS/PPS before each IDR.
-            ctx.profile = "Baseline"
-            ctx.options = {"preset": self.x264_preset, "tune": "zerolatency", "level": "31"}
-        else:
-            ctx = cast(VideoCodecContext, av.CodecContext.create("libvpx", "w"))
-            # aiortc's realtime VP8 settings (aiortc/codecs/vpx.py), CBR.
-            ctx.qmin = 2
-            ctx.qmax = 56
-            ctx.options = {
-                "bufsize": str(bitrate), "cpu-used": "-6", "deadline": "realtime",
-                "lag-in-frames": "0", "minrate": str(bitrate),
-                "maxrate": str(bitrate), "noise-sensitivity": "4",
-                "overshoot-pct": "15", "partitions": "0", "static-thresh": "1",
-                "undershoot-pct": "100",
-            }
-        ctx.width = self.width
-        ctx.height = self.height
-        ctx.pix_fmt = "yuv420p"
-        ctx.bit_rate = bitrate
-        ctx.framerate = Fraction(self.fps, 1)
-        ctx.time_base = Fraction(1, self.fps)
-        # Viewers ask for keyframes when they need one; a periodic one every 4 s
-        # bounds how long a loss nobody reported can show.
-        ctx.gop_size = self.fps * 4
-        ctx.thread_count = self.threads or min(4, multiprocessing.cpu_count())
-        ctx.open()
-        return ctx
-
-    def _encode(self, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
-        self._sync_encoders()
-        out: list[tuple[str, av.Packet, bool]] = []
-        video = [e for e in self._encoders.values() if e.key != OPUS]
-        if video and keep_frame(chunk.index, self._target[1], self.fps):
-            picture = chunk.video
-            frame = to_av_frame(picture)
-            if (picture.width, picture.height) != (self.width, self.height):
-                frame = frame.reformat(width=self.width, height=self.height)
-            frame.pts = chunk.index
-            frame.time_base = Fraction(1, self.fps)
-            pts90 = chunk.index * VIDEO_CLOCK // self.fps
-            self._video_frames += 1
-            for enc in video:
-                asked = enc.key_requests  # read once: later requests wait for the next
-                key_wanted = asked != enc.key_served
-                enc.key_served = asked
-                frame.pict_type = (av.video.frame.PictureType.I if key_wanted
-                                   else av.video.frame.PictureType.NONE)
-                packets = cast(VideoCodecContext, enc.ctx).encode(frame)
-                if not packets:
-                    continue
-                data = b"".join(bytes(p) for p in packets)
-                pkt = av.Packet(data)
-                pkt.pts = pts90
-                pkt.time_base = VIDEO_TB
-                pkt.is_keyframe = any(p.is_keyframe for p in packets)
-                out.append((enc.key, pkt, pkt.is_keyframe))
-        opus = self._encoders.get(OPUS)
-        if opus is not None:
-            out.extend(self._encode_audio(opus, chunk))
-        return out
-
-    def _encode_audio(self, enc: _Enc, chunk: MediaChunk) -> list[tuple[str, av.Packet, bool]]:
-        start = chunk.index * self.samples_per_frame
-        if self._audio_next is not None and start < self._audio_next:
-            return []  # a repeated index: its audio was already sent
-        pcm = np.ascontiguousarray(chunk.audio, dtype=np.int16).reshape(1, -1)
-        aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        aframe.sample_rate = AUDIO_RATE
-        # The pts is the chunk's place on the stream clock, so a gap left by dropped
-        # chunks stays a gap in RTP time and later audio stays under its picture.
-        aframe.pts = start
-        aframe.time_base = AUDIO_TB
-        self._audio_next = start + pcm.shape[1]
-        out: list[tuple[str, av.Packet, bool]] = []
-        # PyAV re-blocks into the encoder's 20 ms frames; libopus stamps each packet
-        # with the pts of its first input sample less its 6.5 ms look-ahead.
-        for p in cast(AudioCodecContext, enc.ctx).encode(aframe):
-            pkt = av.Packet(bytes(p))
-            pkt.pts = p.pts
-            pkt.time_base = AUDIO_TB
-            out.append((OPUS, pkt, True))
-        return out
-
-
-def _tap_rtcp(sender: RTCRtpSender, sink: WebRtcSink, viewer_id: str) -> None:
-    """Let the sink see this sender's RTCP before aiortc handles it."""
-    original: Callable[[Any], Awaitable[None]] = sender._handle_rtcp_packet
-
-    async def handle(packet: Any) -> None:
-        try:
-            sink._on_feedback(viewer_id, sender._ssrc, packet)
-        except Exception:  # feedback must never break the viewer's RTCP handling
-            log.exception("webrtc sink: bad RTCP feedback from viewer %s", viewer_id)
-        await original(packet)
-
-    sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
-
-
-def _keyframe_hook(sink: WebRtcSink, codec: str) -> Callable[[], None]:
-    def hook() -> None:
-        sink.request_keyframe(codec)
-    return hook
-
-
-def _check_offer(sdp: str) -> None:
-    if not sdp.lstrip().startswith("v=0"):
-        raise InvalidOffer("the body is not an SDP offer (it must start with v=0)")
-    try:
-        parsed = SessionDescription.parse(sdp)
-    except Exception as exc:
-        raise InvalidOffer(f"the SDP offer does not parse: {exc}") from None
-    if not parsed.media:
-        raise InvalidOffer("the offer has no media sections")
-
-
-def _negotiated(answer_sdp: str) -> dict[str, str]:
-    """The codec each kind will be sent with: the first one in the answer's m-line,
-    which is the one aiortc's sender picks."""
-    found: dict[str, str] = {}
-    for media in SessionDescription.parse(answer_sdp).media:
-        if media.kind in found or media.port == 0:
-            continue
-        codecs = [c for c in media.rtp.codecs if c.name.lower() != "rtx"]
-        if codecs:
-            found[media.kind] = codecs[0].mimeType.lower()
-    return found
