@@ -32,7 +32,7 @@ from rapido.config import Config
 from rapido.engine import Engine
 from rapido.gpu.avatar import Avatar
 from rapido.metrics import Metrics
-from rapido.pipeline.quality import QualityController
+from rapido.pipeline.quality import PublisherQuality
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 
 INPUT_RATE = 16_000
@@ -330,7 +330,7 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
     shown = sum(f1 - f0 for f0, f1 in zip(a.frames, b.frames, strict=True))
     delivered = 1.0 - sink_dropped / shown if shown else 1.0
     scores = [q.quality().score * delivered for st in sts
-              if isinstance(q := getattr(st.session.sink, "quality", None), QualityController)]
+              if isinstance(q := getattr(st.session.sink, "quality", None), PublisherQuality)]
     # Real time for an encoder: every picture (or, with --adaptive, at least min_fps).
     encoding_ok = encoded_fps_min is None or \
         encoded_fps_min >= config.min_fps - report.REALTIME_FPS_SLACK

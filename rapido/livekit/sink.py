@@ -45,13 +45,7 @@ from livekit import rtc
 from rapido.aio import cancel_and_wait
 from rapido.livekit.linkstats import VideoLink, video_link
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
-from rapido.pipeline.quality import (
-    Backlog,
-    Quality,
-    QualityBounds,
-    QualityController,
-    keep_frame,
-)
+from rapido.pipeline.quality import PublisherQuality, QualityBounds
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +162,9 @@ class LiveKitSink:
         self.video_codec = video_codec.lower()
         self.max_bitrate = max_bitrate
         self.simulcast = simulcast
-        self.quality = QualityController(QualityBounds(
+        self.quality = PublisherQuality(QualityBounds(
             min_bitrate=min_bitrate, max_bitrate=max_bitrate,
-            min_fps=fps if min_fps is None else min_fps, max_fps=fps))
-        self._fps_target = self.quality.update(time.monotonic()).fps
-        self._backlog = Backlog()  # drops are stutter: they count as load and in the score
+            min_fps=fps if min_fps is None else min_fps, max_fps=fps), time.monotonic())
         self._stats_interval = stats_interval_s
         #: The last summary of libwebrtc's video stats (None until it has sent video).
         self.link: VideoLink | None = None
@@ -302,16 +294,12 @@ class LiveKitSink:
     def playout_frames(self) -> int:
         return self.frames_captured + self.frames_thinned
 
-    def adapt(self, node_load: float, now: float | None = None) -> Quality:
+    def adapt(self, node_load: float, now: float | None = None) -> None:
         """One load sample: the node's, or this sink's backlog if it is worse."""
-        now = time.monotonic() if now is None else now
-        own = self._backlog.sample(
+        self.quality.adapt(
+            node_load, time.monotonic() if now is None else now,
             fill=len(self._pending) / self._max_pending, dropped=self.dropped_backlog,
             offered=self.audio_frames_captured + self.dropped_backlog)
-        self.quality.on_load(max(node_load, own), now)
-        q = self.quality.update(now)
-        self._fps_target = q.fps
-        return q
 
     def on_rtc_stats(self, publisher_stats: list[Any], now: float | None = None) -> None:
         """One reading of the room's publisher stats (``RtcStats`` messages): when
@@ -323,11 +311,11 @@ class LiveKitSink:
             return
         self.link = link
         estimate = link.target_bitrate if link.limitation == "bandwidth" else self.max_bitrate
-        self.quality.on_remb("livekit", estimate, now)
+        self.quality.controller.on_remb("livekit", estimate, now)
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks dropped from the backlog lately."""
-        return self.quality.quality().score * self._backlog.delivered
+        return self.quality.score()
 
     def stats(self) -> dict[str, Any]:
         queued = self._audio.queued_duration if self._audio is not None else 0.0
@@ -380,7 +368,7 @@ class LiveKitSink:
             self.audio_frames_captured += 1
             if epoch != self._epoch:
                 continue  # interrupted while waiting: its picture goes with its audio
-            if not keep_frame(chunk.index, self._fps_target, self.fps):
+            if not self.quality.keep(chunk.index, self.fps):
                 self.frames_thinned += 1  # adaptive quality: the node sheds pictures
                 continue
             # This frame's audio starts playing once what is queued before it has played.

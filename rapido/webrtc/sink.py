@@ -13,7 +13,7 @@ fanned out to the viewers' queues. The video and audio packets of one chunk carr
 same instant and are sent in the same loop callback (aiortc's sender reports send
 time against RTP time in its sender reports, which is what a browser lip-syncs by).
 
-Adaptive quality: a :class:`QualityController` per sink turns the viewers' RTCP
+Adaptive quality: a :class:`PublisherQuality` per sink turns the viewers' RTCP
 (receiver reports' loss, REMB) and the node's load (``adapt``, once a second from the
 engine) into a bitrate and a frame rate within configured bounds, which the encoders
 follow (a bitrate change re-opens them, a lower frame rate thins the pictures).
@@ -44,12 +44,7 @@ from aiortc.rtp import (
 )
 
 from rapido.pipeline.media import MediaChunk, frame_samples
-from rapido.pipeline.quality import (
-    Backlog,
-    Quality,
-    QualityBounds,
-    QualityController,
-)
+from rapido.pipeline.quality import PublisherQuality, QualityBounds
 from rapido.pipeline.sinks.base import SinkError
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 from rapido.webrtc.encoders import H264, OPUS, VIDEO_CODECS, Encoded, SharedEncoders
@@ -117,14 +112,12 @@ class WebRtcSink:
             raise ValueError(f"warm_codec must be one of {', '.join(VIDEO_CODECS)}, "
                              f"got {warm_codec!r}")
         self.warm = frozenset((warm_codec, OPUS)) if warm else frozenset()
-        self.quality = QualityController(QualityBounds(
+        # Its target is what the worker encodes at: replaced whole by the loop (atomic),
+        # read per frame.
+        self.quality = PublisherQuality(QualityBounds(
             min_bitrate=video_bitrate if min_bitrate is None else min_bitrate,
             max_bitrate=video_bitrate,
-            min_fps=fps if min_fps is None else min_fps, max_fps=fps))
-        first = self.quality.update(time.monotonic())
-        # What the worker encodes at: replaced whole by the loop (atomic), read per frame.
-        self._target = (first.bitrate, first.fps)
-        self._backlog = Backlog()  # drops are stutter: they count as load and in the score
+            min_fps=fps if min_fps is None else min_fps, max_fps=fps), time.monotonic())
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_queue = max_queue
@@ -220,32 +213,25 @@ class WebRtcSink:
             "interrupts": self._interrupts,
             "quality": {**self.quality.quality().as_json(),
                         "score": round(self.quality_score(), 3)},
-            "receivers": self.quality.receivers(),
+            "receivers": self.quality.controller.receivers(),
             "error": None if err is None else f"{type(err).__name__}: {err}",
         }
 
     # -- adaptive quality (event loop) -------------------------------------------------
 
-    def adapt(self, node_load: float, now: float | None = None) -> Quality:
+    def adapt(self, node_load: float, now: float | None = None) -> None:
         """One load sample from the engine: the node's load, raised to 1.5 if this
         sink's own encoder dropped chunks since the last sample (it is not keeping up,
         whatever the node says), or to its queue's fill."""
-        now = time.monotonic() if now is None else now
-        own = self._backlog.sample(
+        self.quality.adapt(
+            node_load, time.monotonic() if now is None else now,
             fill=(self._lane.qsize() if self._lane is not None else 0) / self._max_queue,
             dropped=self._dropped, offered=self._frames_in)
-        self.quality.on_load(max(node_load, own), now)
-        return self._retarget(now)
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks an overrun encoder dropped lately
         (those are stutter, not a chosen lower frame rate)."""
-        return self.quality.quality().score * self._backlog.delivered
-
-    def _retarget(self, now: float) -> Quality:
-        q = self.quality.update(now)
-        self._target = (q.bitrate, q.fps)
-        return q
+        return self.quality.score()
 
     def _on_feedback(self, viewer_id: str, ssrc: int, packet: object) -> None:
         """RTCP from one viewer's video sender: its loss and REMB feed the controller."""
@@ -255,18 +241,18 @@ class WebRtcSink:
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
             for report in packet.reports:
                 if report.ssrc == ssrc:
-                    self.quality.on_receiver_report(viewer_id, report.fraction_lost / 256,
-                                                     now)
+                    self.quality.controller.on_receiver_report(
+                        viewer_id, report.fraction_lost / 256, now)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
             try:
                 bitrate, ssrcs = unpack_remb_fci(packet.fci)
             except ValueError:
                 return
             if ssrc in ssrcs:
-                self.quality.on_remb(viewer_id, bitrate, now)
+                self.quality.controller.on_remb(viewer_id, bitrate, now)
         else:
             return
-        self._retarget(now)
+        self.quality.retarget(now)
 
     async def aclose(self) -> None:
         """Idempotent; concurrent callers wait for the same close, and a caller being
@@ -350,7 +336,7 @@ class WebRtcSink:
         viewer = self.viewers.pop(viewer_id, None)
         if viewer is None:
             return False
-        self.quality.forget(viewer_id)
+        self.quality.controller.forget(viewer_id)
         for track in viewer.tracks:
             track.stop()
         await viewer.pc.close()
@@ -394,9 +380,9 @@ class WebRtcSink:
         """One chunk, on the sink's lane (one pool thread at a time, in order)."""
         loop = self._loop
         assert loop is not None
-        bitrate, fps = self._target
+        target = self.quality.target  # read once: the loop may replace it meanwhile
         try:
-            out = self.encoders.encode(chunk, self._wanted, bitrate, fps)
+            out = self.encoders.encode(chunk, self._wanted, target.bitrate, target.fps)
         except Exception as exc:
             # A broken encoder is rebuilt on the next chunk (and starts with a
             # keyframe), rather than ending the stream for every viewer.
