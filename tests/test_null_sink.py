@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from rapido.livekit.sink import LiveKitSink
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, VideoFrame, frame_samples
-from rapido.pipeline.sinks.base import Sink
+from rapido.pipeline.sinks.base import Adaptive, Sink
 from rapido.pipeline.sinks.null import NullSink
+from rapido.pipeline.sinks.recorder import RecorderSink
+from rapido.webrtc import WebRtcSink
 
 FPS = 25
 SPF = frame_samples(FPS)
@@ -35,6 +40,17 @@ def test_is_a_sink() -> None:
     assert isinstance(sink, Sink)
     assert sink.kind == "null"
 
+
+
+def test_only_the_publishers_adapt(tmp_path: Path) -> None:
+    """The engine's load samples and quality score go to the sinks that publish."""
+    # Typed, so mypy checks the signatures too.
+    publishers: list[Adaptive] = [WebRtcSink(width=64, height=48, fps=FPS), LiveKitSink(url=None)]
+    others = [NullSink(), RecorderSink(tmp_path / "r.mp4", width=64, height=48, fps=FPS)]
+    for sink in (*publishers, *others):
+        assert isinstance(sink, Sink)
+    assert all(isinstance(sink, Adaptive) for sink in publishers)
+    assert not any(isinstance(sink, Adaptive) for sink in others)
 
 async def test_counts_frames_audio_speaking_and_interrupts() -> None:
     sink = NullSink()

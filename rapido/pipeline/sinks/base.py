@@ -61,3 +61,19 @@ class Sink(Protocol):
     async def aclose(self) -> None:
         """Flush and finalise; idempotent."""
         ...
+
+
+@runtime_checkable
+class Adaptive(Protocol):
+    """A sink that adapts its quality to the node's load: the publishers (webrtc,
+    LiveKit). The engine feeds it a load sample once a second and reads its score into
+    ``video_quality_score``."""
+
+    def adapt(self, load: float, now: float) -> None:
+        """One load sample: ``load`` is the node's (1.0 at its limit), ``now`` the
+        monotonic time it was taken."""
+        ...
+
+    def quality_score(self) -> float:
+        """1.0 at full quality; lower for a lower bitrate or frame rate, or stutter."""
+        ...
