@@ -44,8 +44,10 @@ from livekit import rtc
 
 from rapido.aio import cancel_and_wait
 from rapido.livekit.linkstats import VideoLink, video_link
+from rapido.livekit.sinkstats import LiveKitStats
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
 from rapido.pipeline.quality import PublisherQuality, QualityBounds
+from rapido.pipeline.sinks.base import SinkStats
 
 log = logging.getLogger(__name__)
 
@@ -317,32 +319,22 @@ class LiveKitSink:
         """The controller's score, less the chunks dropped from the backlog lately."""
         return self.quality.score()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SinkStats:
         queued = self._audio.queued_duration if self._audio is not None else 0.0
-        return {
-            "kind": self.kind,
-            "state": self._state,
-            "reason": self._reason,
-            "url": self.url,
-            "retries": self.retries,
-            "connects": self.connects,
-            "last_connect_s": self.last_connect_s,
-            "frames_captured": self.frames_captured,
-            "audio_frames_captured": self.audio_frames_captured,
-            "frames_unpublished": self.frames_unpublished,
-            "dropped_backlog": self.dropped_backlog,
-            "discarded_frames": self.discarded,
-            "pending_frames": len(self._pending),
-            "video_waiting": len(self._video),
-            "audio_queued_ms": round(1000.0 * queued, 1),
-            "interrupts": self.interrupts,
-            "video_codec": self.video_codec,
-            "frames_thinned": self.frames_thinned,
-            "quality": {**self.quality.quality().as_json(),
-                        "score": round(self.quality_score(), 3)},
-            "link": None if self.link is None else self.link.as_json(),
-            "stats_errors": self.stats_errors,
-        }
+        return SinkStats(
+            kind=self.kind, frames=self.playout_frames, dropped=self.dropped_backlog,
+            interrupts=self.interrupts, quality=self.quality.quality(),
+            quality_score=self.quality_score(),
+            detail=LiveKitStats(
+                state=self._state, reason=self._reason, url=self.url, retries=self.retries,
+                connects=self.connects, last_connect_s=self.last_connect_s,
+                frames_captured=self.frames_captured,
+                audio_frames_captured=self.audio_frames_captured,
+                frames_unpublished=self.frames_unpublished, discarded_frames=self.discarded,
+                pending_frames=len(self._pending), video_waiting=len(self._video),
+                audio_queued_ms=round(1000.0 * queued, 1), video_codec=self.video_codec,
+                frames_thinned=self.frames_thinned, link=self.link,
+                stats_errors=self.stats_errors))
 
     # -- pushing ---------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from aiortc.rtp import (
 
 from rapido.pipeline.media import MediaChunk, frame_samples
 from rapido.pipeline.quality import PublisherQuality, QualityBounds
-from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.base import SinkError, SinkStats, error_text
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 from rapido.webrtc.encoders import H264, OPUS, VIDEO_CODECS, Encoded, SharedEncoders
 from rapido.webrtc.patches import redirect_keyframe_requests, tap_rtcp
@@ -53,6 +53,43 @@ from rapido.webrtc.sdp import InvalidOffer, check_offer, negotiated
 from rapido.webrtc.track import PacketTrack
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WebRtcStats:
+    """The webrtc sink's own part of :class:`SinkStats` (``frames`` is chunks encoded,
+    ``encoded`` pictures encoded: fewer when the frame rate is thinned)."""
+
+    viewers: int
+    viewers_total: int
+    #: Encoders running, by codec (at most one each).
+    encoders: dict[str, int]
+    encoders_created: int
+    #: Tracks reading each encoder.
+    consumers: dict[str, int]
+    frames_in: int
+    queue_depth: int
+    #: The quality controller's view of each viewer (loss, REMB, estimate).
+    receivers: dict[str, dict[str, float | int | None]]
+
+    def json(self, stats: SinkStats) -> dict[str, Any]:
+        return {
+            "kind": stats.kind,
+            "viewers": self.viewers,
+            "viewers_total": self.viewers_total,
+            "encoders": self.encoders,
+            "encoders_created": self.encoders_created,
+            "consumers": self.consumers,
+            "frames_in": self.frames_in,
+            "frames_encoded": stats.frames,
+            "video_frames_encoded": stats.encoded,
+            "dropped_frames": stats.dropped,
+            "queue_depth": self.queue_depth,
+            "interrupts": stats.interrupts,
+            "quality": stats.quality_json(),
+            "receivers": self.receivers,
+            "error": stats.error,
+        }
 
 
 @dataclass(eq=False)
@@ -196,26 +233,19 @@ class WebRtcSink:
         """Encoders running, by codec: at most one each, however many viewers."""
         return self.encoders.counts()
 
-    def stats(self) -> dict[str, Any]:
-        err = self._error
-        return {
-            "kind": self.kind,
-            "viewers": len(self.viewers),
-            "viewers_total": self._viewers_total,
-            "encoders": self.encoder_counts(),
-            "encoders_created": self.encoders.created,
-            "consumers": {k: len(v) for k, v in sorted(self._consumers.items())},
-            "frames_in": self._frames_in,
-            "frames_encoded": self._frames_encoded,
-            "video_frames_encoded": self.encoders.video_frames,
-            "dropped_frames": self._dropped,
-            "queue_depth": self._lane.qsize() if self._lane is not None else 0,
-            "interrupts": self._interrupts,
-            "quality": {**self.quality.quality().as_json(),
-                        "score": round(self.quality_score(), 3)},
-            "receivers": self.quality.controller.receivers(),
-            "error": None if err is None else f"{type(err).__name__}: {err}",
-        }
+    def stats(self) -> SinkStats:
+        return SinkStats(
+            kind=self.kind, frames=self._frames_encoded, dropped=self._dropped,
+            interrupts=self._interrupts, encoded=self.encoders.video_frames,
+            quality=self.quality.quality(), quality_score=self.quality_score(),
+            error=error_text(self._error),
+            detail=WebRtcStats(
+                viewers=len(self.viewers), viewers_total=self._viewers_total,
+                encoders=self.encoder_counts(), encoders_created=self.encoders.created,
+                consumers={k: len(v) for k, v in sorted(self._consumers.items())},
+                frames_in=self._frames_in,
+                queue_depth=self._lane.qsize() if self._lane is not None else 0,
+                receivers=self.quality.controller.receivers()))
 
     # -- adaptive quality (event loop) -------------------------------------------------
 
