@@ -40,7 +40,7 @@ from rapido.pipeline.sinks.base import Sink
 from rapido.pipeline.sinks.null import NullSink
 from rapido.pipeline.sinks.pool import EncoderPool
 from rapido.pipeline.sinks.recorder import RecorderSink
-from rapido.pipeline.sinks.webrtc import WebRtcSink
+from rapido.webrtc import WebRtcSink
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ async def test_idle_session_shows_idle_frames(node: Node, http: aiohttp.ClientSe
     await asyncio.sleep(0.5)
     assert session.counters.frames_out - before >= 8
     assert session.counters.speaking_frames == 0
-    assert session.sink.stats()["speaking_frames"] == 0
+    assert session.sink.stats().json()["speaking_frames"] == 0
 
 
 async def test_idle_timeout_closes_forgotten_sessions(make_node: NodeFactory,
@@ -125,14 +125,14 @@ async def test_a_stalling_node_sheds_frame_rate_on_its_publishers(
     staller = asyncio.create_task(stall())
     try:
         deadline = asyncio.get_running_loop().time() + 15
-        while sink.stats()["quality"]["fps"] == 25:
+        while sink.stats().json()["quality"]["fps"] == 25:
             assert asyncio.get_running_loop().time() < deadline, "never adapted"
             await asyncio.sleep(0.2)
     finally:
         staller.cancel()
         await asyncio.gather(staller, return_exceptions=True)
     assert node.engine.load >= 0.85
-    q = sink.stats()["quality"]
+    q = sink.stats().json()["quality"]
     assert q["limited_by"] == "cpu" and q["score"] < 1.0
     async with http.get(f"{node.url}/api/sessions/{s['session_id']}") as r:
         body = await r.json()
@@ -143,4 +143,4 @@ async def test_a_stalling_node_sheds_frame_rate_on_its_publishers(
                        if ln.startswith("video_quality_score ")))
     assert score < 1.0
     # The warm encoder runs at the lower rate with no viewer at all.
-    assert sink.stats()["encoders"] == {"audio/opus": 1, "video/h264": 1}
+    assert sink.stats().json()["encoders"] == {"audio/opus": 1, "video/h264": 1}

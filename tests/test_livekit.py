@@ -153,7 +153,7 @@ async def test_sources_pace_at_real_time() -> None:
         assert 1.2 <= elapsed <= 2.2, elapsed
         await asyncio.sleep(0.25)
         assert sink.frames_captured == 40 and sink.playout_frames == 40
-        st = sink.stats()
+        st = sink.stats().json()
         assert st["state"] == "idle" and st["dropped_backlog"] == 0
         assert st["frames_unpublished"] == 40
     finally:
@@ -168,9 +168,9 @@ async def test_interrupt_flushes_queue_and_audio() -> None:
         for i in range(50):
             sink.write(_chunk(i))
         await asyncio.sleep(0.15)
-        assert sink.stats()["audio_queued_ms"] > 50
+        assert sink.stats().json()["audio_queued_ms"] > 50
         sink.interrupt()
-        st = sink.stats()
+        st = sink.stats().json()
         assert st["pending_frames"] == 0 and st["video_waiting"] == 0
         assert st["audio_queued_ms"] == 0.0 and st["interrupts"] == 1
         captured = sink.audio_frames_captured
@@ -190,7 +190,7 @@ async def test_backlog_is_bounded() -> None:
     try:
         for i in range(30):
             sink.write(_chunk(i))
-        assert sink.stats()["pending_frames"] <= 5
+        assert sink.stats().json()["pending_frames"] <= 5
         assert sink.dropped_backlog >= 24
     finally:
         await sink.aclose()
@@ -204,7 +204,7 @@ async def test_node_load_thins_captured_pictures_never_audio() -> None:
         for _ in range(8):  # 4 s over the limit: down the ladder to the floor
             sink.adapt(1.5, t)
             t += 0.5
-        q = sink.stats()["quality"]
+        q = sink.stats().json()["quality"]
         assert (q["fps"], q["limited_by"]) == (12.5, "cpu") and q["score"] == 0.5
         for i in range(40):
             sink.write(_chunk(i))
@@ -220,7 +220,7 @@ async def test_node_load_thins_captured_pictures_never_audio() -> None:
         for _ in range(60):
             sink.adapt(0.1, t)
             t += 0.5
-        assert sink.stats()["quality"]["fps"] == 25
+        assert sink.stats().json()["quality"]["fps"] == 25
     finally:
         await sink.aclose()
 
@@ -236,12 +236,12 @@ async def test_own_backlog_counts_as_load() -> None:
         assert sink.quality_score() < 0.8  # most chunks dropped: stutter (smoothed)
         sink.write(_chunk(30))  # still dropping
         sink.adapt(0.0, 1.1)
-        assert sink.stats()["quality"]["fps"] < 25
+        assert sink.stats().json()["quality"]["fps"] < 25
         # Without min_fps the frame rate is fixed, whatever the load.
         fixed = LiveKitSink(url=None)
         for t in range(10):
             fixed.adapt(2.0, float(t))
-        assert fixed.stats()["quality"]["fps"] == 25
+        assert fixed.stats().json()["quality"]["fps"] == 25
     finally:
         await sink.aclose()
 
@@ -302,42 +302,42 @@ async def test_libwebrtc_estimate_reaches_the_score() -> None:
     await sink.start()
     t0 = time.monotonic() + 2.0  # sample times after the controller's first decision
     try:
-        assert sink.stats()["link"] is None
+        assert sink.stats().json()["link"] is None
         sink.adapt(0.1, t0 + 0.0)
-        assert sink.stats()["quality"] == {"bitrate": 1_500_000, "fps": 25.0, "score": 1.0,
+        assert sink.stats().json()["quality"] == {"bitrate": 1_500_000, "fps": 25.0, "score": 1.0,
                                            "limited_by": None}
         # A target under the ceiling with nothing limiting it (ramp-up after a connect,
         # easy content) is not a short link.
         sink.on_rtc_stats([_outbound(target=300_000)], now=t0 + 0.5)
         sink.adapt(0.1, t0 + 2.5)
-        assert sink.stats()["quality"]["score"] == 1.0
-        assert sink.stats()["link"]["target_bitrate"] == 300_000
+        assert sink.stats().json()["quality"]["score"] == 1.0
+        assert sink.stats().json()["link"]["target_bitrate"] == 300_000
         # libwebrtc says bandwidth holds the video at ~500 kbps: the score shows it, as
         # it would for a webrtc sink whose viewer reports loss.
         sink.on_rtc_stats([_outbound(target=474_342, reason=BW)], now=t0 + 3.0)
         sink.adapt(0.1, t0 + 5.0)
-        q = sink.stats()["quality"]
+        q = sink.stats().json()["quality"]
         assert (q["bitrate"], q["fps"], q["limited_by"]) == (474_342, 25.0, "bandwidth")
         assert q["score"] == pytest.approx(0.75, abs=0.01)  # halfway up the log scale
-        assert sink.stats()["link"]["limitation"] == "bandwidth"
+        assert sink.stats().json()["link"]["limitation"] == "bandwidth"
         # An estimate under the floor counts as the floor.
         sink.on_rtc_stats([_outbound(target=40_000, reason=BW)], now=t0 + 7.0)
         sink.adapt(0.1, t0 + 7.5)
-        assert sink.stats()["quality"]["bitrate"] == 150_000
-        assert sink.stats()["quality"]["score"] == pytest.approx(0.5)
+        assert sink.stats().json()["quality"]["bitrate"] == 150_000
+        assert sink.stats().json()["quality"]["score"] == pytest.approx(0.5)
         # Stats with no video (e.g. between reconnects) change nothing ...
         sink.on_rtc_stats([_outbound("audio")], now=t0 + 8.0)
-        assert sink.stats()["link"]["target_bitrate"] == 40_000
+        assert sink.stats().json()["link"]["target_bitrate"] == 40_000
         # ... and an estimate nobody has refreshed for 10 s no longer holds quality down.
         sink.adapt(0.1, t0 + 18.0)
-        assert sink.stats()["quality"]["bitrate"] == 1_500_000
+        assert sink.stats().json()["quality"]["bitrate"] == 1_500_000
         # The link recovers: bandwidth no longer limits the video.
         sink.on_rtc_stats([_outbound(target=40_000, reason=BW)], now=t0 + 19.0)
         sink.adapt(0.1, t0 + 21.0)
-        assert sink.stats()["quality"]["score"] == pytest.approx(0.5)
+        assert sink.stats().json()["quality"]["score"] == pytest.approx(0.5)
         sink.on_rtc_stats([_outbound(target=1_400_000)], now=t0 + 22.0)
         sink.adapt(0.1, t0 + 24.0)
-        assert sink.stats()["quality"]["score"] == 1.0
+        assert sink.stats().json()["quality"]["score"] == 1.0
     finally:
         await sink.aclose()
 
@@ -421,10 +421,10 @@ async def test_connected_sink_polls_stats_and_survives_errors() -> None:
         await _until(lambda: sink.state == "connected" and sink.stats_errors >= 1
                      and rooms[0].requests >= 3)
         assert rooms[0].local_participant.published == ["avatar-video", "avatar-audio"]
-        assert sink.stats()["link"]["limitation"] == "bandwidth"
+        assert sink.stats().json()["link"]["limitation"] == "bandwidth"
         await asyncio.sleep(2.1)  # the controller applies a change at most every 2 s
         sink.adapt(0.1)
-        assert sink.stats()["quality"]["limited_by"] == "bandwidth"
+        assert sink.stats().json()["quality"]["limited_by"] == "bandwidth"
         assert sink.state == "connected" and len(rooms) == 1  # an error ends nothing
     finally:
         await sink.aclose()
@@ -514,7 +514,7 @@ async def test_unreachable_server_degrades_and_retries() -> None:
             sink.write(_chunk(i))
             i += 1
             await asyncio.sleep(0.04)
-        st = sink.stats()
+        st = sink.stats().json()
         assert st["state"] == "degraded", st
         assert st["reason"] and "connect" in st["reason"]
         assert st["retries"] >= 2 and tokens >= 2 and not connects
@@ -522,7 +522,7 @@ async def test_unreachable_server_degrades_and_retries() -> None:
         # Frames are still accepted and paced through the sources meanwhile.
         await asyncio.sleep(0.3)
         assert sink.frames_captured > 0
-        assert sink.stats()["frames_unpublished"] == sink.frames_captured
+        assert sink.stats().json()["frames_unpublished"] == sink.frames_captured
     finally:
         await sink.aclose()
 

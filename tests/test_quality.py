@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from rapido.pipeline.quality import (
     Backlog,
+    PublisherQuality,
     Quality,
     QualityBounds,
     QualityController,
@@ -239,6 +240,28 @@ def test_backlog_counts_drops_as_load_and_stutter() -> None:
         assert b.sample(fill=0.1, dropped=25, offered=75 + 25 * n) == 0.1
     assert b.delivered > 0.99
     assert b.sample(fill=0.0, dropped=25, offered=75 + 25 * 11) == 0.0  # nothing offered
+
+
+def test_publisher_quality_takes_the_worse_of_node_and_own_load() -> None:
+    """What both publishing sinks run: the node's load or their own backlog, whichever
+    is worse, steps the target down; drops lower the score, not the controller's."""
+    p = PublisherQuality(B, 0.0)
+    assert (p.target.bitrate, p.target.fps) == (1_000_000, 25)
+    assert p.bounds is B and p.score() == 1.0
+    # A quiet node, but this publisher dropped half of what it was offered.
+    p.adapt(0.1, 0.0, fill=0.0, dropped=0, offered=25)
+    p.adapt(0.1, 1.0, fill=1.0, dropped=25, offered=75)
+    assert p.target.fps == 25  # one period over the limit is not enough
+    p.adapt(0.1, 2.0, fill=1.0, dropped=50, offered=125)
+    assert p.target.fps == 20 and p.quality().limited_by == "cpu"
+    assert p.score() == pytest.approx(p.quality().score * p.backlog.delivered)
+    assert p.score() < p.quality().score
+    # The frame rate decides which frames are kept: four in five at 20 of 25.
+    assert sum(p.keep(i, 25) for i in range(25)) == 20
+    # Inputs fed to the controller directly reach the target on retarget.
+    p.controller.on_remb("viewer", 150_000, 10.0)
+    assert p.target.bitrate == 1_000_000
+    assert p.retarget(10.0).bitrate == 150_000 and p.target.bitrate == 150_000
 
 
 def test_score_is_monotonic_in_both() -> None:

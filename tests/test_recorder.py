@@ -151,7 +151,7 @@ async def test_recording_decodes_to_what_was_sent(tmp_path: Path, width: int, he
     sink.interrupt()
     await sink.aclose()
 
-    stats = sink.stats()
+    stats = sink.stats().json()
     assert stats["frames_written"] == frames == sink.playout_frames
     assert stats["audio_samples_written"] == frames * SPF
     assert stats["dropped_frames"] == 0
@@ -230,7 +230,7 @@ async def test_full_queue_drops_whole_chunks_without_blocking_and_keeps_sync(
             await wait_encoded(sink, len(accepted))
         await sink.aclose()
 
-    stats = sink.stats()
+    stats = sink.stats().json()
     assert stats["dropped_frames"] > 0
     assert stats["dropped_frames"] + stats["frames_written"] == 80
     assert stats["frames_written"] == len(accepted)
@@ -270,7 +270,7 @@ async def test_unwritable_path_fails_start_with_the_path(tmp_path: Path, where: 
 
     audio = make_audio(SPF)
     sink.write(make_chunk(0, 320, 240, audio))  # ignored, never raises into the stream
-    assert sink.stats()["discarded_frames"] == 1
+    assert sink.stats().json()["discarded_frames"] == 1
     await sink.aclose()
     await sink.aclose()
 
@@ -295,7 +295,7 @@ async def test_close_without_start_creates_nothing(tmp_path: Path) -> None:
     await sink.aclose()
     await sink.aclose()
     assert not path.exists()
-    assert sink.stats()["bytes"] == 0
+    assert sink.stats().json()["bytes"] == 0
 
 
 async def test_worker_failure_is_logged_and_reported_not_raised(
@@ -316,7 +316,7 @@ async def test_worker_failure_is_logged_and_reported_not_raised(
             sink.write(make_chunk(i, width, height, audio))
         await sink.aclose()  # does not raise
 
-    stats = sink.stats()
+    stats = sink.stats().json()
     assert stats["error"] is not None and "ValueError" in stats["error"]
     assert stats["frames_written"] == 10
     assert any(str(path) in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
@@ -332,7 +332,7 @@ async def test_resizes_mismatched_pictures_and_skips_repeated_indices(tmp_path: 
     for i in [0, 1, 1, 2, 3]:
         sink.write(make_chunk(i, 160, 120, audio))
     await sink.aclose()
-    stats = sink.stats()
+    stats = sink.stats().json()
     assert stats["frames_written"] == 4
     assert stats["out_of_order_frames"] == 1
     with av.open(str(path)) as container:

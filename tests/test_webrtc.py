@@ -16,7 +16,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from rapido.http.whep import VIEWER_SECRET, mint_token
 from rapido.node import Node
 from rapido.pipeline.media import MediaChunk, VideoFrame
-from rapido.pipeline.sinks.webrtc import H264, OPUS, VP8, PacketTrack, WebRtcSink
+from rapido.webrtc import H264, OPUS, VP8, PacketTrack, WebRtcSink
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
 
@@ -170,7 +170,7 @@ async def _watch_and_check(node: Node, http: aiohttp.ClientSession, seconds: flo
         a_arr = np.array([f.arrival for f in audio])
         near = [np.min(np.abs(a_arr - f.arrival)) for f in video]
         assert np.percentile(near, 95) < 0.020
-        stats = node.engine.sessions[s["session_id"]].sink.stats()
+        stats = node.engine.sessions[s["session_id"]].sink.stats().json()
         assert stats["dropped_frames"] == 0
         # aiortc offers VP8 first: this run covers the VP8 encoder, the next H.264.
         assert stats["encoders"] == {"video/vp8": 1, OPUS: 1}
@@ -207,9 +207,9 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
     b = await watch(http, s["whep_url"], s["viewer_token"], video_codec=H264)
     try:
         await wait_for(lambda: len(a.of("video")) > 10 and len(b.of("video")) > 10)
-        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
-        assert sink.stats()["encoders_created"] == 2
-        assert sink.stats()["consumers"] == {H264: 2, OPUS: 2}
+        assert sink.stats().json()["encoders"] == {H264: 1, OPUS: 1}
+        assert sink.stats().json()["encoders_created"] == 2
+        assert sink.stats().json()["consumers"] == {H264: 2, OPUS: 2}
         async with http.get(f"{node.url}/metrics") as r:
             assert "webrtc_encoders 2.0" in await r.text()
         # A PLI/FIR from b reaches aiortc's sender as _send_keyframe(): it must make
@@ -218,7 +218,7 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
         server_pc = sink.viewers[b.location.rsplit("/", 1)[1]].pc
         video_sender = next(x for x in server_pc.getSenders()
                             if x.track is not None and x.track.kind == "video")
-        enc = sink._encoders[H264]
+        enc = sink.encoders[H264]
         await wait_for(lambda: not enc.keyframe)
         video_sender._send_keyframe()
         assert enc.keyframe
@@ -228,8 +228,8 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
                                headers={"Authorization": f"Bearer {s['viewer_token']}"}) as r:
             assert r.status == 200
         await wait_for(lambda: a.pc.connectionState == "closed" or
-                       sink.stats()["viewers"] == 1)
-        assert sink.stats()["viewers"] == 1
+                       sink.stats().json()["viewers"] == 1)
+        assert sink.stats().json()["viewers"] == 1
         # Pictures a's decoder already held may still come out: let them drain first.
         await asyncio.sleep(0.2)
         n_a = len(a.of("video"))
@@ -237,10 +237,10 @@ async def test_two_viewers_share_one_encoder_and_delete_ends_one(
         await asyncio.sleep(0.5)
         assert len(a.of("video")) <= n_a + 1
         assert len(b.of("video")) >= n_b + 8
-        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
+        assert sink.stats().json()["encoders"] == {H264: 1, OPUS: 1}
         # The last viewer leaving stops the encoders: nobody watching costs nothing.
         await b.close()
-        await wait_for(lambda: sink.stats()["encoders"] == {})
+        await wait_for(lambda: sink.stats().json()["encoders"] == {})
         async with http.delete(f"{node.url}{a.location}",
                                headers={"Authorization": f"Bearer {s['viewer_token']}"}) as r:
             assert r.status == 404
@@ -289,8 +289,8 @@ async def test_bad_whep_requests(make_node: NodeFactory, http: aiohttp.ClientSes
     assert (status, body["error"]) == (409, "not_webrtc")
     # The stream kept going through all of it.
     sink = node.engine.sessions[s["session_id"]].sink
-    before = sink.stats()["frames_in"]
-    await wait_for(lambda: sink.stats()["frames_in"] >= before + 5)
+    before = sink.stats().json()["frames_in"]
+    await wait_for(lambda: sink.stats().json()["frames_in"] >= before + 5)
 
 
 async def test_encoded_audio_and_video_of_a_chunk_share_a_timestamp() -> None:
@@ -320,7 +320,7 @@ async def test_encoded_audio_and_video_of_a_chunk_share_a_timestamp() -> None:
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
             await asyncio.sleep(0.01)
         await wait_for(lambda: len(got["video"]) >= 20 and len(got["audio"]) >= 38)
-        assert sink.stats()["encoders"] == {H264: 1, OPUS: 1}
+        assert sink.stats().json()["encoders"] == {H264: 1, OPUS: 1}
         for i, v in enumerate(got["video"][:20]):
             a = got["audio"][2 * i]
             assert abs(v - i * 0.04) < 1e-6
@@ -374,15 +374,15 @@ async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
     try:
         # Receiver reports come about once a second; each at ~30 % loss cuts the
         # estimate by ~15 %, and the encoder follows at most every 2 s.
-        await wait_for(lambda: sink.stats()["quality"]["bitrate"] < 700_000, timeout=20)
-        q = sink.stats()["quality"]
+        await wait_for(lambda: sink.stats().json()["quality"]["bitrate"] < 700_000, timeout=20)
+        q = sink.stats().json()["quality"]
         assert q["limited_by"] == "bandwidth" and q["fps"] == 25
         assert 0.5 <= q["score"] < 1.0
-        (rep,) = sink.stats()["receivers"].values()
+        (rep,) = sink.stats().json()["receivers"].values()
         assert rep["loss"] > 0.1 and rep["reports"] >= 3
         # The new bitrate reaches the encoder with the next frame: re-opened at that rate.
-        await wait_for(lambda: sink._encoders[H264].bitrate <= q["bitrate"])
-        assert sink.stats()["encoders_created"] >= 3
+        await wait_for(lambda: sink.encoders[H264].bitrate <= q["bitrate"])
+        assert sink.stats().json()["encoders_created"] >= 3
         # The node's gauge carries it.
         node.engine._publish_quality()
         async with http.get(f"{node.url}/metrics") as r:
@@ -392,10 +392,10 @@ async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
         assert score == pytest.approx(q["score"], abs=0.01)
         # The path heals: pictures decode again and the bitrate climbs back up.
         path.loss = 0.0
-        low = sink.stats()["quality"]["bitrate"]
+        low = sink.stats().json()["quality"]["bitrate"]
         n = len(viewer.of("video"))
         await wait_for(lambda: len(viewer.of("video")) > n + 25, timeout=15)
-        await wait_for(lambda: sink.stats()["quality"]["bitrate"] > low, timeout=15)
+        await wait_for(lambda: sink.stats().json()["quality"]["bitrate"] > low, timeout=15)
     finally:
         await viewer.close()
 
@@ -413,15 +413,15 @@ async def test_loss_free_viewer_keeps_full_quality(
         # aiortc's receiver sends its first REMB once its bitrate estimator has a
         # window of packets; on a loaded CI machine that can come after the 4th report.
         await wait_for(lambda: any(r["reports"] >= 4 and r["remb"] is not None
-                                   for r in sink.stats()["receivers"].values()), timeout=40)
-        q = sink.stats()["quality"]
+                                   for r in sink.stats().json()["receivers"].values()), timeout=40)
+        q = sink.stats().json()["quality"]
         assert (q["bitrate"], q["fps"], q["score"], q["limited_by"]) == \
             (node.config.webrtc_video_bitrate, 25, 1.0, None)
         # The viewer's REMB reached the controller too (aiortc sends one, as Chrome
         # does without transport-cc); here it is above the ceiling, so it caps nothing.
-        (rep,) = sink.stats()["receivers"].values()
+        (rep,) = sink.stats().json()["receivers"].values()
         assert rep["remb"] is not None and rep["loss"] == 0.0
-        assert sink.stats()["encoders_created"] == 2  # never re-opened
+        assert sink.stats().json()["encoders_created"] == 2  # never re-opened
     finally:
         await viewer.close()
 
@@ -452,7 +452,7 @@ async def test_node_load_thins_frames_and_recovers() -> None:
             sink.write(MediaChunk(index, picture, np.zeros(1920, np.int16), False))
             index += 1
             await asyncio.sleep(0.005)
-        await wait_for(lambda: sink.stats()["frames_encoded"] == index)
+        await wait_for(lambda: sink.stats().json()["frames_encoded"] == index)
 
     try:
         await asyncio.sleep(0.05)
@@ -462,8 +462,8 @@ async def test_node_load_thins_frames_and_recovers() -> None:
         for _ in range(8):  # 4 s over the limit: down the ladder to the floor
             sink.adapt(1.5, t)
             t += 0.5
-        assert sink.stats()["quality"]["fps"] == 12.5
-        assert sink.stats()["quality"]["limited_by"] == "cpu"
+        assert sink.stats().json()["quality"]["fps"] == 12.5
+        assert sink.stats().json()["quality"]["limited_by"] == "cpu"
         v0, a0 = len(got["video"]), len(got["audio"])
         await frames(50)
         assert len(got["video"]) - v0 == 25  # every other frame
@@ -473,7 +473,7 @@ async def test_node_load_thins_frames_and_recovers() -> None:
         for _ in range(60):  # a quiet node climbs back, one rung per 5 s
             sink.adapt(0.2, t)
             t += 0.5
-        assert sink.stats()["quality"]["fps"] == 25
+        assert sink.stats().json()["quality"]["fps"] == 25
         v0 = len(got["video"])
         await frames(25)
         assert len(got["video"]) - v0 == 25
@@ -491,15 +491,15 @@ async def test_a_falling_behind_encoder_counts_as_load() -> None:
     try:
         for i in range(50):  # far faster than any encoder: the queue overflows
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
-        assert sink.stats()["dropped_frames"] > 0
+        assert sink.stats().json()["dropped_frames"] > 0
         sink.adapt(0.0, 0.0)
         # Dropped chunks are stutter: the score says so even before any adaptation.
         assert sink.quality_score() < 0.8  # smoothed: a third of the way per sample
-        assert sink.stats()["quality"]["score"] == round(sink.quality_score(), 3)
+        assert sink.stats().json()["quality"]["score"] == round(sink.quality_score(), 3)
         for i in range(50, 100):  # and it goes on dropping
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
         sink.adapt(0.0, 1.1)
-        assert sink.stats()["quality"]["fps"] < 25
+        assert sink.stats().json()["quality"]["fps"] < 25
     finally:
         await sink.aclose()
 
@@ -513,9 +513,9 @@ async def test_warm_encoders_run_without_viewers_in_the_chosen_codec() -> None:
     try:
         for i in range(3):
             sink.write(MediaChunk(i, picture, np.zeros(1920, np.int16), False))
-        await wait_for(lambda: sink.stats()["video_frames_encoded"] == 3)
-        assert sink.stats()["encoders"] == {OPUS: 1, VP8: 1}
-        assert sink.stats()["viewers"] == 0
+        await wait_for(lambda: sink.stats().json()["video_frames_encoded"] == 3)
+        assert sink.stats().json()["encoders"] == {OPUS: 1, VP8: 1}
+        assert sink.stats().json()["viewers"] == 0
     finally:
         await sink.aclose()
 
@@ -530,5 +530,5 @@ def test_feedback_from_an_unknown_or_departed_viewer_is_ignored() -> None:
     # A receiver report racing remove_viewer (aiortc stops the receiver first) must not
     # bring the viewer back into the bitrate decision.
     sink._on_feedback("gone", 42, report)
-    assert sink.stats()["receivers"] == {}
-    assert sink.stats()["quality"]["bitrate"] == sink.video_bitrate
+    assert sink.stats().json()["receivers"] == {}
+    assert sink.stats().json()["quality"]["bitrate"] == sink.video_bitrate

@@ -32,8 +32,8 @@ from rapido.config import Config
 from rapido.engine import Engine
 from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar
-from rapido.pipeline.quality import QualityController
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
+from rapido.pipeline.sinks.base import Adaptive
 from rapido.pipeline.speech import speech_like
 
 INPUT_RATE = 16_000
@@ -265,8 +265,8 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
     wait_sum, wait_count = _hist_totals(metrics, "batch_queue_wait_seconds")
     return _Snap(
         frames=[st.session.counters.frames_out for st in sts],
-        sink_dropped=[int(st.session.sink.stats().get("dropped_frames", 0)) for st in sts],
-        encoded=[_encoded(st.session.sink.stats()) for st in sts],
+        sink_dropped=[st.session.sink.stats().dropped for st in sts],
+        encoded=[st.session.sink.stats().encoded for st in sts],
         underruns=[st.session.jb.stats.underruns for st in sts],
         lat=_hist_snapshot(metrics), ticks=_hist_snapshot(metrics, "clock_tick_seconds"),
         batch=_hist_snapshot(metrics, "batch_size"),
@@ -274,12 +274,6 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
         wait_sum=wait_sum, wait_count=wait_count,
         batcher=dict(info.get("batcher") or {}),
     )
-
-
-def _encoded(stats: dict[str, Any]) -> int | None:
-    """Pictures a sink has encoded so far (None for a sink that encodes nothing)."""
-    n = stats.get("video_frames_encoded", stats.get("frames_written"))
-    return None if n is None else int(n)
 
 
 def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Metrics,
@@ -317,8 +311,8 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
     # second or so, too short for a run).
     shown = sum(f1 - f0 for f0, f1 in zip(a.frames, b.frames, strict=True))
     delivered = 1.0 - sink_dropped / shown if shown else 1.0
-    scores = [q.quality().score * delivered for st in sts
-              if isinstance(q := getattr(st.session.sink, "quality", None), QualityController)]
+    scores = [q.score * delivered for st in sts if isinstance(st.session.sink, Adaptive)
+              and (q := st.session.sink.stats().quality) is not None]
     # Real time for an encoder: every picture (or, with --adaptive, at least min_fps).
     encoding_ok = encoded_fps_min is None or \
         encoded_fps_min >= config.min_fps - report.REALTIME_FPS_SLACK

@@ -27,7 +27,7 @@ from rapido.http.errors import ApiError, bad_request, not_found
 from rapido.http.keys import CONFIG, ENGINE, METRICS
 from rapido.pipeline.session import StreamSession
 from rapido.pipeline.sinks.base import SinkError
-from rapido.pipeline.sinks.webrtc import InvalidOffer, WebRtcSink
+from rapido.webrtc import InvalidOffer, WebRtcSink
 
 VIEWER_SECRET = web.AppKey("viewer_secret", bytes)
 

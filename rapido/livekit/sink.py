@@ -44,14 +44,10 @@ from livekit import rtc
 
 from rapido.aio import cancel_and_wait
 from rapido.livekit.linkstats import VideoLink, video_link
+from rapido.livekit.sinkstats import LiveKitStats
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
-from rapido.pipeline.quality import (
-    Backlog,
-    Quality,
-    QualityBounds,
-    QualityController,
-    keep_frame,
-)
+from rapido.pipeline.quality import PublisherQuality, QualityBounds
+from rapido.pipeline.sinks.base import SinkStats
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +164,9 @@ class LiveKitSink:
         self.video_codec = video_codec.lower()
         self.max_bitrate = max_bitrate
         self.simulcast = simulcast
-        self.quality = QualityController(QualityBounds(
+        self.quality = PublisherQuality(QualityBounds(
             min_bitrate=min_bitrate, max_bitrate=max_bitrate,
-            min_fps=fps if min_fps is None else min_fps, max_fps=fps))
-        self._fps_target = self.quality.update(time.monotonic()).fps
-        self._backlog = Backlog()  # drops are stutter: they count as load and in the score
+            min_fps=fps if min_fps is None else min_fps, max_fps=fps), time.monotonic())
         self._stats_interval = stats_interval_s
         #: The last summary of libwebrtc's video stats (None until it has sent video).
         self.link: VideoLink | None = None
@@ -302,16 +296,12 @@ class LiveKitSink:
     def playout_frames(self) -> int:
         return self.frames_captured + self.frames_thinned
 
-    def adapt(self, node_load: float, now: float | None = None) -> Quality:
+    def adapt(self, node_load: float, now: float | None = None) -> None:
         """One load sample: the node's, or this sink's backlog if it is worse."""
-        now = time.monotonic() if now is None else now
-        own = self._backlog.sample(
+        self.quality.adapt(
+            node_load, time.monotonic() if now is None else now,
             fill=len(self._pending) / self._max_pending, dropped=self.dropped_backlog,
             offered=self.audio_frames_captured + self.dropped_backlog)
-        self.quality.on_load(max(node_load, own), now)
-        q = self.quality.update(now)
-        self._fps_target = q.fps
-        return q
 
     def on_rtc_stats(self, publisher_stats: list[Any], now: float | None = None) -> None:
         """One reading of the room's publisher stats (``RtcStats`` messages): when
@@ -323,38 +313,28 @@ class LiveKitSink:
             return
         self.link = link
         estimate = link.target_bitrate if link.limitation == "bandwidth" else self.max_bitrate
-        self.quality.on_remb("livekit", estimate, now)
+        self.quality.controller.on_remb("livekit", estimate, now)
 
     def quality_score(self) -> float:
         """The controller's score, less the chunks dropped from the backlog lately."""
-        return self.quality.quality().score * self._backlog.delivered
+        return self.quality.score()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SinkStats:
         queued = self._audio.queued_duration if self._audio is not None else 0.0
-        return {
-            "kind": self.kind,
-            "state": self._state,
-            "reason": self._reason,
-            "url": self.url,
-            "retries": self.retries,
-            "connects": self.connects,
-            "last_connect_s": self.last_connect_s,
-            "frames_captured": self.frames_captured,
-            "audio_frames_captured": self.audio_frames_captured,
-            "frames_unpublished": self.frames_unpublished,
-            "dropped_backlog": self.dropped_backlog,
-            "discarded_frames": self.discarded,
-            "pending_frames": len(self._pending),
-            "video_waiting": len(self._video),
-            "audio_queued_ms": round(1000.0 * queued, 1),
-            "interrupts": self.interrupts,
-            "video_codec": self.video_codec,
-            "frames_thinned": self.frames_thinned,
-            "quality": {**self.quality.quality().as_json(),
-                        "score": round(self.quality_score(), 3)},
-            "link": None if self.link is None else self.link.as_json(),
-            "stats_errors": self.stats_errors,
-        }
+        return SinkStats(
+            kind=self.kind, frames=self.playout_frames, dropped=self.dropped_backlog,
+            interrupts=self.interrupts, quality=self.quality.quality(),
+            quality_score=self.quality_score(),
+            detail=LiveKitStats(
+                state=self._state, reason=self._reason, url=self.url, retries=self.retries,
+                connects=self.connects, last_connect_s=self.last_connect_s,
+                frames_captured=self.frames_captured,
+                audio_frames_captured=self.audio_frames_captured,
+                frames_unpublished=self.frames_unpublished, discarded_frames=self.discarded,
+                pending_frames=len(self._pending), video_waiting=len(self._video),
+                audio_queued_ms=round(1000.0 * queued, 1), video_codec=self.video_codec,
+                frames_thinned=self.frames_thinned, link=self.link,
+                stats_errors=self.stats_errors))
 
     # -- pushing ---------------------------------------------------------------------
 
@@ -380,7 +360,7 @@ class LiveKitSink:
             self.audio_frames_captured += 1
             if epoch != self._epoch:
                 continue  # interrupted while waiting: its picture goes with its audio
-            if not keep_frame(chunk.index, self._fps_target, self.fps):
+            if not self.quality.keep(chunk.index, self.fps):
                 self.frames_thinned += 1  # adaptive quality: the node sheds pictures
                 continue
             # This frame's audio starts playing once what is queued before it has played.

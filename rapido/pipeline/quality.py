@@ -287,6 +287,53 @@ class Backlog:
         return 1.5 if new_dropped else fill
 
 
+
+class PublisherQuality:
+    """Adaptive quality as a publishing sink runs it: its controller, its own backlog,
+    and the target its encoder follows. Both publishers (webrtc, LiveKit) own one.
+
+    ``adapt`` is the engine's once-a-second load sample: the node's load, or this
+    publisher's own if worse (its queue's fill, or 1.5 when it dropped chunks since the
+    last sample, see :class:`Backlog`). ``target`` is what the encoder runs at now,
+    replaced whole (one reference store), so an encoder thread may read it per frame.
+    ``score`` is the controller's score less the chunks dropped lately (those are
+    stutter, not a chosen lower frame rate)."""
+
+    def __init__(self, bounds: QualityBounds, now: float) -> None:
+        self.controller = QualityController(bounds)
+        self.backlog = Backlog()  # drops are stutter: they count as load and in the score
+        self.target: Quality = self.controller.update(now)
+
+    @property
+    def bounds(self) -> QualityBounds:
+        return self.controller.bounds
+
+    def adapt(self, node_load: float, now: float, *, fill: float, dropped: int,
+              offered: int) -> Quality:
+        """One load sample: ``fill``, ``dropped`` and ``offered`` as for
+        :meth:`Backlog.sample`. Returns the new target."""
+        own = self.backlog.sample(fill=fill, dropped=dropped, offered=offered)
+        self.controller.on_load(max(node_load, own), now)
+        return self.retarget(now)
+
+    def retarget(self, now: float) -> Quality:
+        """Let the controller's latest inputs reach the target (as often as allowed)."""
+        self.target = self.controller.update(now)
+        return self.target
+
+    def keep(self, index: int, source_fps: int) -> bool:
+        """Whether frame ``index`` is encoded at the target frame rate (see
+        :func:`keep_frame`); audio is never thinned."""
+        return keep_frame(index, self.target.fps, source_fps)
+
+    def quality(self) -> Quality:
+        """What the controller has chosen (its score counts bitrate and frame rate)."""
+        return self.controller.quality()
+
+    def score(self) -> float:
+        """The publisher's score: the controller's, less recent stutter."""
+        return self.controller.quality().score * self.backlog.delivered
+
 def score(bitrate: int, fps: Fraction | float, bounds: QualityBounds) -> float:
     fps_part = min(1.0, float(fps) / bounds.max_fps)
     if bounds.max_bitrate == bounds.min_bitrate:

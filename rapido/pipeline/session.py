@@ -173,7 +173,7 @@ class StreamSession:
             "playout_position_ms": round(self.jb.position_ms, 1),
             "played_ms": round(c.played_ms, 1),
             "current_utterance": self.jb.current_utterance,
-            "sink": self.sink.stats(),
+            "sink": self.sink.stats().json(),
         }
 
     # -- ingest -----------------------------------------------------------------------

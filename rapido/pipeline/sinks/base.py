@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from rapido.pipeline.media import MediaChunk
+from rapido.pipeline.quality import Quality
 
 #: How much lower than the event loop an encoder thread runs (Linux thread nice value).
 ENCODER_NICE = 10
@@ -30,6 +32,54 @@ def lower_thread_priority(nice: int = ENCODER_NICE) -> None:
 
 class SinkError(RuntimeError):
     """A sink could not be opened (bad path, encoder unavailable, ...)."""
+
+
+class SinkDetail(Protocol):
+    """The part of a sink's stats only its kind has (a frozen dataclass next to the
+    sink). It lays out the sink's whole ``stats.sink`` JSON, common fields included, so
+    each kind keeps its own key names and order on the wire."""
+
+    def json(self, stats: SinkStats) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """What every sink reports (``Sink.stats()``); ``json()`` is ``stats.sink`` in the
+    HTTP API."""
+
+    kind: str
+    #: Frames that have left the sink (its ``playout_frames``).
+    frames: int
+    #: Chunks dropped because the sink fell behind (its encoder or its send queue).
+    dropped: int
+    interrupts: int
+    detail: SinkDetail
+    #: Pictures the sink's own encoders encoded (None: it runs none in this process).
+    encoded: int | None = None
+    #: What adaptive quality has chosen (publishers only); its score counts bitrate and
+    #: frame rate alone.
+    quality: Quality | None = None
+    #: The publisher's score: ``quality.score`` less recent stutter (what the JSON
+    #: shows as ``quality.score``, and ``Adaptive.quality_score()``).
+    quality_score: float | None = None
+    #: The sink's last failure, ``"Type: message"`` (None: none).
+    error: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        return self.detail.json(self)
+
+    def quality_json(self) -> dict[str, Any] | None:
+        """``quality`` as the JSON shows it: the publisher's score in place of the
+        controller's."""
+        if self.quality is None:
+            return None
+        score = self.quality.score if self.quality_score is None else self.quality_score
+        return {**self.quality.as_json(), "score": round(score, 3)}
+
+
+def error_text(error: BaseException | None) -> str | None:
+    """A failure as the stats show it."""
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 @runtime_checkable
@@ -56,8 +106,24 @@ class Sink(Protocol):
         """Frames that have left this sink (played out, encoded, or counted)."""
         ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> SinkStats: ...
 
     async def aclose(self) -> None:
         """Flush and finalise; idempotent."""
+        ...
+
+
+@runtime_checkable
+class Adaptive(Protocol):
+    """A sink that adapts its quality to the node's load: the publishers (webrtc,
+    LiveKit). The engine feeds it a load sample once a second and reads its score into
+    ``video_quality_score``."""
+
+    def adapt(self, load: float, now: float) -> None:
+        """One load sample: ``load`` is the node's (1.0 at its limit), ``now`` the
+        monotonic time it was taken."""
+        ...
+
+    def quality_score(self) -> float:
+        """1.0 at full quality; lower for a lower bitrate or frame rate, or stutter."""
         ...

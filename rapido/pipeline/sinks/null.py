@@ -10,13 +10,35 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from rapido.pipeline.media import MediaChunk
+from rapido.pipeline.sinks.base import SinkStats
 
 #: Long enough to smooth over the loop's scheduling jitter, short enough that a stall
 #: shows up in the next stats scrape.
 DEFAULT_FPS_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class NullStats:
+    """The null sink's own part of :class:`SinkStats`."""
+
+    audio_samples: int
+    #: Frames delivered per second over the recent window.
+    fps: float
+    speaking_frames: int
+
+    def json(self, stats: SinkStats) -> dict[str, Any]:
+        return {
+            "kind": stats.kind,
+            "frames": stats.frames,
+            "audio_samples": self.audio_samples,
+            "fps": self.fps,
+            "speaking_frames": self.speaking_frames,
+            "interrupts": stats.interrupts,
+        }
 
 
 class NullSink:
@@ -90,15 +112,11 @@ class NullSink:
         # A burst written within one clock tick has no measurable rate.
         return (n - 1) / span if span > 0 else 0.0
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "frames": self.frames,
-            "audio_samples": self.audio_samples,
-            "fps": self.fps(),
-            "speaking_frames": self.speaking_frames,
-            "interrupts": self.interrupts,
-        }
+    def stats(self) -> SinkStats:
+        return SinkStats(
+            kind=self.kind, frames=self.frames, dropped=0, interrupts=self.interrupts,
+            detail=NullStats(audio_samples=self.audio_samples, fps=self.fps(),
+                             speaking_frames=self.speaking_frames))
 
     async def aclose(self) -> None:
         self.closed = True

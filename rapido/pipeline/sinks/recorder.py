@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Final
@@ -39,7 +40,7 @@ from av.container import OutputContainer
 from av.video.stream import VideoStream
 
 from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
-from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.base import SinkError, SinkStats, error_text
 from rapido.pipeline.sinks.frames import to_av_frame
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 
@@ -54,6 +55,36 @@ MOVFLAGS: Final = "frag_keyframe+empty_moov+default_base_moof+delay_moov"
 #: Silence to fill a gap left by dropped chunks is written in blocks of at most this
 #: many samples, so a long jump in frame index does not allocate one huge array.
 _SILENCE_BLOCK: Final = AUDIO_RATE
+
+
+@dataclass(frozen=True, slots=True)
+class RecordStats:
+    """The recorder's own part of :class:`SinkStats` (``frames`` is frames written)."""
+
+    path: str
+    #: Includes silence written in place of dropped chunks' audio.
+    audio_samples_written: int
+    #: Chunks ignored because the recorder was not running or had failed.
+    discarded_frames: int
+    out_of_order_frames: int
+    queue_depth: int
+    #: The file's size on disk now.
+    bytes: int
+
+    def json(self, stats: SinkStats) -> dict[str, Any]:
+        return {
+            "kind": stats.kind,
+            "path": self.path,
+            "frames_written": stats.frames,
+            "audio_samples_written": self.audio_samples_written,
+            "dropped_frames": stats.dropped,
+            "discarded_frames": self.discarded_frames,
+            "out_of_order_frames": self.out_of_order_frames,
+            "queue_depth": self.queue_depth,
+            "bytes": self.bytes,
+            "interrupts": stats.interrupts,
+            "error": stats.error,
+        }
 
 
 class RecorderSink:
@@ -206,32 +237,26 @@ class RecorderSink:
     def error(self) -> BaseException | None:
         return self._error
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SinkStats:
         try:
             size = self.path.stat().st_size
         except OSError:
             size = 0
-        err = self._error
-        return {
-            "kind": self.kind,
-            "path": str(self.path),
-            "frames_written": self._frames_written,
-            # Includes silence written in place of dropped chunks' audio.
-            "audio_samples_written": self._audio_written,
-            "dropped_frames": self._dropped,
-            "discarded_frames": self._discarded,
-            "out_of_order_frames": self._out_of_order,
-            "queue_depth": self._lane.qsize() if self._lane is not None else 0,
-            "bytes": size,
-            "interrupts": self._interrupts,
-            "error": None if err is None else f"{type(err).__name__}: {err}",
-        }
+        written = self._frames_written
+        return SinkStats(
+            kind=self.kind, frames=written, dropped=self._dropped,
+            interrupts=self._interrupts, encoded=written, error=error_text(self._error),
+            detail=RecordStats(
+                path=str(self.path), audio_samples_written=self._audio_written,
+                discarded_frames=self._discarded, out_of_order_frames=self._out_of_order,
+                queue_depth=self._lane.qsize() if self._lane is not None else 0,
+                bytes=size))
 
     async def aclose(self) -> None:
         """Encode everything queued, flush the encoders and finalise the file.
 
         Idempotent; concurrent callers all wait for the same finalisation. Never raises
-        for encoder failures (those are logged and kept in ``stats()["error"]``). If
+        for encoder failures (those are logged and kept in ``stats().error``). If
         ``start`` failed nothing is written; if no frame was written the file is a
         valid MP4 with no samples.
         """
