@@ -9,8 +9,17 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 
+from rapido.http.ws import ErrorReply, Outgoing, Pong, Ready, event_json
 from rapido.node import Node
+from rapido.pipeline.events import (
+    Closed,
+    PlaybackFinished,
+    PlaybackStarted,
+    Refill,
+    Underrun,
+)
 from tests.conftest import NodeFactory, create_session, speech
 
 CHUNK = 320  # 20 ms at 16 kHz
@@ -168,3 +177,45 @@ async def test_errors_and_pongs_go_only_to_their_own_connection(
             if msg["type"] == "playback_finished":
                 break
         assert seen == ["playback_started", "playback_finished"], seen
+
+
+def test_each_event_has_its_exact_wire_shape() -> None:
+    """The JSON of every outgoing message, byte for byte (keys in order), as sent."""
+    cases: list[tuple[Outgoing, bytes]] = [
+        (PlaybackStarted(3), b'{"type":"playback_started","utterance":3}'),
+        (PlaybackFinished(3, 1234.5, False, "end"),
+         b'{"type":"playback_finished","utterance":3,"position_ms":1234.5,'
+         b'"interrupted":false,"reason":"end"}'),
+        (PlaybackFinished(4, 0.0, True, "interrupt"),
+         b'{"type":"playback_finished","utterance":4,"position_ms":0.0,'
+         b'"interrupted":true,"reason":"interrupt"}'),
+        (Underrun(2, 480.0), b'{"type":"underrun","utterance":2,"position_ms":480.0}'),
+        (Refill(52.1, 160.0), b'{"type":"refill","buffered_ms":52.1,"target_ms":160.0}'),
+        (Closed("deleted"), b'{"type":"closed","reason":"deleted"}'),
+        (Ready(session_id="s1", lesson_id="l1", sample_rate=16_000, audio_rate=48_000,
+               fps=25, node="n1", state="idle"),
+         b'{"type":"ready","session_id":"s1","lesson_id":"l1","sample_rate":16000,'
+         b'"audio_rate":48000,"fps":25,"node":"n1","state":"idle"}'),
+        (Pong(), b'{"type":"pong"}'),
+        (Pong(7), b'{"type":"pong","id":7}'),
+        (Pong("a1"), b'{"type":"pong","id":"a1"}'),
+        (ErrorReply("invalid_json", "bad"),
+         b'{"type":"error","code":"invalid_json","message":"bad"}'),
+    ]
+    for ev, wire in cases:
+        assert orjson.dumps(event_json(ev)) == wire, ev
+
+
+async def test_ping_ids_are_echoed_as_sent(node: Node, http: aiohttp.ClientSession) -> None:
+    s = await create_session(http, node, "ws-ping")
+    async with http.ws_connect(s["ws_url"]) as ws:
+        ready = await ws.receive_str(timeout=10)
+        assert ready.startswith('{"type":"ready","session_id":')
+        for sent, echoed in [({"type": "ping"}, '{"type":"pong"}'),
+                             ({"type": "ping", "id": None}, '{"type":"pong"}'),
+                             ({"type": "ping", "id": True}, '{"type":"pong"}'),
+                             ({"type": "ping", "id": [1]}, '{"type":"pong"}'),
+                             ({"type": "ping", "id": 1.5}, '{"type":"pong","id":1.5}'),
+                             ({"type": "ping", "id": "x"}, '{"type":"pong","id":"x"}')]:
+            await ws.send_json(sent)
+            assert await ws.receive_str(timeout=10) == echoed, sent

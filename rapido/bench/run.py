@@ -32,6 +32,7 @@ from rapido.config import Config
 from rapido.engine import Engine
 from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar
+from rapido.pipeline.events import PlaybackStarted
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Adaptive
 from rapido.pipeline.speech import speech_like
@@ -180,7 +181,7 @@ async def _collect_events(st: _Stream) -> None:
     loop = asyncio.get_running_loop()
     q = st.session.subscribe(maxsize=4096)
     while (ev := await q.get()) is not None:
-        if ev.get("type") == "playback_started":
+        if isinstance(ev, PlaybackStarted):
             st.started.append(loop.time())
 
 

@@ -3,6 +3,10 @@
 Reading is paced by the session: ``await session.feed`` waits while the jitter buffer
 is full, and while it waits nothing more is read from the socket, so a sender that is
 faster than real time is slowed by TCP back-pressure and never loses audio.
+
+Events out are the session's typed events (:mod:`rapido.pipeline.events`) and this
+socket's own replies (:class:`Ready`, :class:`Pong`, :class:`ErrorReply`), all in one
+queue per connection; :func:`event_json` is the wire format of each.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, assert_never
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -18,13 +24,79 @@ from rapido.aio import cancel_and_wait
 from rapido.http.api import get_session
 from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
 from rapido.pipeline.audio import AudioFormatError, pcm_s16le
+from rapido.pipeline.events import (
+    Closed,
+    PlaybackFinished,
+    PlaybackStarted,
+    Refill,
+    SessionEvent,
+    Underrun,
+)
 from rapido.pipeline.media import AUDIO_RATE
-from rapido.pipeline.session import Event, SessionClosed, StreamSession
+from rapido.pipeline.session import SessionClosed, StreamSession
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 CONTROL_TYPES = ("start", "end", "interrupt", "ping")
+EVENT_QUEUE = 256  # events a client may fall behind before it is cut off
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The first message on every connection."""
+
+    session_id: str
+    lesson_id: str
+    sample_rate: int
+    audio_rate: int
+    fps: int
+    node: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    id: str | int | float | None = None  # the ping's id, echoed when it had one
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    code: str
+    message: str
+
+
+Outgoing = SessionEvent | Ready | Pong | ErrorReply
+
+
+def event_json(ev: Outgoing) -> dict[str, Any]:
+    """One outgoing message as the JSON object sent (keys in this order)."""
+    match ev:
+        case PlaybackStarted():
+            return {"type": "playback_started", "utterance": ev.utterance}
+        case PlaybackFinished():
+            return {"type": "playback_finished", "utterance": ev.utterance,
+                    "position_ms": ev.position_ms, "interrupted": ev.interrupted,
+                    "reason": ev.reason}
+        case Underrun():
+            return {"type": "underrun", "utterance": ev.utterance,
+                    "position_ms": ev.position_ms}
+        case Refill():
+            return {"type": "refill", "buffered_ms": ev.buffered_ms,
+                    "target_ms": ev.target_ms}
+        case Closed():
+            return {"type": "closed", "reason": ev.reason}
+        case Ready():
+            return {"type": "ready", "session_id": ev.session_id,
+                    "lesson_id": ev.lesson_id, "sample_rate": ev.sample_rate,
+                    "audio_rate": ev.audio_rate, "fps": ev.fps, "node": ev.node,
+                    "state": ev.state}
+        case Pong():
+            return {"type": "pong"} if ev.id is None else {"type": "pong", "id": ev.id}
+        case ErrorReply():
+            return {"type": "error", "code": ev.code, "message": ev.message}
+        case _:
+            assert_never(ev)
 
 
 @routes.get("/ws/sessions/{session_id}")
@@ -38,12 +110,13 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
     metrics.ws_connections.inc()
-    events = session.subscribe()
+    events: asyncio.Queue[Outgoing | None] = asyncio.Queue(maxsize=EVENT_QUEUE)
+    session.add_listener(events)
     writer = asyncio.get_running_loop().create_task(
         _write_events(ws, events), name=f"ws-writer-{session.id}")
     engine = request.app[ENGINE]
 
-    def reply(event: Event) -> None:
+    def reply(event: Outgoing) -> None:
         """To this connection only: errors and pongs are nobody else's business."""
         try:
             events.put_nowait(event)
@@ -52,13 +125,13 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
 
     def error(code: str, message: str) -> None:
         metrics.bad_input.labels("ws", code).inc()
-        reply({"type": "error", "code": code, "message": message})
+        reply(ErrorReply(code, message))
 
-    reply({
-        "type": "ready", "session_id": session.id, "lesson_id": session.lesson_id,
-        "sample_rate": session.spec.sample_rate, "audio_rate": AUDIO_RATE,
-        "fps": session.fps, "node": engine.node_id, "state": session.state,
-    })
+    reply(Ready(
+        session_id=session.id, lesson_id=session.lesson_id,
+        sample_rate=session.spec.sample_rate, audio_rate=AUDIO_RATE,
+        fps=session.fps, node=engine.node_id, state=session.state,
+    ))
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
@@ -92,7 +165,7 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def _control(session: StreamSession, text: str, reply: Callable[[Event], None],
+async def _control(session: StreamSession, text: str, reply: Callable[[Outgoing], None],
                    error: Callable[[str, str], None]) -> None:
     try:
         msg = orjson.loads(text)
@@ -104,11 +177,11 @@ async def _control(session: StreamSession, text: str, reply: Callable[[Event], N
         return
     kind = msg["type"]
     if kind == "ping":
-        pong: Event = {"type": "pong"}
-        if "id" in msg and isinstance(msg["id"], str | int | float) \
-                and not isinstance(msg["id"], bool):
-            pong["id"] = msg["id"]
-        reply(pong)
+        echo = msg.get("id")
+        if isinstance(echo, str | int | float) and not isinstance(echo, bool):
+            reply(Pong(echo))
+        else:
+            reply(Pong())
     elif kind == "start":
         session.start_utterance()
     elif kind == "end":
@@ -120,13 +193,14 @@ async def _control(session: StreamSession, text: str, reply: Callable[[Event], N
               f"{', '.join(CONTROL_TYPES)}")
 
 
-async def _write_events(ws: web.WebSocketResponse, events: asyncio.Queue[Event | None]) -> None:
+async def _write_events(ws: web.WebSocketResponse,
+                        events: asyncio.Queue[Outgoing | None]) -> None:
     try:
         while True:
             ev = await events.get()
             if ev is None:
                 break
-            await ws.send_str(orjson.dumps(ev).decode())
+            await ws.send_str(orjson.dumps(event_json(ev)).decode())
     except (ConnectionResetError, RuntimeError):
         pass  # the client went away; the reader notices and cleans up
     finally:

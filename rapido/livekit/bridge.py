@@ -13,13 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from livekit import rtc
 
 from rapido.aio import cancel_and_wait
 from rapido.livekit.agents import AvatarProtocol, AvatarWorker, OutgoingRpc
+from rapido.pipeline.events import PlaybackFinished, PlaybackStarted
 from rapido.pipeline.session import SessionClosed, StreamSession
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,14 @@ class AgentBridge:
 
     async def _relay(self) -> None:
         while True:
-            event: dict[str, Any] | None = await self._events.get()
+            event = await self._events.get()
             if event is None:
                 return
-            kind = event.get("type")
-            if kind == "playback_started":
+            if isinstance(event, PlaybackStarted):
                 self.send(self.protocol.playback_started())
-            elif kind == "playback_finished":
-                self.send(self.protocol.playback_finished(float(event["position_ms"]),
-                                                          bool(event["interrupted"])))
+            elif isinstance(event, PlaybackFinished):
+                self.send(self.protocol.playback_finished(event.position_ms,
+                                                          event.interrupted))
 
     async def aclose(self) -> None:
         self.session.unsubscribe(self._events)

@@ -21,6 +21,7 @@ import numpy as np
 from rapido.aio import cancel_and_wait
 from rapido.pipeline.audio import Resampler
 from rapido.pipeline.avatar import Avatar
+from rapido.pipeline.events import Closed, Listener, SessionEvent
 from rapido.pipeline.jitter import (
     AudioJitterBuffer,
     JitterConfig,
@@ -40,8 +41,6 @@ IDLE = "idle"
 SPEAKING = "speaking"
 INTERRUPTED = "interrupted"
 CLOSED = "closed"
-
-Event = dict[str, Any]
 
 
 class SessionClosed(RuntimeError):
@@ -116,7 +115,7 @@ class StreamSession:
         self._utt: int | None = None  # utterance of the last frame, and its position
         self._utt_pos = 0
         self._pending: deque[FrameJob] = deque()
-        self._listeners: set[asyncio.Queue[Event | None]] = set()
+        self._listeners: set[Listener] = set()
         self._room = asyncio.Event()  # set while the jitter buffer can take more
         self._room.set()
         self._epoch = 0  # bumped by interrupt: feeds that started before it stop
@@ -362,19 +361,26 @@ class StreamSession:
 
     # -- events -----------------------------------------------------------------------
 
-    def subscribe(self, maxsize: int = 256) -> asyncio.Queue[Event | None]:
-        q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=maxsize)
-        self._listeners.add(q)
+    def subscribe(self, maxsize: int = 256) -> asyncio.Queue[SessionEvent | None]:
+        """A new queue of this session's events (:mod:`rapido.pipeline.events`); ``None``
+        after the last one (the session closed, or the reader fell ``maxsize`` behind)."""
+        q: asyncio.Queue[SessionEvent | None] = asyncio.Queue(maxsize=maxsize)
+        self.add_listener(q)
         return q
 
-    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
+    def add_listener(self, q: Listener) -> None:
+        """Like :meth:`subscribe`, into the caller's own bounded queue (one that may also
+        carry the caller's own messages)."""
+        self._listeners.add(q)
+
+    def unsubscribe(self, q: Listener) -> None:
         self._listeners.discard(q)
 
     @property
     def listeners(self) -> int:
         return len(self._listeners)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: SessionEvent) -> None:
         for q in list(self._listeners):
             try:
                 q.put_nowait(event)
@@ -387,19 +393,17 @@ class StreamSession:
     def _handle(self, ev: JitterEvent) -> None:
         if isinstance(ev, PlaybackStarted):
             self._state = SPEAKING
-            self.emit({"type": "playback_started", "utterance": ev.utterance})
+            self.emit(ev)
         elif isinstance(ev, PlaybackFinished):
             if self._state == SPEAKING:
                 self._state = INTERRUPTED if ev.interrupted else IDLE
-            self.emit({"type": "playback_finished", "utterance": ev.utterance,
-                       "position_ms": round(ev.position_ms, 1),
-                       "interrupted": ev.interrupted, "reason": ev.reason})
+            # Listeners are told times to 0.1 ms.
+            self.emit(PlaybackFinished(ev.utterance, round(ev.position_ms, 1),
+                                       ev.interrupted, ev.reason))
         elif isinstance(ev, Underrun):
-            self.emit({"type": "underrun", "utterance": ev.utterance,
-                       "position_ms": round(ev.position_ms, 1)})
+            self.emit(Underrun(ev.utterance, round(ev.position_ms, 1)))
         elif isinstance(ev, Refill):
-            self.emit({"type": "refill", "buffered_ms": round(ev.buffered_ms, 1),
-                       "target_ms": round(ev.target_ms, 1)})
+            self.emit(Refill(round(ev.buffered_ms, 1), round(ev.target_ms, 1)))
         if self._on_event is not None:
             self._on_event(self, ev)
 
@@ -422,7 +426,7 @@ class StreamSession:
         self._queued_samples = 0
         for q in list(self._listeners):
             try:
-                q.put_nowait({"type": "closed", "reason": reason})
+                q.put_nowait(Closed(reason))
             except asyncio.QueueFull:
                 pass
             _close_queue(q)
@@ -443,14 +447,14 @@ class StreamSession:
         return asyncio.get_running_loop().time()
 
 
-def _close_queue(q: asyncio.Queue[Event | None]) -> None:
+def _close_queue(q: Listener) -> None:
     try:
         q.put_nowait(None)
     except asyncio.QueueFull:
         _drain_and_close(q)
 
 
-def _drain_and_close(q: asyncio.Queue[Event | None]) -> None:
+def _drain_and_close(q: Listener) -> None:
     while not q.empty():
         q.get_nowait()
     q.put_nowait(None)
