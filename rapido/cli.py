@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rapido import __version__
-from rapido.config import Config, ConfigError, add_flags, flag_overrides, load_regions
+from rapido.config import Config, ConfigError, add_flags, flag_overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             config = Config.load(toml_path=args.config, overrides=flag_overrides(args))
+            from rapido.wiring import load_regions
+
             load_regions(config)  # a bad regions file stops here, as one line
         elif args.command == "bench":
             config = Config.load(toml_path=args.config, overrides={
@@ -139,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         print(f"rapido: bench: {problem}", file=sys.stderr)
         return 2
+    if args.http:  # a running server over its real API
+        from rapido.bench.http import http_main
+
+        return http_main(config, args)
     from rapido.bench.run import bench_main
 
     return bench_main(config, args)

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rapido.livekit.limits import validate_queue_size_ms
 from rapido.pipeline.jitter import JitterConfig
 from rapido.pipeline.media import AUDIO_RATE
+from rapido.pipeline.sinks import SINK_NAMES as SINKS
 
 ENV_PREFIX = "RAPIDO_"
-SINKS = ("null", "record", "webrtc", "livekit")
 BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
 
 
@@ -33,6 +34,10 @@ def _opt(default: Any, help: str, *, lo: float | None = None, hi: float | None =
          choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
     meta = {"help": help, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
     return field(default=default, metadata=meta)
+
+
+#: The jitter buffer's own defaults: its settings are the one place they are written.
+_JB: dict[str, Any] = {f.name: f.default for f in fields(JitterConfig)}
 
 
 @dataclass(frozen=True)
@@ -124,18 +129,24 @@ class Config:
                           "(default: $XDG_CACHE_HOME/rapido/models)")
     trt_cache_dir: str = _opt("", "TensorRT engine cache (default: under model_dir)")
     avatars_dir: str = _opt("avatars", "imported avatars (python -m rapido avatar import)")
-    # -- jitter buffer (the plan's defaults) ----------------------------------------
-    jitter_target_ms: float = _opt(160.0, "initial jitter buffer target", lo=10, hi=5000)
-    jitter_min_target_ms: float = _opt(80.0, "lowest adaptive target", lo=10, hi=5000)
-    jitter_start_ms: float = _opt(128.0, "start playback at this level (at the initial "
-                                  "target; scales with it)", lo=1, hi=5000)
-    jitter_resume_ms: float = _opt(40.0, "resume after an underrun at this level", lo=1, hi=5000)
-    jitter_max_ms: float = _opt(240.0, "highest target; back-pressure above it", lo=20, hi=10000)
-    jitter_refill_pct: float = _opt(30.0, "refill signal below this %% of target", lo=1, hi=99)
-    jitter_quantile: float = _opt(0.95, "quantile of relative arrival delay the adaptive "
-                                  "target covers (NetEQ uses 0.95)", lo=0.5, hi=0.999)
-    jitter_stall_timeout_ms: float = _opt(3000.0, "end an utterance whose audio stopped this "
-                                          "long without an end", lo=100, hi=600000)
+    # -- jitter buffer (the plan's defaults, kept once: in JitterConfig) -------------
+    jitter_target_ms: float = _opt(_JB["target_ms"], "initial jitter buffer target",
+                                   lo=10, hi=5000)
+    jitter_min_target_ms: float = _opt(_JB["min_target_ms"], "lowest adaptive target",
+                                       lo=10, hi=5000)
+    jitter_start_ms: float = _opt(_JB["start_ms"], "start playback at this level (at the "
+                                  "initial target; scales with it)", lo=1, hi=5000)
+    jitter_resume_ms: float = _opt(_JB["resume_ms"], "resume after an underrun at this level",
+                                   lo=1, hi=5000)
+    jitter_max_ms: float = _opt(_JB["max_ms"], "highest target; back-pressure above it",
+                                lo=20, hi=10000)
+    jitter_refill_pct: float = _opt(_JB["refill_pct"], "refill signal below this %% of target",
+                                    lo=1, hi=99)
+    jitter_quantile: float = _opt(_JB["quantile"], "quantile of relative arrival delay the "
+                                  "adaptive target covers (NetEQ uses 0.95)", lo=0.5, hi=0.999)
+    jitter_stall_timeout_ms: float = _opt(_JB["stall_timeout_ms"], "end an utterance whose "
+                                          "audio stopped this long without an end",
+                                          lo=100, hi=600000)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -164,11 +175,12 @@ class Config:
             raise ConfigError(
                 f"model: {self.model!r} is not allowed; use {', '.join(BUILTIN_MODELS)} "
                 "or the path of a model manifest (.json)")
-        if self.livekit_queue_size_ms % 10:
-            # The SDK asserts on this in native code, which aborts the whole process.
+        try:
+            validate_queue_size_ms(self.livekit_queue_size_ms)
+        except ValueError as exc:
             raise ConfigError(f"livekit_queue_size_ms: {self.livekit_queue_size_ms} is not "
-                              "allowed; it must be a multiple of 10")
-        if not self.api_key and not _is_loopback(self.host):
+                              f"allowed: {exc}") from None
+        if not self.api_key and not is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address and no api_key is set; "
                 "set RAPIDO_API_KEY (or --api-key) to listen beyond this machine"
@@ -228,7 +240,7 @@ class Config:
 _FIELDS = {f.name: f for f in fields(Config)}
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -239,26 +251,6 @@ def _is_loopback(host: str) -> bool:
 
 def _type_of(f: dataclasses.Field[Any]) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
-
-
-def load_regions(config: Config) -> list[Any]:
-    """The LiveKit regions: from ``livekit_regions_file``, else one from ``livekit_url``."""
-    from rapido.livekit.regions import Region, parse_regions
-
-    if config.livekit_regions_file:
-        path = Path(config.livekit_regions_file)
-        try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"livekit_regions_file: cannot read {str(path)!r}: {exc}") from None
-        try:
-            return parse_regions(data.get("regions"))
-        except ValueError as exc:
-            raise ConfigError(f"livekit_regions_file: {exc}") from None
-    if config.livekit_url:
-        return [Region(name=config.region, url=config.livekit_url, capacity=10**6)]
-    return []
 
 
 def _coerce(key: str, raw: Any) -> Any:

@@ -7,17 +7,10 @@ global one, so several nodes can live in one test process.
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from collections.abc import Iterator
 
-# The *_created series double the exposition for no use on our dashboards.
-disable_created_metrics()
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5, 1.0)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -107,6 +100,27 @@ class Metrics:
             buckets=_HTTP_BUCKETS, registry=r)
         self.ws_connections = Gauge(
             "websocket_connections", "Open WebSocket connections", registry=r)
+        # -- sinks -----------------------------------------------------------------------
+        # Read at scrape time from the sessions (the webrtc layer sets its function).
+        self.webrtc_encoders = Gauge(
+            "webrtc_encoders", "Encoders running in webrtc sinks (one per codec per stream, "
+            "however many viewers)", registry=r)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated:
+    """The registry's metrics less the ``*_created`` series, which double the exposition
+    for no use on our dashboards. Filtered per node at scrape time: prometheus_client's
+    own switch (``disable_created_metrics``) is process-wide."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            kept = [s for s in family.samples if not s.name.endswith("_created")]
+            if len(kept) != len(family.samples):
+                family.samples = kept
+            yield family

@@ -15,11 +15,11 @@ import socket
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from rapido.config import Config, _is_loopback
+from rapido.config import Config, is_loopback
 from rapido.engine import Engine
 from rapido.http.app import make_app
-from rapido.http.keys import ENGINE
 from rapido.metrics import Metrics
+from rapido.wiring import build_engine, http_settings
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,17 @@ class _ClientProtocolErrors(logging.Filter):
         return True
 
 
-logging.getLogger("aiohttp.server").addFilter(_ClientProtocolErrors())
+_CLIENT_ERRORS = _ClientProtocolErrors()
 
 
 class Node:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.app = make_app(config, self.metrics)
+        self.engine: Engine = build_engine(config, self.metrics)
+        self.app = make_app(http_settings(config), self.metrics, self.engine)
         self.runner: web.AppRunner | None = None
         self.port = config.port
-
-    @property
-    def engine(self) -> Engine:
-        return self.app[ENGINE]
 
     @property
     def url(self) -> str:
@@ -64,15 +61,16 @@ class Node:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        # Once per process however many nodes it runs (a filter is added only once).
+        logging.getLogger("aiohttp.server").addFilter(_CLIENT_ERRORS)
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                     shutdown_timeout=5.0)
         await self.runner.setup()  # runs cleanup_ctx: the engine starts here
         site = web.TCPSite(self.runner, self.config.host, self.config.port,
                            reuse_address=True)
         await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        if self.runner.addresses:  # the port bound (port 0 picks a free one)
+            self.port = self.runner.addresses[0][1]
         if not self.config.node_id:
             self.engine.node_id = f"{socket.gethostname()}-{self.port}"
         if not self.config.auth_required:
@@ -100,7 +98,7 @@ async def serve(config: Config) -> int:
     node = Node(config)
     await node.start()
     print(f"rapido serving at {node.url}/  (health {node.url}/health)", flush=True)
-    if not _is_loopback(config.host) and config.auth_required:
+    if not is_loopback(config.host) and config.auth_required:
         log.info("listening on %s with API key auth", config.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

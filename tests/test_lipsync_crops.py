@@ -29,6 +29,7 @@ class GatedBackend:
     """A contract backend whose ``run`` waits for the test's go-ahead; every crop it
     returns is filled with the number of its call (1, 2, ...)."""
 
+    thread_safe = False
     name = "gated"
     device = "cpu"
     preferred_batch_sizes: tuple[int, ...] = ()

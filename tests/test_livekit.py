@@ -17,8 +17,9 @@ from livekit import rtc
 from livekit.rtc._proto import stats_pb2
 
 from rapido.livekit import agents
+from rapido.livekit.limits import validate_queue_size_ms
 from rapido.livekit.linkstats import VideoLink, video_link
-from rapido.livekit.sink import LiveKitSink, backoff_delay, validate_queue_size_ms
+from rapido.livekit.sink import LiveKitSink, backoff_delay
 from rapido.livekit.tokens import (
     PUBLISH_ON_BEHALF,
     publisher_identity,

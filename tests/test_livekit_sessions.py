@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 
+from rapido.livekit.publisher import LiveKitPublisher
 from rapido.livekit.sink import LiveKitSink
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
@@ -110,4 +111,5 @@ async def test_agent_avatar_session_through_the_api(make_node: NodeFactory, tmp_
             assert r.status == 400 and (await r.json())["error"] == code
     async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
         assert r.status == 200
-    assert not node.engine._bridges
+    publisher = node.engine.provider("livekit")
+    assert isinstance(publisher, LiveKitPublisher) and publisher.bridges == 0

@@ -384,7 +384,7 @@ async def test_lossy_viewer_lowers_the_bitrate_then_recovers(
         await wait_for(lambda: sink.encoders[H264].bitrate <= q["bitrate"])
         assert sink.stats().json()["encoders_created"] >= 3
         # The node's gauge carries it.
-        node.engine._publish_quality()
+        node.engine.publish_quality()
         async with http.get(f"{node.url}/metrics") as r:
             text = await r.text()
         score = float(next(ln.split()[1] for ln in text.splitlines()

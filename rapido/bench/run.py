@@ -14,28 +14,26 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import math
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from rapido.aio import cancel_and_wait
-from rapido.bench import report
+from rapido.bench import histograms, report
 from rapido.bench.args import validate
 from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
 from rapido.metrics import Metrics
-from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.events import PlaybackStarted
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Adaptive
 from rapido.pipeline.speech import speech_like
+from rapido.wiring import build_engine
 
 INPUT_RATE = 16_000
 CHUNK_S = 0.02
@@ -62,7 +60,7 @@ class BenchResult:
     cpu_ms_per_stream_second: float
     tick_p99_ms: float
     realtime: bool
-    # -- added with the bench issue ------------------------------------------------------
+    # -- the model, batching, exact lateness and onsets ------------------------------------
     model: str = ""
     backend: str = ""
     device: str = ""
@@ -89,7 +87,7 @@ class BenchResult:
     gpu_util_percent: float | None = None
     gpu_mem_used_mb: float | None = None
     partial: bool = False
-    # -- added with adaptive quality -------------------------------------------------------
+    # -- encoding sinks and adaptive quality ------------------------------------------------
     #: Chunks a sink dropped because its encoder fell behind (real time needs 0).
     sink_dropped: int = 0
     #: Pictures encoded per second, slowest stream (webrtc, record; None for others).
@@ -103,32 +101,21 @@ class BenchResult:
         return dataclasses.asdict(self)
 
 
-class BenchEngine(Engine):
-    """The real engine, plus per-frame samples for the bench: exact lateness of every
-    frame handed to a sink, and when each stream's first frame got there."""
+class FrameSamples:
+    """Per-frame samples for the bench, from the engine's frame hook: the exact lateness
+    of every frame handed to a sink while collecting, and when each stream's first frame
+    got there (loop time)."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
-        super().__init__(config, metrics)
+    def __init__(self) -> None:
         self.collect = False
         self.lateness: list[float] = []
         self.first_frame: dict[str, float] = {}
 
-    def _build(self, spec: SessionSpec, avatar: Avatar) -> StreamSession:
-        session = super()._build(spec, avatar)
-        session._on_frame = self._frame_hook(session.id)
-        return session
-
-    def _frame_hook(self, sid: str) -> Callable[[float, bool], None]:
-        loop = asyncio.get_running_loop()
-
-        def on_frame(lateness_s: float, speaking: bool) -> None:
-            self._on_frame(lateness_s, speaking)
-            if sid not in self.first_frame:
-                self.first_frame[sid] = loop.time()
-            if self.collect:
-                self.lateness.append(max(0.0, lateness_s))
-
-        return on_frame
+    def on_frame(self, session_id: str, lateness_s: float, speaking: bool) -> None:
+        if session_id not in self.first_frame:
+            self.first_frame[session_id] = asyncio.get_running_loop().time()
+        if self.collect:
+            self.lateness.append(max(0.0, lateness_s))
 
 
 @dataclass
@@ -196,7 +183,9 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
     """One measured run. On cancellation (Ctrl-C) during the measurement the window so
     far is measured, appended to ``out`` (marked partial), and the cancellation goes on."""
     metrics = Metrics()
-    engine = BenchEngine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics)
+    frames = FrameSamples()
+    engine = build_engine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics,
+                          on_frame=frames.on_frame)
     loop = asyncio.get_running_loop()
     if progress is not None:
         progress.phase(f"{streams} streams (max_batch {config.max_batch}, starting)",
@@ -224,15 +213,15 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                            warmup + duration)
         await asyncio.sleep(warmup)
         snap0 = _snapshot(engine, sts, metrics)
-        engine.collect = True
+        frames.collect = True
         r0, t0w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         try:
             await asyncio.sleep(duration)
         except asyncio.CancelledError:
             cancelled = True
-        engine.collect = False
+        frames.collect = False
         r1, t1w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        result = _result(config, engine, sts, metrics, snap0, _snapshot(engine, sts, metrics),
+        result = _result(config, frames, sts, metrics, snap0, _snapshot(engine, sts, metrics),
                          cpu=(r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
                          wall=max(t1w - t0w, 1e-6), duty=duty, sink=sink, jitter=jitter,
                          partial=cancelled)
@@ -263,38 +252,39 @@ class _Snap:
 
 def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
     info = engine.renderer.info()
-    wait_sum, wait_count = _hist_totals(metrics, "batch_queue_wait_seconds")
+    wait_sum, wait_count = histograms.hist_totals(metrics, "batch_queue_wait_seconds")
     return _Snap(
         frames=[st.session.counters.frames_out for st in sts],
         sink_dropped=[st.session.sink.stats().dropped for st in sts],
         encoded=[st.session.sink.stats().encoded for st in sts],
         underruns=[st.session.jb.stats.underruns for st in sts],
-        lat=_hist_snapshot(metrics), ticks=_hist_snapshot(metrics, "clock_tick_seconds"),
-        batch=_hist_snapshot(metrics, "batch_size"),
-        wait=_hist_snapshot(metrics, "batch_queue_wait_seconds"),
+        lat=histograms.hist_snapshot(metrics),
+        ticks=histograms.hist_snapshot(metrics, "clock_tick_seconds"),
+        batch=histograms.hist_snapshot(metrics, "batch_size"),
+        wait=histograms.hist_snapshot(metrics, "batch_queue_wait_seconds"),
         wait_sum=wait_sum, wait_count=wait_count,
         batcher=dict(info.get("batcher") or {}),
     )
 
 
-def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Metrics,
+def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: Metrics,
             a: _Snap, b: _Snap, *, cpu: float, wall: float, duty: float, sink: str,
             jitter: str, partial: bool) -> BenchResult:
     streams = len(sts)
     fps = [(f1 - f0) / wall for f0, f1 in zip(a.frames, b.frames, strict=True)]
     under_by = [u1 - u0 for u0, u1 in zip(a.underruns, b.underruns, strict=True)]
     under = sum(under_by)
-    lat = _hist_delta(a.lat, b.lat)
-    ticks = _hist_delta(a.ticks, b.ticks)
-    p = {q: _quantile(lat, q) * 1000 for q in (0.5, 0.95, 0.99)}
-    samples = np.asarray(engine.lateness, dtype=np.float64) * 1000.0
+    lat = histograms.hist_delta(a.lat, b.lat)
+    ticks = histograms.hist_delta(a.ticks, b.ticks)
+    p = {q: histograms.quantile(lat, q) * 1000 for q in (0.5, 0.95, 0.99)}
+    samples = np.asarray(frames.lateness, dtype=np.float64) * 1000.0
     exact = ({q: float(np.quantile(samples, q)) for q in (0.5, 0.95, 0.99)} if len(samples)
              else dict.fromkeys((0.5, 0.95, 0.99), 0.0))
     onsets = [s - f for st in sts for f, s in zip(st.fed, st.started, strict=False)]
-    first = [1000.0 * (engine.first_frame[st.session.id] - st.created_at) for st in sts
-             if st.session.id in engine.first_frame]
-    batch_cum = _hist_delta(a.batch, b.batch)
-    hist = _per_bucket(batch_cum)
+    first = [1000.0 * (frames.first_frame[st.session.id] - st.created_at) for st in sts
+             if st.session.id in frames.first_frame]
+    batch_cum = histograms.hist_delta(a.batch, b.batch)
+    hist = histograms.per_bucket(batch_cum)
     stats0, stats1 = a.batcher, b.batcher
     batches = int(stats1.get("batches", 0) - stats0.get("batches", 0))
     batched = stats1.get("batched_requests", 0) - stats0.get("batched_requests", 0)
@@ -326,7 +316,7 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
         underruns=under, underruns_per_session=round(under / max(streams, 1), 3),
         cpu_percent=round(100.0 * cpu / wall, 1),
         cpu_ms_per_stream_second=round(1000.0 * cpu / wall / max(streams, 1), 3),
-        tick_p99_ms=round(_quantile(ticks, 0.99) * 1000, 2),
+        tick_p99_ms=round(histograms.quantile(ticks, 0.99) * 1000, 2),
         realtime=(fps_min >= config.fps - report.REALTIME_FPS_SLACK
                   and p99_exact < report.REALTIME_P99_MS and under == 0 and misses == 0
                   and sink_dropped == 0 and encoding_ok and not partial),
@@ -338,13 +328,14 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
         lateness_exact_p99_ms=round(p99_exact, 3),
         lateness_exact_max_ms=round(float(samples.max()) if len(samples) else 0.0, 3),
         onsets=len(onsets),
-        onset_p50_ms=_ms_quantile(onsets, 0.5), onset_p95_ms=_ms_quantile(onsets, 0.95),
+        onset_p50_ms=histograms.ms_quantile(onsets, 0.5),
+        onset_p95_ms=histograms.ms_quantile(onsets, 0.95),
         batches=batches, batch_mean=round(batched / batches, 3) if batches else 0.0,
         batch_hist=hist,
         queue_wait_mean_ms=(round(1000.0 * (b.wait_sum - a.wait_sum) / wait_n, 3)
                             if wait_n > 0 else None),
-        queue_wait_p95_ms=(round(_quantile(_hist_delta(a.wait, b.wait), 0.95) * 1000, 3)
-                           if wait_n > 0 else None),
+        queue_wait_p95_ms=(round(histograms.quantile(
+            histograms.hist_delta(a.wait, b.wait), 0.95) * 1000, 3) if wait_n > 0 else None),
         deadline_misses=misses, underruns_by_session=under_by,
         first_frame_p50_ms=round(float(np.median(first)), 1) if first else None,
         first_frame_max_ms=round(max(first), 1) if first else None,
@@ -353,68 +344,6 @@ def _result(config: Config, engine: BenchEngine, sts: list[_Stream], metrics: Me
         quality_score=round(sum(scores) / len(scores), 3) if scores else None,
         adaptive=config.min_fps < config.fps,
     )
-
-
-def _ms_quantile(values_s: list[float], q: float) -> float | None:
-    if not values_s:
-        return None
-    return round(1000.0 * float(np.quantile(values_s, q)), 2)
-
-
-def _per_bucket(cumulative: dict[float, float]) -> dict[str, int]:
-    """Cumulative histogram buckets (le = 1, 2, ...) -> count per batch size."""
-    out: dict[str, int] = {}
-    prev = 0.0
-    for le in sorted(cumulative):
-        n = round(cumulative[le] - prev)
-        prev = cumulative[le]
-        if n:
-            out["inf" if math.isinf(le) else str(int(le))] = n
-    return out
-
-
-def _hist_snapshot(metrics: Metrics, name: str = "frame_processing_latency_seconds"
-                   ) -> dict[float, float]:
-    out: dict[float, float] = {}
-    for family in metrics.registry.collect():
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket"):
-                le = float(sample.labels["le"])
-                out[le] = out.get(le, 0.0) + sample.value
-    return out
-
-
-def _hist_totals(metrics: Metrics, name: str) -> tuple[float, float]:
-    total = count = 0.0
-    for family in metrics.registry.collect():
-        if family.name != name:
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                total += sample.value
-            elif sample.name.endswith("_count"):
-                count += sample.value
-    return total, count
-
-
-def _hist_delta(a: dict[float, float], b: dict[float, float]) -> dict[float, float]:
-    return {k: b[k] - a.get(k, 0.0) for k in b}
-
-
-def _quantile(cumulative: dict[float, float], q: float) -> float:
-    """Upper bound of the bucket holding quantile q (Prometheus-style, conservative)."""
-    if not cumulative:
-        return 0.0
-    bounds = sorted(cumulative)
-    total = cumulative[bounds[-1]]
-    if total <= 0:
-        return 0.0
-    for le in bounds:
-        if cumulative[le] >= q * total:
-            return le if le != float("inf") else bounds[-2]
-    return bounds[-2]
 
 
 # -- modes ----------------------------------------------------------------------------------
@@ -508,10 +437,6 @@ def bench_main(config: Config, args: argparse.Namespace) -> int:
             print("rapido: bench: --plot needs matplotlib: pip install matplotlib "
                   "(or the bench extra)", file=sys.stderr)
             return 2
-    if args.http:
-        from rapido.bench.http import http_main
-
-        return http_main(config, args)
     # Encoders run whether or not anybody watches (the bench has no viewers), and the
     # frame rate stays at its ceiling unless --adaptive lets it fall.
     config = dataclasses.replace(

@@ -22,10 +22,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from rapido.gpu.contract import (
+    DEFAULT_BATCH_SIZES,
+    ModelBackend,
+    TorchDtype,
+    batch_sizes_for,
+    check_batch,
+    check_output,
+)
 from rapido.gpu.manifest import (
     FACE_CHANNELS,
     MEL_BINS,
@@ -39,10 +47,12 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = [
+    "DEFAULT_BATCH_SIZES",
     "BackendKind",
     "DeviceKind",
     "ModelBackend",
     "OnnxBackend",
+    "TorchDtype",
     "check_batch",
     "check_output",
     "make_backend",
@@ -52,67 +62,10 @@ log = logging.getLogger(__name__)
 
 BackendKind = Literal["auto", "onnx", "torch"]
 DeviceKind = Literal["auto", "cpu", "cuda"]
-TorchDtype = Literal["float32", "float16", "bfloat16"]
-
 TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _GPU_PROVIDERS = (TRT, CUDA)
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8)
-
-
-@runtime_checkable
-class ModelBackend(Protocol):
-    """What the batcher drives. ``run`` is synchronous; it is called from one thread
-    unless the backend has a true ``thread_safe`` attribute, in which case up to
-    ``batch_workers`` batches may run at once, each from its own thread."""
-
-    name: str
-    device: str
-    crop_size: int
-    preferred_batch_sizes: tuple[int, ...]
-
-    def run(self, mel: np.ndarray, face: np.ndarray) -> np.ndarray: ...
-
-    def info(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
-
-
-def check_batch(mel: object, face: object, crop_size: int, max_batch: int) -> int:
-    """Validate one batch against the contract; returns B. Costs a few attribute reads."""
-    for arg, x, tail in (("mel", mel, (1, MEL_BINS, MEL_FRAMES)),
-                         ("face", face, (FACE_CHANNELS, crop_size, crop_size))):
-        if not isinstance(x, np.ndarray):
-            raise ValueError(f"{arg} must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != tail:
-            want = ", ".join(map(str, tail))
-            raise ValueError(f"{arg} must be float32 [B, {want}], "
-                             f"got {x.dtype} {list(x.shape)}")
-    assert isinstance(mel, np.ndarray) and isinstance(face, np.ndarray)
-    b = mel.shape[0]
-    if face.shape[0] != b:
-        raise ValueError(f"mel has batch {b} but face has batch {face.shape[0]}")
-    if not 1 <= b <= max_batch:
-        raise ValueError(f"batch of {b} is outside 1..{max_batch} for this backend")
-    return int(b)
-
-
-def check_output(out: np.ndarray, b: int, crop_size: int) -> np.ndarray:
-    """The model's output for a batch of ``b``, checked against the contract (float32)."""
-    want = (b, 3, crop_size, crop_size)
-    if out.shape != want:
-        # The model broke the contract; say so rather than hand garbage to compositing.
-        raise RuntimeError(f"model returned {list(out.shape)}, the contract wants {list(want)}")
-    if out.dtype != np.float32:
-        out = out.astype(np.float32)
-    return out
-
-
-def _batch_sizes(sizes: Sequence[int], max_batch: int) -> tuple[int, ...]:
-    """The manifest's sizes up to ``max_batch``, plus ``max_batch`` itself: the operator's
-    limit is a size the backend must serve (and, on torch/CUDA, a graph bucket)."""
-    return tuple(sorted({b for b in sizes if 1 <= b <= max_batch} | {max_batch}))
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -147,7 +100,7 @@ class OnnxBackend:
         self.max_batch = max_batch if max_batch is not None else manifest.max_batch
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
-        self.preferred_batch_sizes = _batch_sizes(manifest.batch_sizes, self.max_batch)
+        self.preferred_batch_sizes = batch_sizes_for(manifest.batch_sizes, self.max_batch)
         self._trt_fp16 = trt_fp16
         self._trt_cache_dir = trt_cache_dir
         self._device_id = device_id
@@ -439,7 +392,7 @@ def make_backend(manifest: ModelManifest, *, kind: BackendKind | str = "auto",
         if dev == "cuda" and backend.provider == CPU:
             why += "; every GPU provider failed, so it runs on CPU"
     else:
-        buckets = _batch_sizes(manifest.batch_sizes, max_batch or manifest.max_batch)
+        buckets = batch_sizes_for(manifest.batch_sizes, max_batch or manifest.max_batch)
         from rapido.gpu.torch_backend import TorchBackend  # torch loads only when chosen
 
         backend = TorchBackend.from_manifest(

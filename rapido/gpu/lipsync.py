@@ -133,6 +133,10 @@ class LipSyncRenderer:
     def compositor(self, avatar: Avatar) -> Compositor:
         return compositor_for(avatar, self.backend.crop_size, self.blend)
 
+    def prepare(self, avatar: Avatar) -> None:
+        """Build the avatar's compositor now (it takes a moment), not on a first frame."""
+        self.compositor(avatar)
+
     def submit(self, job: FrameJob) -> None:
         if not job.speaking:
             job.video = job.avatar.idle_frame(job.index)

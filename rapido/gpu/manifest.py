@@ -18,8 +18,13 @@ every exporter can produce it. Keys are the field names of :class:`ModelManifest
       "torch_factory": "rapido.gpu.models.wav2lip:build",
       "checkpoint": null,
       "batch_sizes": [1, 2, 4, 8],
+      "blend": "lower_half",
       "description": "Wav2Lip (Prajwal et al. 2020), 96x96"
     }
+
+``blend`` says which part of the face the model redraws and the compositor pastes back:
+``"lower_half"`` (Wav2Lip-style models, the default) or ``"mouth"`` (the built-in
+``rapido-lite``, which draws only the mouth).
 
 Only ``name``, ``format`` and ``crop_size`` are always required; ``path`` is required for
 ``format: "onnx"`` and ``torch_factory`` for ``format: "torch"``. Relative paths are
@@ -54,8 +59,10 @@ from typing import Any, Literal
 
 __all__ = [
     "AUDIO_FEATURES",
+    "BLEND_REGIONS",
     "MEL_BINS",
     "MEL_FRAMES",
+    "BlendRegion",
     "ModelError",
     "ModelFormat",
     "ModelManifest",
@@ -69,6 +76,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ModelFormat = Literal["onnx", "torch"]
+#: The part of the face a model redraws (see ``rapido.gpu.compositor``).
+BlendRegion = Literal["lower_half", "mouth"]
+BLEND_REGIONS = ("lower_half", "mouth")
 
 #: The one audio feature kind the pipeline produces (see the module docstring).
 AUDIO_FEATURES = "mel80_16k_wav2lip"
@@ -113,6 +123,7 @@ class ModelManifest:
     torch_factory: str | None = None
     checkpoint: Path | None = None
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    blend: BlendRegion = "lower_half"
     description: str = ""
     source: Path | None = field(default=None, compare=False, repr=False)
 
@@ -202,6 +213,8 @@ def _validate(m: ModelManifest) -> None:
             or list(bs) != sorted(set(bs))):
         raise _fail(w, "batch_sizes", f"must be a non-empty, strictly increasing list of "
                                       f"integers from 1 to {_MAX_BATCH}, got {bs!r}")
+    if m.blend not in BLEND_REGIONS:
+        raise _fail(w, "blend", f"must be one of {', '.join(BLEND_REGIONS)}, got {m.blend!r}")
     if not isinstance(m.description, str):
         raise _fail(w, "description", f"must be a string, got {m.description!r}")
 

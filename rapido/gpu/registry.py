@@ -1,4 +1,5 @@
-"""Where models come from: the built-ins are built by the project, never downloaded.
+"""Where models come from: the built-ins are built by the project, never downloaded;
+and how a node opens its model and the lip-sync renderer over it.
 
 ``rapido-lite`` (the parametric mouth renderer) and ``wav2lip-96`` (the reference
 architecture, seeded random weights unless a checkpoint is given) are exported to ONNX
@@ -12,15 +13,30 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from rapido.gpu.manifest import ModelManifest, check_onnx, load_manifest, write_manifest
+import numpy as np
+
+from rapido.gpu.backends import ModelBackend, make_backend
+from rapido.gpu.batcher import BatcherSeries
+from rapido.gpu.lipsync import SILENT_MEL, LipSyncRenderer
+from rapido.gpu.manifest import (
+    FACE_CHANNELS,
+    MEL_BINS,
+    MEL_FRAMES,
+    ModelManifest,
+    check_onnx,
+    load_manifest,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 BUILTINS = ("rapido-lite", "wav2lip-96")
-#: Bumped whenever a built-in's graph changes, so stale caches are rebuilt.
-BUILD_VERSION = "1"
+#: Bumped whenever a built-in's graph or manifest changes, so stale caches are rebuilt.
+BUILD_VERSION = "2"  # 2: manifests state their blend region
 
 
 def default_model_dir() -> Path:
@@ -44,7 +60,7 @@ def build_builtin(name: str, out_dir: Path) -> Path:
         manifest = ModelManifest(
             name="rapido-lite", format="onnx", path=onnx_path,
             crop_size=int(lite.crop_size),
-            torch_factory="rapido.gpu.models.lite:build_lite",
+            torch_factory="rapido.gpu.models.lite:build_lite", blend="mouth",
             description="rapido-lite: a parametric mouth renderer for the default avatar "
                         "(not a trained network)")
     else:
@@ -94,3 +110,59 @@ def resolve_model(model: str, model_dir: Path | None = None) -> ModelManifest:
     if manifest.format == "onnx":
         check_onnx(manifest)
     return manifest
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which lip-sync model a node serves, and on what."""
+
+    model: str = "rapido-lite"  # a built-in's name or a manifest file
+    model_dir: Path | None = None  # where built-ins are built (default: the user cache)
+    backend: str = "auto"  # onnx | torch | auto
+    device: str = "auto"  # cpu | cuda | auto
+    dtype: str = "auto"  # GPU precision
+    intra_op_threads: int = 0
+    trt_cache_dir: Path | None = None  # default: under model_dir
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How the shared model is driven: the micro-batcher and the frame deadline."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 30.0
+    batch_workers: int = 1  # batches in flight, where the backend allows several
+    frame_budget_ms: float = 120.0
+
+
+def open_model(settings: ModelSettings, max_batch: int) -> tuple[ModelBackend, ModelManifest]:
+    """Resolve, open and warm up the model (slow: run it off the event loop)."""
+    model_dir = settings.model_dir or default_model_dir()
+    manifest = resolve_model(settings.model, model_dir)
+    backend = make_backend(
+        manifest, kind=settings.backend, device=settings.device, dtype=settings.dtype,
+        intra_op_threads=settings.intra_op_threads, max_batch=max_batch,
+        trt_cache_dir=settings.trt_cache_dir or model_dir / "trt-cache")
+    # The first runs of a session allocate and pick kernels (and on a GPU build engines
+    # or capture graphs): do it now, not on the first speaking frames.
+    s = backend.crop_size
+    for size in sorted({b for b in backend.preferred_batch_sizes if b <= max_batch} | {1}):
+        backend.run(np.full((size, 1, MEL_BINS, MEL_FRAMES), SILENT_MEL, np.float32),
+                    np.zeros((size, FACE_CHANNELS, s, s), np.float32))
+    return backend, manifest
+
+
+def open_renderer(model: ModelSettings, batch: BatchSettings, *,
+                  metrics: BatcherSeries | None = None,
+                  on_quality: Callable[[float], None] | None = None) -> LipSyncRenderer:
+    """The lip-sync renderer over the configured model (slow: off the event loop)."""
+    backend, manifest = open_model(model, batch.max_batch)
+    renderer = LipSyncRenderer(
+        backend, blend=manifest.blend, max_batch=batch.max_batch,
+        max_wait_ms=batch.max_wait_ms,
+        # Several batches at once only where the backend allows it.
+        batch_workers=batch.batch_workers if backend.thread_safe else 1,
+        budget_ms=batch.frame_budget_ms, batcher_metrics=metrics,
+        on_quality=on_quality, model_name=manifest.name)
+    log.info("lip sync: model %s on %s", manifest.name, backend.name)
+    return renderer

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rapido.gpu.backends import (
+from rapido.gpu.contract import (
     DEFAULT_BATCH_SIZES,
     TorchDtype,
     check_batch,
@@ -60,6 +60,9 @@ class TorchBackend:
 
     The backend takes the module over: it is moved and cast in place (``Module.to``),
     put in eval mode and its gradients switched off."""
+
+    thread_safe = False
+
 
     def __init__(self, module: torch.nn.Module, *, crop_size: int, device: str = "cpu",
                  dtype: TorchDtype = "float32", cuda_graphs: bool = True,

@@ -6,19 +6,20 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from rapido.config import SINKS
 from rapido.engine import AdmissionError, Engine, SinkUnavailable, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
-from rapido.http.keys import CONFIG, ENGINE, base_url
+from rapido.http.keys import ENGINE, SETTINGS, base_url
 from rapido.http.whep import viewer_fields
 from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
+from rapido.pipeline.sinks import SINK_NAMES as SINKS
 from rapido.pipeline.sinks.base import SinkError
 
 LESSON_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -109,13 +110,44 @@ def _parse_location(value: Any) -> Any:
 
 
 def session_json(request: web.Request, session: StreamSession) -> dict[str, Any]:
-    """The engine's view plus, for a webrtc session, a WHEP URL and viewer token (never
-    the API key: viewers are not API clients)."""
+    """A session as the API shows it: where to send speech, its live stats, what its
+    sink adds (a LiveKit region and viewer token), and for a webrtc session a WHEP URL
+    and viewer token (never the API key: viewers are not API clients)."""
     url = base_url(request)
-    body = request.app[ENGINE].session_json(session, url)
-    if session.spec.sink == "webrtc":
+    ws_base = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+    settings = request.app[SETTINGS]
+    engine = request.app[ENGINE]
+    spec = session.spec
+    body: dict[str, Any] = {
+        "session_id": session.id,
+        "lesson_id": session.lesson_id,
+        "user_id": spec.user_id,
+        "user_location": spec.user_location,
+        "room_name": spec.room or f"lesson_{session.lesson_id}",
+        "agent_identity": spec.agent_identity,
+        "state": session.state,
+        "node": engine.node_id,
+        "region": settings.region,
+        "avatar": spec.avatar,
+        "sink": spec.sink,
+        "sample_rate": spec.sample_rate,
+        "audio_rate": AUDIO_RATE,
+        "fps": settings.fps,
+        "width": settings.width,
+        "height": settings.height,
+        "ws_url": f"{ws_base}/ws/sessions/{session.id}",
+        "audio_url": f"{url}/api/sessions/{session.id}/audio",
+        "created_at": _iso(session.created_at),
+        "stats": session.stats(),
+        **engine.describe(session),
+    }
+    if spec.sink == "webrtc":
         body.update(viewer_fields(request.app, session, url))
     return body
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def get_session(request: web.Request) -> StreamSession:
@@ -129,7 +161,7 @@ def get_session(request: web.Request) -> StreamSession:
 @routes.post("/api/sessions")
 async def create_session(request: web.Request) -> web.Response:
     engine: Engine = request.app[ENGINE]
-    spec = parse_create(await read_json(request), request.app[CONFIG].default_sink)
+    spec = parse_create(await read_json(request), request.app[SETTINGS].default_sink)
     try:
         session, created = await engine.create_session(spec)
     except AdmissionError as exc:

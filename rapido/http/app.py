@@ -16,13 +16,13 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from rapido import __version__
-from rapido.config import Config
 from rapido.engine import Engine
 from rapido.http import api, demo, whep, ws
 from rapido.http.auth import check_bearer, needs_auth
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
+from rapido.http.keys import ENGINE, METRICS, SETTINGS, WEBSOCKETS
 from rapido.http.openapi import openapi_document
+from rapido.http.settings import HttpSettings
 from rapido.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") \
             else exc.reason
         if exc.status == 413:
-            message = (f"request body is over the {request.app[CONFIG].max_body_bytes} "
+            message = (f"request body is over the {request.app[SETTINGS].max_body_bytes} "
                        "byte limit")
         elif exc.status == 404:
             message = f"no such path: {request.path}"
@@ -76,7 +76,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.app[CONFIG].api_key
+    key = request.app[SETTINGS].api_key
     if key and needs_auth(request.path):
         check_bearer(request, key)
     return await handler(request)
@@ -113,7 +113,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document(request.app[CONFIG]))
+    return json_response(openapi_document(request.app[SETTINGS]))
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -126,16 +126,14 @@ def _static_dir() -> Path:
 
 # -- the app ------------------------------------------------------------------------------
 
-def make_app(config: Config, metrics: Metrics | None = None,
-             engine: Engine | None = None) -> web.Application:
-    metrics = metrics or Metrics()
+def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
-        client_max_size=config.max_body_bytes,
+        client_max_size=settings.max_body_bytes,
     )
-    app[CONFIG] = config
+    app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[ENGINE] = engine or Engine(config, metrics)
+    app[ENGINE] = engine
     app[WEBSOCKETS] = set()
     app.add_routes([
         web.get("/health", health),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from rapido import __version__
-from rapido.config import SINKS, Config
+from rapido.http.settings import HttpSettings
 from rapido.pipeline.audio import MAX_RATE, MIN_RATE
+from rapido.pipeline.sinks import SINK_NAMES as SINKS
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -27,7 +28,7 @@ _SESSION_ID = {
 }
 
 
-def openapi_document(config: Config) -> dict[str, Any]:
+def openapi_document(config: HttpSettings) -> dict[str, Any]:
     secured: list[dict[str, list[str]]] = [{"bearer": []}] if config.auth_required else []
     errors = {"401": _error("missing or wrong API key")} if config.auth_required else {}
     session_errors = {**errors, "404": _error("unknown session")}

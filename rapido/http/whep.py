@@ -21,10 +21,9 @@ import secrets
 import time
 
 from aiohttp import web
-from prometheus_client import Gauge
 
 from rapido.http.errors import ApiError, bad_request, not_found
-from rapido.http.keys import CONFIG, ENGINE, METRICS
+from rapido.http.keys import ENGINE, METRICS, SETTINGS
 from rapido.pipeline.session import StreamSession
 from rapido.pipeline.sinks.base import SinkError
 from rapido.webrtc import InvalidOffer, WebRtcSink
@@ -36,7 +35,7 @@ routes = web.RouteTableDef()
 
 def setup(app: web.Application) -> None:
     """Add the routes, the node secret and the ``webrtc_encoders`` gauge to ``app``."""
-    key = app[CONFIG].api_key
+    key = app[SETTINGS].api_key
     app[VIEWER_SECRET] = key.encode() if key else secrets.token_bytes(32)
     app.add_routes(routes)
     engine = app[ENGINE]
@@ -47,9 +46,7 @@ def setup(app: web.Application) -> None:
                          for s in list(engine.sessions.values())
                          if isinstance(s.sink, WebRtcSink)))
 
-    Gauge("webrtc_encoders", "Encoders running in webrtc sinks (one per codec per "
-          "stream, however many viewers)",
-          registry=app[METRICS].registry).set_function(encoders)
+    app[METRICS].webrtc_encoders.set_function(encoders)
 
 
 def mint_token(secret: bytes, session_id: str, ttl_s: float, now: float | None = None) -> str:
@@ -71,7 +68,7 @@ def check_token(secret: bytes, session_id: str, token: str, now: float | None = 
 
 def viewer_fields(app: web.Application, session: StreamSession, base: str) -> dict[str, str]:
     """What the session API adds for a webrtc session."""
-    token = mint_token(app[VIEWER_SECRET], session.id, app[CONFIG].webrtc_token_ttl_s)
+    token = mint_token(app[VIEWER_SECRET], session.id, app[SETTINGS].webrtc_token_ttl_s)
     return {"viewer_token": token, "whep_url": f"{base}/whep/{session.id}"}
 
 

@@ -22,7 +22,7 @@ from aiohttp import WSMsgType, web
 
 from rapido.aio import cancel_and_wait
 from rapido.http.api import get_session
-from rapido.http.keys import CONFIG, ENGINE, METRICS, WEBSOCKETS
+from rapido.http.keys import ENGINE, METRICS, SETTINGS, WEBSOCKETS
 from rapido.pipeline.audio import AudioFormatError, pcm_s16le
 from rapido.pipeline.events import (
     Closed,
@@ -102,7 +102,7 @@ def event_json(ev: Outgoing) -> dict[str, Any]:
 @routes.get("/ws/sessions/{session_id}")
 async def session_socket(request: web.Request) -> web.WebSocketResponse:
     session = get_session(request)  # 404 before the upgrade, as JSON
-    limit = request.app[CONFIG].max_ws_message_bytes
+    limit = request.app[SETTINGS].max_ws_message_bytes
     metrics = request.app[METRICS]
     # aiohttp itself closes (1009) above twice the limit; between the two we answer
     # with an error event and keep the connection, so one bad message costs one message.

@@ -43,6 +43,7 @@ import numpy as np
 from livekit import rtc
 
 from rapido.aio import cancel_and_wait
+from rapido.livekit.limits import validate_queue_size_ms
 from rapido.livekit.linkstats import VideoLink, video_link
 from rapido.livekit.sinkstats import LiveKitStats
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
@@ -62,16 +63,6 @@ CODECS: Final = {"h264": rtc.VideoCodec.H264, "vp8": rtc.VideoCodec.VP8}
 
 #: Rates libwebrtc's audio device path accepts for a native source.
 _AUDIO_RATES: Final = frozenset({8000, 16000, 24000, 32000, 44100, 48000})
-
-
-def validate_queue_size_ms(queue_size_ms: int) -> int:
-    """The native side ASSERTS (aborting the whole process, no Python exception) on a
-    queue size that is not a multiple of 10 ms, so check before it gets there."""
-    if isinstance(queue_size_ms, bool) or not isinstance(queue_size_ms, int):
-        raise ValueError(f"queue_size_ms must be an integer, got {queue_size_ms!r}")
-    if queue_size_ms <= 0 or queue_size_ms % 10:
-        raise ValueError(f"queue_size_ms must be a positive multiple of 10, got {queue_size_ms}")
-    return queue_size_ms
 
 
 def backoff_delay(attempt: int, *, initial_s: float, max_s: float, jitter: float,
@@ -112,6 +103,7 @@ class LiveKitSink:
         backoff_jitter: float = 0.3,
         on_connect: Callable[[float], None] | None = None,
         on_state: Callable[[str, str | None], None] | None = None,
+        on_room: Callable[[rtc.Room], None] | None = None,
         room_factory: Callable[[], rtc.Room] = rtc.Room,
         rng: random.Random | None = None,
     ) -> None:
@@ -176,8 +168,8 @@ class LiveKitSink:
         self._backoff = (backoff_initial_s, backoff_max_s, backoff_jitter)
         self._on_connect = on_connect
         #: Called with each newly connected room (e.g. to serve an agent's avatar protocol
-        #: there); settable after construction, as the session is made after its sink.
-        self.on_room: Callable[[rtc.Room], None] | None = None
+        #: there).
+        self.on_room = on_room
         self._on_state = on_state
         self._room_factory = room_factory
         self._rng = rng or random.Random()

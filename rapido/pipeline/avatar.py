@@ -9,6 +9,7 @@ idle stream then costs no drawing or conversion.
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from rapido.pipeline.media import VideoFrame, check_even_size, i420_to_rgb
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Avatar", "load_avatar", "save_avatar"]
 
@@ -84,6 +87,20 @@ def save_avatar(avatar: Avatar, path: str | Path) -> Path:
         meta=np.array([avatar.width, avatar.height, avatar.fps], dtype=np.int32))
     tmp.replace(dst)  # a reader never sees half a file
     return dst
+
+
+def load_avatar_dir(root: Path) -> dict[str, Avatar]:
+    """Every avatar file (``NAME.npz``) in ``root`` by name; an unusable one is logged
+    and skipped, so one bad file does not keep a node from starting."""
+    found: dict[str, Avatar] = {}
+    if not root.is_dir():
+        return found
+    for path in sorted(root.glob("*.npz")):
+        try:
+            found[path.stem] = load_avatar(path)
+        except (OSError, ValueError) as exc:
+            log.error("avatar %s is unusable and was skipped: %s", path, exc)
+    return found
 
 
 def load_avatar(path: str | Path) -> Avatar:

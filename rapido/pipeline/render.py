@@ -46,6 +46,11 @@ class FrameRenderer(Protocol):
     #: Samples of audio after the frame the renderer wants in ``job.lookahead``.
     lookahead_samples: int
 
+    def prepare(self, avatar: Avatar) -> None:
+        """Precompute what frames of ``avatar`` need (slow; called off the event loop
+        before the node is ready)."""
+        ...
+
     def submit(self, job: FrameJob) -> None:
         """Fill ``job.video`` now or later, then call ``job.done()`` exactly once."""
         ...
@@ -60,11 +65,13 @@ class FrameRenderer(Protocol):
 
 
 class IdleRenderer:
-    """Every frame is the avatar's idle frame: silence costs no model time.
-
-    Until the model layer lands this serves speaking frames too (the mouth does not move)."""
+    """Every frame is the avatar's idle frame: silence costs no model time. With
+    ``model = none`` it serves speaking frames too (the mouth does not move)."""
 
     lookahead_samples = 0
+
+    def prepare(self, avatar: Avatar) -> None:
+        pass
 
     def submit(self, job: FrameJob) -> None:
         job.video = job.avatar.idle_frame(job.index)

@@ -1,0 +1,169 @@
+"""Builds a node's parts from the one :class:`Config`: the only place besides the CLI
+that reads it. Every component takes its own typed settings (the jitter buffer's, the
+engine's, the model's, each sink's) and is handed ready-made collaborators; this module
+maps the settings and wires them together, for the node and for the bench alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from rapido.config import Config, ConfigError
+from rapido.engine import Engine, EngineSettings, FrameHook, RenderLoader, RenderSetup
+from rapido.gpu.portrait import default_avatar
+from rapido.gpu.registry import BatchSettings, ModelSettings, open_renderer
+from rapido.http.settings import HttpSettings
+from rapido.livekit.publisher import LiveKitPublisher, LiveKitSettings
+from rapido.livekit.regions import Region, parse_regions
+from rapido.metrics import Metrics
+from rapido.pipeline.avatar import Avatar, load_avatar_dir
+from rapido.pipeline.provider import SinkFactory, SinkProvider
+from rapido.pipeline.render import FrameRenderer, IdleRenderer
+from rapido.pipeline.session import SessionSpec
+from rapido.pipeline.sinks.null import NullSink
+from rapido.pipeline.sinks.pool import EncoderPool
+from rapido.pipeline.sinks.recorder import RecorderSink
+from rapido.webrtc import WebRtcSink
+
+log = logging.getLogger(__name__)
+
+
+def engine_settings(config: Config) -> EngineSettings:
+    return EngineSettings(
+        fps=config.fps, max_streams=config.max_streams,
+        max_queued_audio_s=config.max_queued_audio_s,
+        session_idle_timeout_s=config.session_idle_timeout_s, jitter=config.jitter(),
+        node_id=config.node_id)
+
+
+def http_settings(config: Config) -> HttpSettings:
+    return HttpSettings(
+        api_key=config.api_key, public_url=config.public_url,
+        max_body_bytes=config.max_body_bytes,
+        max_ws_message_bytes=config.max_ws_message_bytes, default_sink=config.default_sink,
+        webrtc_token_ttl_s=config.webrtc_token_ttl_s, region=config.region,
+        width=config.width, height=config.height, fps=config.fps)
+
+
+def model_settings(config: Config) -> ModelSettings:
+    return ModelSettings(
+        model=config.model, model_dir=Path(config.model_dir) if config.model_dir else None,
+        backend=config.backend, device=config.device, dtype=config.dtype,
+        intra_op_threads=config.intra_op_threads,
+        trt_cache_dir=Path(config.trt_cache_dir) if config.trt_cache_dir else None)
+
+
+def batch_settings(config: Config) -> BatchSettings:
+    return BatchSettings(max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
+                         batch_workers=config.batch_workers,
+                         frame_budget_ms=config.frame_budget_ms)
+
+
+def load_regions(config: Config) -> list[Region]:
+    """The LiveKit regions: from ``livekit_regions_file``, else one from ``livekit_url``."""
+    if config.livekit_regions_file:
+        path = Path(config.livekit_regions_file)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"livekit_regions_file: cannot read {str(path)!r}: {exc}") from None
+        try:
+            return parse_regions(data.get("regions"))
+        except ValueError as exc:
+            raise ConfigError(f"livekit_regions_file: {exc}") from None
+    if config.livekit_url:
+        return [Region(name=config.region, url=config.livekit_url, capacity=10**6)]
+    return []
+
+
+def _cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+def sink_providers(config: Config, metrics: Metrics, *,
+                   regions: list[Region] | None = None) -> dict[str, SinkProvider]:
+    """The sinks a node offers, by the names sessions ask for."""
+    cfg = config
+    threads = cfg.encoder_threads or _cores()
+    # Every encoding sink's work runs on a few shared threads (see sinks/pool.py).
+    # Recorders get their own: they write to disk, and a stalled disk must not hold up
+    # the live streams' encoders.
+    encoders = EncoderPool(threads)
+    recorders = EncoderPool(threads, name="rapido-record")
+
+    def record(spec: SessionSpec, sid: str) -> RecorderSink:
+        path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
+        # One thread per encode: the pool's threads are the parallelism, across streams
+        # rather than inside one.
+        return RecorderSink(path, width=cfg.width, height=cfg.height, fps=cfg.fps,
+                            preset=cfg.record_preset, crf=cfg.record_crf, threads=1,
+                            pool=recorders)
+
+    def webrtc(spec: SessionSpec, sid: str) -> WebRtcSink:
+        return WebRtcSink(width=cfg.width, height=cfg.height, fps=cfg.fps,
+                          video_bitrate=cfg.webrtc_video_bitrate,
+                          min_bitrate=cfg.webrtc_min_bitrate, min_fps=cfg.min_fps,
+                          warm=cfg.webrtc_warm_encoders, pool=encoders,
+                          warm_codec=f"video/{cfg.webrtc_warm_codec}",
+                          x264_preset=cfg.webrtc_x264_preset,
+                          threads=cfg.webrtc_encoder_threads)
+
+    errors = metrics.session_errors.labels("livekit_degraded")
+    livekit = LiveKitPublisher(
+        LiveKitSettings(
+            api_key=cfg.livekit_api_key, api_secret=cfg.livekit_api_secret,
+            token_ttl_s=cfg.livekit_token_ttl_s, width=cfg.width, height=cfg.height,
+            fps=cfg.fps, queue_size_ms=cfg.livekit_queue_size_ms,
+            video_codec=cfg.livekit_video_codec, max_bitrate=cfg.livekit_max_bitrate,
+            min_bitrate=cfg.livekit_min_bitrate, simulcast=cfg.livekit_simulcast,
+            min_fps=cfg.min_fps),
+        load_regions(cfg) if regions is None else regions,
+        on_connect=metrics.livekit_connection.observe, on_degraded=errors.inc)
+    return {
+        "null": SinkFactory(lambda spec, sid: NullSink()),
+        # Last to close: sinks whose close is still running elsewhere (a DELETE) finish
+        # their lanes inside the pool's close, which runs what is left before it returns.
+        "record": SinkFactory(record, close=lambda: asyncio.to_thread(recorders.close)),
+        "webrtc": SinkFactory(webrtc, close=lambda: asyncio.to_thread(encoders.close)),
+        "livekit": livekit,
+    }
+
+
+def render_loader(config: Config, metrics: Metrics) -> RenderLoader:
+    """Draws the default avatar, loads imported ones and opens the model, off the loop,
+    before the node says it is ready."""
+    cfg = config
+
+    async def load(on_quality: Callable[[float], None]) -> RenderSetup:
+        loop = asyncio.get_running_loop()
+        avatars: dict[str, Avatar] = {"default": await loop.run_in_executor(
+            None, default_avatar, cfg.width, cfg.height, cfg.fps)}
+        avatars.update(await loop.run_in_executor(
+            None, load_avatar_dir, Path(cfg.avatars_dir)))
+        chosen: FrameRenderer
+        if cfg.model == "none":
+            chosen = IdleRenderer()
+        else:
+            # Building a model (first use) and opening a session take seconds.
+            chosen = await loop.run_in_executor(
+                None, lambda: open_renderer(model_settings(cfg), batch_settings(cfg),
+                                            metrics=metrics.batcher, on_quality=on_quality))
+        # Per-avatar precomputation takes a moment: ready before /ready says yes.
+        for avatar in avatars.values():
+            await loop.run_in_executor(None, chosen.prepare, avatar)
+        return RenderSetup(chosen, avatars)
+
+    return load
+
+
+def build_engine(config: Config, metrics: Metrics, *,
+                 on_frame: FrameHook | None = None) -> Engine:
+    return Engine(engine_settings(config), metrics, sinks=sink_providers(config, metrics),
+                  load=render_loader(config, metrics), on_frame=on_frame)
