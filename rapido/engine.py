@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rapido.aio import cancel_and_wait
@@ -28,6 +27,7 @@ from rapido.pipeline.errors import AdmissionError, SinkUnavailable, UnknownAvata
 from rapido.pipeline.jitter import JitterConfig, JitterEvent, PlaybackFinished, Underrun
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.provider import SinkProvider
+from rapido.pipeline.quality import NodeLoad
 from rapido.pipeline.render import FrameRenderer, IdleRenderer
 from rapido.pipeline.session import SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Adaptive
@@ -44,12 +44,15 @@ MAX_CATCH_UP_FRAMES = 5
 
 @dataclass(frozen=True)
 class EngineSettings:
-    fps: int = 25
-    max_streams: int = 64
-    max_queued_audio_s: float = 120.0
-    session_idle_timeout_s: float = 0.0  # 0: never
-    jitter: JitterConfig = field(default_factory=JitterConfig)
-    node_id: str = ""
+    """The engine's settings; their defaults are the Config's (rapido.wiring fills them)."""
+
+    fps: int
+    max_streams: int
+    max_queued_audio_s: float
+    session_idle_timeout_s: float  # 0: never
+    jitter: JitterConfig
+    node_id: str
+    cores: int  # the CPU cores the node may use (its load is a share of them)
 
 
 @dataclass
@@ -76,6 +79,8 @@ class Engine:
         self.node_id = settings.node_id
         self.renderer: FrameRenderer = IdleRenderer()
         self.sessions: dict[str, StreamSession] = {}
+        # The sinks that adapt (publishers), found once per session, not once a second.
+        self._adaptive: dict[str, Adaptive] = {}
         self._sinks = dict(sinks)
         self._load_render = load
         self._frame_hook = on_frame
@@ -94,11 +99,7 @@ class Engine:
         self._render_quality = 1.0
         self._publish_score = 1.0  # the publishers' mean, refreshed once a second
         self.load = 0.0
-        self._frames_seen = 0
-        self._frames_late = 0
-        self._load_mark = (time.monotonic(), time.process_time(), 0, 0)
-        self._cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                          else (os.cpu_count() or 1))
+        self._node_load = NodeLoad(settings.cores, time.monotonic(), time.process_time())
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -148,10 +149,6 @@ class Engine:
     def avatars(self) -> list[str]:
         return sorted(self._avatars)
 
-    @property
-    def sink_names(self) -> list[str]:
-        return list(self._sinks)
-
     def provider(self, sink: str) -> SinkProvider:
         """The provider registered for sink name ``sink`` (KeyError if none)."""
         return self._sinks[sink]
@@ -188,8 +185,14 @@ class Engine:
         self._creating[spec.lesson_id] = fut
         try:
             session = self._build(spec, avatar, provider)
-            await session.start()
-            provider.bind(session)
+            try:
+                await session.start()
+                provider.bind(session)
+            except BaseException:
+                # What the provider kept and the sink opened must not outlive the
+                # refusal (a region slot, an encoder, a connect task).
+                await self._discard(session, provider)
+                raise
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: racing creates see it, nobody else has to
@@ -198,6 +201,8 @@ class Engine:
             self._creating.pop(spec.lesson_id, None)
         self.sessions[session.id] = session
         self._by_lesson[spec.lesson_id] = session.id
+        if isinstance(session.sink, Adaptive):
+            self._adaptive[session.id] = session.sink
         fut.set_result(session)
         self.metrics.sessions_created.inc()
         self.metrics.concurrent_streams.set(len(self.sessions))
@@ -220,6 +225,15 @@ class Engine:
             on_event=self._on_event, on_frame=on_frame,
         )
 
+    @staticmethod
+    async def _discard(session: StreamSession, provider: SinkProvider) -> None:
+        try:
+            await provider.release(session)
+            await session.aclose("error")
+            provider.closed(session)
+        except Exception:
+            log.exception("session %s: cleanup after a failed create failed", session.id)
+
     def describe(self, session: StreamSession) -> dict[str, Any]:
         """What the session's sink provider adds to its JSON."""
         provider = self._sinks.get(session.spec.sink)
@@ -231,12 +245,15 @@ class Engine:
             return False
         if self._by_lesson.get(session.lesson_id) == session_id:
             del self._by_lesson[session.lesson_id]
+        self._adaptive.pop(session_id, None)
         provider = self._sinks.get(session.spec.sink)
         try:
             if provider is not None:
                 await provider.release(session)
         finally:
             await session.aclose(reason)
+            if provider is not None:
+                provider.closed(session)
         self._account_audio([session])
         self.metrics.concurrent_streams.set(len(self.sessions))
         log.info("session %s closed (%s)", session_id, reason)
@@ -252,9 +269,9 @@ class Engine:
 
     def _frame_out(self, session_id: str, lateness_s: float, speaking: bool) -> None:
         self.metrics.frame_latency.observe(max(0.0, lateness_s))
-        self._frames_seen += 1
-        if lateness_s > self._frame_s:
-            self._frames_late += 1
+        late = lateness_s > self._frame_s
+        self._node_load.frame(late)
+        if late:
             self.metrics.late_frames.inc()
         if self._frame_hook is not None:
             self._frame_hook(session_id, lateness_s, speaking)
@@ -269,35 +286,20 @@ class Engine:
 
     def publish_quality(self) -> float:
         """video_quality_score = the renderer's quality x the publishers' mean score."""
-        scores = [sink.quality_score() for s in self.sessions.values()
-                  if isinstance(sink := s.sink, Adaptive)]
+        scores = [sink.quality_score() for sink in self._adaptive.values()]
         self._publish_score = sum(scores) / len(scores) if scores else 1.0
         score = self._render_quality * self._publish_score
         self.metrics.video_quality.set(score)
         return score
 
-    def _sample_load(self) -> float:
-        """The node's load since the last sample: the share of its cores this process
-        used, or the share of frames that left late x 20 if more (5 % late reads as a
-        node at its limit, whatever the CPU says; one late frame of one stream's 25 a
-        second is a hiccup, 0.8, which holds but does not degrade)."""
-        wall, cpu, seen, late = time.monotonic(), time.process_time(), \
-            self._frames_seen, self._frames_late
-        w0, c0, s0, l0 = self._load_mark
-        self._load_mark = (wall, cpu, seen, late)
-        util = (cpu - c0) / max(1e-3, wall - w0) / self._cores
-        late_share = (late - l0) / (seen - s0) if seen > s0 else 0.0
-        return max(0.0, util, min(2.0, late_share * 20))
-
     def _adapt(self) -> None:
-        self.load = load = self._sample_load()
+        self.load = load = self._node_load.sample(time.monotonic(), time.process_time())
         now = time.monotonic()
-        for s in list(self.sessions.values()):
-            if isinstance(s.sink, Adaptive):
-                try:
-                    s.sink.adapt(load, now)
-                except Exception:
-                    log.exception("session %s: adaptive quality failed", s.id)
+        for sid, sink in list(self._adaptive.items()):
+            try:
+                sink.adapt(load, now)
+            except Exception:
+                log.exception("session %s: adaptive quality failed", sid)
         self.publish_quality()
 
     # -- the clock ----------------------------------------------------------------------

@@ -120,7 +120,8 @@ class _WithoutCreated:
 
     def collect(self) -> Iterator[Metric]:
         for family in self._registry.collect():
-            kept = [s for s in family.samples if not s.name.endswith("_created")]
+            created = family.name + "_created"
+            kept = [s for s in family.samples if s.name != created]
             if len(kept) != len(family.samples):
                 family.samples = kept
             yield family

@@ -1,7 +1,8 @@
-"""Builds a node's parts from the one :class:`Config`: the only place besides the CLI
-that reads it. Every component takes its own typed settings (the jitter buffer's, the
-engine's, the model's, each sink's) and is handed ready-made collaborators; this module
-maps the settings and wires them together, for the node and for the bench alike.
+"""Builds a node's parts from the one :class:`Config`. Only the builders (the CLI,
+``node.py``, the bench) and this module read the Config; every component takes its own
+typed settings (the jitter buffer's, the engine's, the model's, each sink's) and is
+handed ready-made collaborators. This module maps the one to the other and wires the
+parts together, for the node and for the bench alike.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def engine_settings(config: Config) -> EngineSettings:
         fps=config.fps, max_streams=config.max_streams,
         max_queued_audio_s=config.max_queued_audio_s,
         session_idle_timeout_s=config.session_idle_timeout_s, jitter=config.jitter(),
-        node_id=config.node_id)
+        node_id=config.node_id, cores=_cores())
 
 
 def http_settings(config: Config) -> HttpSettings:

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import av
 import numpy as np
+import pytest
 
+from rapido.config import Config
+from rapido.engine import Engine, RenderSetup
+from rapido.gpu.portrait import default_avatar
+from rapido.metrics import Metrics
 from rapido.node import Node
 from rapido.pipeline.audio import resample
 from rapido.pipeline.media import AUDIO_RATE
+from rapido.pipeline.provider import SinkFactory
+from rapido.pipeline.render import IdleRenderer
+from rapido.pipeline.session import SessionSpec, StreamSession
+from rapido.pipeline.sinks.base import SinkError
+from rapido.pipeline.sinks.null import NullSink
+from rapido.wiring import engine_settings
 from tests.conftest import NodeFactory, create_session, speech
 from tests.test_ws import next_event, send_jittered
 
@@ -144,3 +156,45 @@ async def test_a_stalling_node_sheds_frame_rate_on_its_publishers(
     assert score < 1.0
     # The warm encoder runs at the lower rate with no viewer at all.
     assert sink.stats().json()["encoders"] == {"audio/opus": 1, "video/h264": 1}
+
+
+async def test_a_refused_create_releases_what_its_provider_kept() -> None:
+    """A sink that fails to start refuses the session, and what its provider kept for
+    it (a LiveKit region slot, say) and the half-opened sink are released; the lesson
+    can be created again."""
+    released: list[str] = []
+    closed: list[str] = []
+    fail = [True]
+
+    class FlakySink(NullSink):
+        async def start(self) -> None:
+            if fail[0]:
+                raise SinkError("the disk is full")
+
+        async def aclose(self) -> None:
+            closed.append("sink")
+            await super().aclose()
+
+    class Provider(SinkFactory):
+        async def release(self, session: StreamSession) -> None:
+            released.append(session.lesson_id)
+
+    avatar = default_avatar(128, 96, 25)
+
+    async def load(on_quality: Callable[[float], None]) -> RenderSetup:
+        return RenderSetup(IdleRenderer(), {"default": avatar})
+
+    engine = Engine(engine_settings(Config()), Metrics(),
+                    sinks={"null": Provider(lambda spec, sid: FlakySink())}, load=load)
+    await engine.start()
+    try:
+        with pytest.raises(SinkError, match="disk is full"):
+            await engine.create_session(SessionSpec(lesson_id="a"))
+        assert released == ["a"] and closed == ["sink"]
+        assert not engine.sessions and engine.find_lesson("a") is None
+        fail[0] = False
+        session, created = await engine.create_session(SessionSpec(lesson_id="a"))
+        assert created and engine.find_lesson("a") is session
+    finally:
+        await engine.aclose()
+    assert released == ["a", "a"]  # closing the node released the second one too

@@ -91,6 +91,18 @@ def test_minimal_manifest_gets_the_contract_defaults(model_dir: Path) -> None:
     check_onnx(m)
 
 
+def test_the_blend_region_is_stated_or_lower_half(model_dir: Path) -> None:
+    """A model says which part of the face it redraws; Wav2Lip-style (the lower half)
+    unless it says so. A rapido-lite manifest written before the field existed keeps the
+    mouth it always had."""
+    assert load_manifest(write_json(good_dict(), model_dir)).blend == "lower_half"
+    assert load_manifest(write_json(good_dict(blend="mouth"), model_dir)).blend == "mouth"
+    old_lite = write_json(good_dict(name="rapido-lite"), model_dir, "lite.json")
+    assert load_manifest(old_lite).blend == "mouth"
+    stated = write_json(good_dict(name="rapido-lite", blend="lower_half"), model_dir, "l.json")
+    assert load_manifest(stated).blend == "lower_half"
+
+
 def test_full_manifest_round_trips_through_write(model_dir: Path, tmp_path: Path) -> None:
     d = good_dict(fps=30, mel_input="audio", face_input="img", output="pred",
                   value_range=[0, 1], torch_factory="tests.test_backends:build_toy",
@@ -167,6 +179,8 @@ BAD: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     ("batch_sizes", lambda: good_dict(batch_sizes=[1, 1024]), "strictly increasing"),
     ("batch_sizes", lambda: good_dict(batch_sizes=8), "JSON list"),
     ("description", lambda: good_dict(description=["x"]), "string"),
+    ("blend", lambda: good_dict(blend="face"), "lower_half, mouth"),
+    ("blend", lambda: good_dict(blend=None), "lower_half, mouth"),
     ("crop_szie", lambda: good_dict(crop_szie=96), "unknown key"),
 ]
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from rapido.pipeline.quality import (
     Backlog,
+    NodeLoad,
     PublisherQuality,
     Quality,
     QualityBounds,
@@ -296,3 +297,18 @@ def test_any_feedback_stays_within_bounds(events: list[tuple[str, float, float]]
         assert B.min_fps <= got.fps <= B.max_fps
         assert 0.0 < got.score <= 1.0
         t += 0.3
+
+
+def test_node_load_is_the_cpu_share_or_late_frames() -> None:
+    load = NodeLoad(cores=2, wall=0.0, cpu=0.0)
+    for _ in range(100):
+        load.frame(late=False)
+    assert load.sample(wall=1.0, cpu=1.0) == pytest.approx(0.5)  # one of two cores
+    for k in range(100):
+        load.frame(late=k < 5)  # 5 % late: a node at its limit whatever the CPU says
+    assert load.sample(wall=2.0, cpu=1.2) == pytest.approx(1.0)
+    load.frame(late=True)  # all late, and no clock moved: clamped, and no division by 0
+    assert load.sample(wall=2.0, cpu=1.2) == 2.0
+    assert load.sample(wall=3.0, cpu=1.2) == 0.0  # idle: no frames, no CPU
+    with pytest.raises(ValueError, match="cores"):
+        NodeLoad(cores=0, wall=0.0, cpu=0.0)

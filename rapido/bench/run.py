@@ -427,6 +427,8 @@ async def _main(config: Config, args: argparse.Namespace, outcome: Outcome) -> N
 
 def bench_main(config: Config, args: argparse.Namespace) -> int:
     problem = validate(args)  # the CLI checked already; callers from Python may not
+    if problem is None and args.http:
+        problem = "--http runs in rapido.bench.http.http_main, not in-process"
     if problem:
         print(f"rapido: bench: {problem}", file=sys.stderr)
         return 2

@@ -17,15 +17,15 @@ import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
+from rapido.gpu.manifest import BlendRegion
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.media import VideoFrame, i420_to_rgb
 
-Blend = Literal["lower_half", "mouth"]
+Blend = BlendRegion  # the part of the face a model redraws (its manifest says which)
 
 # BT.601 limited range, as rapido.pipeline.media.rgb_to_i420 (ffmpeg's default for yuv420p).
 _Y = np.array([0.256788, 0.504129, 0.097906], dtype=np.float32)

@@ -254,6 +254,10 @@ def load_manifest(path: str | os.PathLike[str]) -> ModelManifest:
             raise _fail(where, key, "is required")
 
     kw: dict[str, Any] = dict(raw)
+    if "blend" not in kw and kw.get("name") == "rapido-lite":
+        # Written before manifests stated their blend region (an exported rapido-lite
+        # in a folder of its own): that model only ever redrew the mouth.
+        kw["blend"] = "mouth"
     base = src.parent
     for key in ("path", "checkpoint"):
         if kw.get(key) is not None:

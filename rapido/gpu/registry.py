@@ -116,23 +116,23 @@ def resolve_model(model: str, model_dir: Path | None = None) -> ModelManifest:
 class ModelSettings:
     """Which lip-sync model a node serves, and on what."""
 
-    model: str = "rapido-lite"  # a built-in's name or a manifest file
-    model_dir: Path | None = None  # where built-ins are built (default: the user cache)
-    backend: str = "auto"  # onnx | torch | auto
-    device: str = "auto"  # cpu | cuda | auto
-    dtype: str = "auto"  # GPU precision
-    intra_op_threads: int = 0
-    trt_cache_dir: Path | None = None  # default: under model_dir
+    model: str  # a built-in's name or a manifest file
+    model_dir: Path | None  # where built-ins are built (default: the user cache)
+    backend: str  # onnx | torch | auto
+    device: str  # cpu | cuda | auto
+    dtype: str  # GPU precision
+    intra_op_threads: int
+    trt_cache_dir: Path | None  # default: under model_dir
 
 
 @dataclass(frozen=True)
 class BatchSettings:
     """How the shared model is driven: the micro-batcher and the frame deadline."""
 
-    max_batch: int = 8
-    max_wait_ms: float = 30.0
-    batch_workers: int = 1  # batches in flight, where the backend allows several
-    frame_budget_ms: float = 120.0
+    max_batch: int
+    max_wait_ms: float
+    batch_workers: int  # batches in flight, where the backend allows several
+    frame_budget_ms: float
 
 
 def open_model(settings: ModelSettings, max_batch: int) -> tuple[ModelBackend, ModelManifest]:

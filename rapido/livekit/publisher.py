@@ -28,18 +28,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LiveKitSettings:
-    api_key: str = ""
-    api_secret: str = ""
-    token_ttl_s: float = 3600.0
-    width: int = 854
-    height: int = 480
-    fps: int = 25
-    queue_size_ms: int = 100
-    video_codec: str = "h264"
-    max_bitrate: int = 1_500_000
-    min_bitrate: int = 150_000
-    simulcast: bool = False
-    min_fps: float | None = None  # None: never shed frame rate
+    """Filled from the Config's ``livekit_*`` settings (rapido.wiring)."""
+
+    api_key: str
+    api_secret: str
+    token_ttl_s: float
+    width: int
+    height: int
+    fps: int
+    queue_size_ms: int
+    video_codec: str
+    max_bitrate: int
+    min_bitrate: int
+    simulcast: bool
+    min_fps: float | None  # None: never shed frame rate
 
 
 class LiveKitPublisher:
@@ -101,6 +103,8 @@ class LiveKitPublisher:
         return sink
 
     def _room_connected(self, session_id: str, room: rtc.Room) -> None:
+        if session_id not in self._region:
+            return  # released: the session is closing, its sink connected meanwhile
         bridge = self._bridges.get(session_id)
         if bridge is not None:
             bridge.attach(room)
@@ -118,11 +122,16 @@ class LiveKitPublisher:
             bridge.attach(room)
 
     async def release(self, session: StreamSession) -> None:
-        self._region.pop(session.id, None)
+        # The agent is no longer served; the region keeps counting the session until
+        # its sink has left the room (closed).
         self._rooms.pop(session.id, None)
         bridge = self._bridges.pop(session.id, None)
         if bridge is not None:
             await bridge.aclose()
+
+    def closed(self, session: StreamSession) -> None:
+        self._region.pop(session.id, None)
+        self._rooms.pop(session.id, None)
 
     def describe(self, session: StreamSession) -> dict[str, Any]:
         """Where the session publishes, and a subscribe-only token for its room."""

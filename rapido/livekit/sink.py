@@ -17,7 +17,7 @@ are counted as ``frames_unpublished`` because nobody receives them.
 Adaptive quality. libwebrtc inside the SDK already follows the connection (its own
 bandwidth estimate, up to ``max_bitrate``); what it cannot know is this node's load.
 ``adapt`` (once a second from the engine) feeds the node's load and this sink's own
-backlog to a :class:`QualityController` whose frame rate decides which pictures are
+backlog to its :class:`PublisherQuality`, whose frame rate decides which pictures are
 captured: below the source rate only evenly spaced ones (audio is never thinned), so
 the native encoder does proportionally less work. While connected, the room's WebRTC
 stats are read every ``stats_interval_s`` (:mod:`rapido.livekit.linkstats`): when
@@ -26,6 +26,9 @@ the link's estimate, so the score and ``limited_by`` show a short connection as 
 for the webrtc sink. A target below the ceiling without that reason is not taken as a
 short link: libwebrtc's estimate also sits low while it ramps up after a connect and
 when easy content never needs the ceiling.
+
+One module of about 500 lines: timing, connection and adaptive quality share the
+sink's state (the sources, the room, the pending chunks) and are read together.
 """
 
 from __future__ import annotations

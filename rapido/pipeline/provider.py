@@ -27,8 +27,11 @@ class SinkProvider(Protocol):
         ...
 
     async def release(self, session: StreamSession) -> None:
-        """The session is closing (its sink closes next): stop what serves it and forget
-        what was kept for it."""
+        """The session is closing (its sink closes next): stop what serves it."""
+        ...
+
+    def closed(self, session: StreamSession) -> None:
+        """The session and its sink have closed: forget what was kept for it."""
         ...
 
     def describe(self, session: StreamSession) -> dict[str, Any]:
@@ -55,6 +58,9 @@ class SinkFactory:
         pass
 
     async def release(self, session: StreamSession) -> None:
+        pass
+
+    def closed(self, session: StreamSession) -> None:
         pass
 
     def describe(self, session: StreamSession) -> dict[str, Any]:

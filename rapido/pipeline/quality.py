@@ -287,6 +287,37 @@ class Backlog:
         return 1.5 if new_dropped else fill
 
 
+class NodeLoad:
+    """The node's load between two samples, what publishers adapt their frame rate to.
+
+    The share of its cores the process used, or the share of frames that left more
+    than a frame late x 20 if more: 5 % late reads as a node at its limit, whatever the
+    CPU says; one late frame of one stream's 25 a second is a hiccup, 0.8, which holds
+    but does not degrade. Clamped to 0..2. Pure: the caller passes the clocks."""
+
+    def __init__(self, cores: int, wall: float, cpu: float) -> None:
+        if cores < 1:
+            raise ValueError(f"cores must be >= 1, got {cores}")
+        self.cores = cores
+        self.frames = 0
+        self.late = 0
+        self._mark = (wall, cpu, 0, 0)
+
+    def frame(self, late: bool) -> None:
+        """One frame handed to a sink; ``late``: more than a frame interval late."""
+        self.frames += 1
+        self.late += late
+
+    def sample(self, wall: float, cpu: float) -> float:
+        """The load since the last sample (``wall`` and ``cpu`` in seconds: a monotonic
+        clock and the process's CPU time)."""
+        w0, c0, f0, l0 = self._mark
+        self._mark = (wall, cpu, self.frames, self.late)
+        util = (cpu - c0) / max(1e-3, wall - w0) / self.cores
+        seen = self.frames - f0
+        late_share = (self.late - l0) / seen if seen > 0 else 0.0
+        return max(0.0, util, min(2.0, late_share * 20))
+
 
 class PublisherQuality:
     """Adaptive quality as a publishing sink runs it: its controller, its own backlog,
