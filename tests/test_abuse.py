@@ -1,0 +1,201 @@
+"""Attacks on a real node, as a hostile client would make them, each against a bound.
+
+The node runs in a subprocess (its own memory is what is measured: VmHWM, the peak RSS,
+from /proc) with one honest neighbour: a session fed speech in real time over its
+WebSocket, whose delivered frame rate (``frames_out`` per second, read from the API) must
+stay at 24 fps or more in every second of the attack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from tests.conftest import speech
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The honest neighbour's floor, every second of an attack.
+MIN_FPS = 24.0
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+
+    def status_kb(self, key: str) -> int:
+        """A /proc/<pid>/status figure in KiB (VmHWM: peak RSS; VmRSS: now)."""
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+        assert m, f"{key} not in /proc/{self.proc.pid}/status"
+        return int(m.group(1))
+
+
+async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodeProcess:
+    """``python -m rapido serve`` on a free port with ``settings`` (as RAPIDO_* env)."""
+    env = {**os.environ, "RAPIDO_PORT": "0", "RAPIDO_LOG_LEVEL": "warning",
+           "RAPIDO_MODEL_DIR": str(model_dir), "RAPIDO_RECORDINGS_DIR": str(tmp_path / "rec"),
+           "RAPIDO_AVATARS_DIR": str(tmp_path / "avatars"), "PYTHONUNBUFFERED": "1"}
+    env.update({f"RAPIDO_{k.upper()}": str(v) for k, v in settings.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "rapido", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = NodeProcess(proc, "")
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while not node.url:
+        line = await loop.run_in_executor(None, proc.stdout.readline)
+        if not line:
+            raise AssertionError(f"the node exited early:\n{''.join(node.output)}")
+        node.output.append(line)
+        m = re.search(r"rapido serving at (http://\S+?)/ ", line)
+        if m:
+            node.url = m.group(1)
+        assert time.monotonic() < deadline, "the node never said where it serves"
+    # Keep reading its output so a chatty node never blocks on a full pipe.
+    loop.run_in_executor(None, _drain, proc, node.output)
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{node.url}/ready") as r:
+                if r.status == 200:
+                    return node
+            assert time.monotonic() < deadline, "the node never became ready"
+            await asyncio.sleep(0.2)
+
+
+def _drain(proc: subprocess.Popen[str], out: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+
+
+def stop_node(node: NodeProcess) -> None:
+    if node.proc.poll() is None:
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            node.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.proc.kill()
+            node.proc.wait()
+
+
+@pytest.fixture
+async def abuse_node(tmp_path: Path, model_dir: Path
+                     ) -> AsyncIterator[Callable[..., Awaitable[NodeProcess]]]:
+    nodes: list[NodeProcess] = []
+
+    async def factory(**settings: Any) -> NodeProcess:
+        node = await start_node(tmp_path, model_dir, **settings)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        stop_node(node)
+
+
+class Honest:
+    """One honest lesson: speech sent in real time (40 ms chunks, 3 s utterances with
+    short pauses), its delivered frame rate sampled once a second from the API."""
+
+    def __init__(self, http: aiohttp.ClientSession, url: str,
+                 headers: dict[str, str] | None = None) -> None:
+        self.http = http
+        self.url = url
+        self.headers = headers or {}
+        self.samples: list[tuple[float, float]] = []  # (time, frames_out)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.session: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Honest:
+        async with self.http.post(f"{self.url}/api/sessions", headers=self.headers,
+                                  json={"lesson_id": "honest", "sample_rate": 16000}) as r:
+            assert r.status == 201, await r.text()
+            self.session = await r.json()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._speak(), name="honest-speak"),
+                       loop.create_task(self._watch(), name="honest-watch")]
+        # Speaking and delivering before the attack starts.
+        deadline = time.monotonic() + 10
+        while len(self.samples) < 3:
+            assert time.monotonic() < deadline, "the honest stream never got going"
+            await asyncio.sleep(0.2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _speak(self) -> None:
+        audio = speech(3.0, seed=7)
+        chunk = 640  # 40 ms at 16 kHz
+        ws_url = self.session["ws_url"]
+        async with self.http.ws_connect(ws_url, headers=self.headers) as ws:
+            loop = asyncio.get_running_loop()
+            t = loop.time()
+            while True:
+                await ws.send_json({"type": "start"})
+                for i in range(0, len(audio), chunk):
+                    await ws.send_bytes(audio[i:i + chunk].astype("<i2").tobytes())
+                    t += 0.04
+                    await asyncio.sleep(max(0.0, t - loop.time()))
+                await ws.send_json({"type": "end"})
+                t += 0.3
+                await asyncio.sleep(max(0.0, t - loop.time()))
+
+    async def _watch(self) -> None:
+        url = f"{self.url}/api/sessions/{self.session['session_id']}"
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self.http.get(url, headers=self.headers) as r:
+                body = await r.json()
+            self.samples.append((loop.time(), float(body["stats"]["frames_out"])))
+            await asyncio.sleep(1.0)
+
+    def mark(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def fps_since(self, t0: float) -> list[float]:
+        """Frames per second between consecutive samples taken after ``t0``."""
+        pts = [(t, n) for t, n in self.samples if t >= t0]
+        return [(n1 - n0) / (t1 - t0_) for (t0_, n0), (t1, n1) in zip(pts, pts[1:])]
+
+    def assert_kept_up(self, t0: float) -> None:
+        fps = self.fps_since(t0)
+        assert len(fps) >= 2, f"too few samples to judge the honest stream: {fps}"
+        assert min(fps) >= MIN_FPS, f"the honest stream fell below {MIN_FPS} fps: {fps}"
+
+
+async def settle(seconds: float = 2.0) -> None:
+    """Let the honest stream's watcher take samples after the attack too."""
+    await asyncio.sleep(seconds)
+
+
+def pcm(seconds: float, rate: int = 16_000) -> bytes:
+    x = speech(seconds, rate=rate)
+    return np.asarray(x, dtype="<i2").tobytes()
+
+
+@contextlib.asynccontextmanager
+async def honest_neighbour(node: NodeProcess, http: aiohttp.ClientSession,
+                           headers: dict[str, str] | None = None) -> AsyncIterator[Honest]:
+    async with Honest(http, node.url, headers) as h:
+        yield h
