@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -54,8 +55,7 @@ async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodePr
            "RAPIDO_MODEL_DIR": str(model_dir), "RAPIDO_RECORDINGS_DIR": str(tmp_path / "rec"),
            "RAPIDO_AVATARS_DIR": str(tmp_path / "avatars"), "PYTHONUNBUFFERED": "1"}
     env.update({f"RAPIDO_{k.upper()}": str(v) for k, v in settings.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "rapido", "serve"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _spawn(env)
     node = NodeProcess(proc, "")
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + 120
@@ -78,6 +78,11 @@ async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodePr
                     return node
             assert time.monotonic() < deadline, "the node never became ready"
             await asyncio.sleep(0.2)
+
+
+def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "rapido", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _drain(proc: subprocess.Popen[str], out: list[str]) -> None:
@@ -176,7 +181,7 @@ class Honest:
     def fps_since(self, t0: float) -> list[float]:
         """Frames per second between consecutive samples taken after ``t0``."""
         pts = [(t, n) for t, n in self.samples if t >= t0]
-        return [(n1 - n0) / (t1 - t0_) for (t0_, n0), (t1, n1) in zip(pts, pts[1:])]
+        return [(n1 - n0) / (t1 - t0_) for (t0_, n0), (t1, n1) in itertools.pairwise(pts)]
 
     def assert_kept_up(self, t0: float) -> None:
         fps = self.fps_since(t0)
