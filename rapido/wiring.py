@@ -124,7 +124,7 @@ def sink_providers(config: Config, metrics: Metrics, *,
             fps=cfg.fps, queue_size_ms=cfg.livekit_queue_size_ms,
             video_codec=cfg.livekit_video_codec, max_bitrate=cfg.livekit_max_bitrate,
             min_bitrate=cfg.livekit_min_bitrate, simulcast=cfg.livekit_simulcast,
-            min_fps=cfg.min_fps),
+            min_fps=cfg.min_fps, max_queued_audio_s=cfg.max_queued_audio_s),
         load_regions(cfg) if regions is None else regions,
         on_connect=metrics.livekit_connection.observe, on_degraded=errors.inc)
     return {

@@ -76,6 +76,10 @@ def test_viewer_token() -> None:
     assert v["canSubscribe"] is True and v["canPublish"] is False
     assert v["canPublishData"] is False
     assert abs(c["exp"] - (t0 + 120)) < 5 and c["sub"] == "viewer-1"
+    assert v["hidden"] is True  # viewers do not show up as participants of the lesson
+    # Without an identity each minting gets its own: two viewers never collide.
+    a, b = (_decode(viewer_token(KEY, SECRET, room="lesson_y"))["sub"] for _ in range(2))
+    assert a != b and a.startswith("viewer-") and b.startswith("viewer-")
 
 
 def test_token_errors() -> None:

@@ -192,6 +192,11 @@ async def test_copy_taken_while_recording_plays_its_completed_seconds(tmp_path: 
         sink.write(make_chunk(i, width, height, audio))
     await wait_encoded(sink, 3 * FPS)
 
+    # The completed fragments are on disk and synced, and the stats say how much (read
+    # by the worker as it syncs: stats() itself never touches the disk).
+    synced = sink.stats().json()["bytes"]
+    assert 0 < synced <= path.stat().st_size
+
     snapshot = tmp_path / "snapshot.mp4"
     shutil.copyfile(path, snapshot)  # as if the process had died right here
     partial = decode(snapshot)

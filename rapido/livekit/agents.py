@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -278,11 +278,16 @@ class AvatarWorker:
     """
 
     def __init__(self, room: rtc.Room, protocol: AvatarProtocol, *, agent_identity: str,
-                 rpc_timeout_s: float = 5.0) -> None:
+                 rpc_timeout_s: float = 5.0,
+                 wait_room: Callable[[], Awaitable[None]] | None = None) -> None:
         self.room = room
         self.protocol = protocol
         self.agent_identity = agent_identity
         self.rpc_timeout_s = rpc_timeout_s
+        #: Back-pressure: awaited after each piece of audio; while it waits, the agent's
+        #: stream is not read further.
+        self._wait_room = wait_room
+        self.clears_refused = 0
         self._outbox: asyncio.Queue[OutgoingRpc] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sender: asyncio.Task[None] | None = None
@@ -323,12 +328,21 @@ class AvatarWorker:
         try:
             async for chunk in reader:
                 self.protocol.push(chunk)
+                if self._wait_room is not None:
+                    await self._wait_room()
         except Exception as exc:  # aborted by the sender or the room went away
             log.warning("avatar: audio stream ended abnormally: %s", exc)
         finally:
             self.protocol.end_segment()
 
     def _on_clear(self, data: rtc.RpcInvocationData) -> str:
+        if data.caller_identity != self.agent_identity:
+            # Anyone in the room can call us; only the agent we speak for may barge in.
+            self.clears_refused += 1
+            log.warning("avatar: refused %s from %s (we serve %s)", RPC_CLEAR_BUFFER,
+                        data.caller_identity, self.agent_identity)
+            raise rtc.RpcError(rtc.RpcError.ErrorCode.APPLICATION_ERROR,
+                               "only the agent this avatar serves may clear its buffer")
         for rpc in self.protocol.clear():
             self.send(rpc)
         return "ok"

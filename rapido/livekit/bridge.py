@@ -29,15 +29,23 @@ _START, _END = "start", "end"
 
 class AgentBridge:
     def __init__(self, session: StreamSession, *, agent_identity: str,
-                 send: Callable[[OutgoingRpc], None] | None = None) -> None:
+                 send: Callable[[OutgoingRpc], None] | None = None,
+                 max_queued_s: float = 120.0) -> None:
         self.session = session
         self.agent_identity = agent_identity
         self._send_override = send
         self._worker: AvatarWorker | None = None
-        # Audio and segment marks in arrival order; the pump applies back-pressure.
+        # Audio and segment marks in arrival order; the pump feeds the session, whose
+        # jitter buffer pushes back. The inbox holds at most ``max_queued_s`` of the
+        # agent's speech (the same bound as HTTP uploads): beyond it the agent's stream
+        # is not read until the session has taken some (``wait_room``).
         self._inbox: asyncio.Queue[np.ndarray | str] = asyncio.Queue()
+        self._max_queued = max(1, int(max_queued_s * session.spec.sample_rate))
+        self.queued_samples = 0
+        self._room = asyncio.Event()
+        self._room.set()
         self.protocol = AvatarProtocol(
-            out_rate=session.spec.sample_rate, feed=self._inbox.put_nowait,
+            out_rate=session.spec.sample_rate, feed=self._enqueue,
             on_segment_start=lambda: self._inbox.put_nowait(_START),
             on_segment_end=lambda: self._inbox.put_nowait(_END),
             on_clear=self._clear)
@@ -52,8 +60,8 @@ class AgentBridge:
 
     def attach(self, room: rtc.Room) -> None:
         """A (re)connected room: serve the agent there."""
-        old, self._worker = self._worker, AvatarWorker(room, self.protocol,
-                                                       agent_identity=self.agent_identity)
+        old, self._worker = self._worker, AvatarWorker(
+            room, self.protocol, agent_identity=self.agent_identity, wait_room=self.wait_room)
         self._worker.start()
         if old is not None:
             asyncio.get_running_loop().create_task(old.aclose(), name="agent-worker-close")
@@ -68,9 +76,25 @@ class AgentBridge:
 
     # -- agent -> session ----------------------------------------------------------------
 
+    def _enqueue(self, samples: np.ndarray) -> None:
+        self._inbox.put_nowait(samples)
+        self.queued_samples += len(samples)
+        if self.queued_samples >= self._max_queued:
+            self._room.clear()
+
+    async def wait_room(self) -> None:
+        """Returns once less than ``max_queued_s`` of the agent's speech waits here."""
+        await self._room.wait()
+
+    def _taken(self, n: int) -> None:
+        self.queued_samples -= n
+        if self.queued_samples < self._max_queued:
+            self._room.set()
+
     def _clear(self) -> None:
         while not self._inbox.empty():  # audio not yet in the session is cut too
             self._inbox.get_nowait()
+        self._taken(self.queued_samples)
         with contextlib.suppress(SessionClosed):
             self.session.interrupt()
 
@@ -84,6 +108,7 @@ class AgentBridge:
                     else:
                         await self.session.end_utterance()
                 else:
+                    self._taken(len(item))
                     await self.session.feed(item)
             except SessionClosed:
                 return

@@ -42,6 +42,7 @@ class LiveKitSettings:
     min_bitrate: int
     simulcast: bool
     min_fps: float | None  # None: never shed frame rate
+    max_queued_audio_s: float  # an agent's speech waiting for its session, at most
 
 
 class LiveKitPublisher:
@@ -115,7 +116,8 @@ class LiveKitPublisher:
         agent = session.spec.agent_identity
         if agent is None:
             return
-        bridge = AgentBridge(session, agent_identity=agent)
+        bridge = AgentBridge(session, agent_identity=agent,
+                             max_queued_s=self.settings.max_queued_audio_s)
         self._bridges[session.id] = bridge
         room = self._rooms.pop(session.id, None)
         if room is not None:
@@ -142,7 +144,6 @@ class LiveKitPublisher:
         cfg = self.settings
         return {"region": region.name, "livekit_url": region.url, "room_name": room,
                 "viewer_token": viewer_token(cfg.api_key, cfg.api_secret, room=room,
-                                             identity=f"viewer-{session.id}",
                                              ttl_s=cfg.token_ttl_s)}
 
     async def aclose(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import secrets
 
 from livekit import api
 
@@ -72,10 +73,14 @@ def publisher_token(key: str, secret: str, *, room: str, identity: str,
     return tok.to_jwt()
 
 
-def viewer_token(key: str, secret: str, *, room: str, identity: str,
+def viewer_token(key: str, secret: str, *, room: str, identity: str | None = None,
                  ttl_s: float = 3600.0) -> str:
     """A token that may join ``room`` and subscribe only: a viewer can neither publish
-    media nor send data into the lesson."""
+    media nor send data into the lesson, and is hidden from the other participants.
+    Without ``identity`` every minting gets a random one: two viewers holding tokens
+    from two reads of the session never kick each other out of the room."""
+    if identity is None:
+        identity = f"viewer-{secrets.token_hex(8)}"
     _check(key, secret, room, identity, ttl_s)
     grants = api.VideoGrants(
         room_join=True,
@@ -83,6 +88,7 @@ def viewer_token(key: str, secret: str, *, room: str, identity: str,
         can_publish=False,
         can_subscribe=True,
         can_publish_data=False,
+        hidden=True,
     )
     return (api.AccessToken(key, secret).with_identity(identity).with_grants(grants)
             .with_ttl(datetime.timedelta(seconds=ttl_s)).to_jwt())

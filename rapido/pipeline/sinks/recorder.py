@@ -7,7 +7,10 @@ can never stall the stream clock.
 
 The file is a fragmented MP4 cut at every keyframe, and a keyframe is forced once a
 second, so a crash (or a copy taken while recording) leaves a file that plays up to
-the last completed second. ``delay_moov`` holds the ``moov`` box back until the first
+the last completed second. Each completed fragment is fsynced as it is cut, and the
+file again when it is finalised, so a crash of the host itself loses at most the
+second being recorded (and, if it strikes while ``moov`` is not yet written, the
+first second). ``delay_moov`` holds the ``moov`` box back until the first
 fragment is cut: by then the AAC encoder's priming delay is known and the muxer writes
 an edit list that hides it, so audio lines up with video in players (without it audio
 would start 1024 samples, ~21 ms, late). The cost is that the file is empty on disk
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -153,6 +157,8 @@ class RecorderSink:
         self._interrupts = 0
 
         # Written by the worker only; the loop just reads them (int reads are atomic).
+        self._bytes = 0  # on disk and synced, as of the last fragment (no stat() on the loop)
+        self._fd: int | None = None  # a read-only descriptor of the file, for fsync
         self._frames_written = 0
         self._audio_written = 0
         self._out_of_order = 0
@@ -238,10 +244,7 @@ class RecorderSink:
         return self._error
 
     def stats(self) -> SinkStats:
-        try:
-            size = self.path.stat().st_size
-        except OSError:
-            size = 0
+        size = self._bytes
         written = self._frames_written
         return SinkStats(
             kind=self.kind, frames=written, dropped=self._dropped,
@@ -317,6 +320,7 @@ class RecorderSink:
         self._container = container
         self._vstream = vstream
         self._astream = astream
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def _handle(self, chunk: MediaChunk) -> None:
         """One chunk, on the recorder's lane."""
@@ -362,10 +366,23 @@ class RecorderSink:
             n = min(target - self._audio_written, _SILENCE_BLOCK)
             self._encode_audio(np.zeros(n, dtype=np.int16))
 
-        self._container.mux(self._vstream.encode(vframe))
+        packets = self._vstream.encode(vframe)
+        self._container.mux(packets)
         self._encode_audio(chunk.audio)
         self._last_rel = rel
         self._frames_written += 1
+        if any(p.is_keyframe for p in packets):
+            # The muxer wrote out the fragment before this keyframe: make it durable.
+            self._sync()
+
+    def _sync(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+            self._bytes = os.fstat(self._fd).st_size
+        except OSError as exc:  # a full or failing disk: say so, keep recording
+            log.warning("recorder %s: fsync failed: %s", self.path, exc)
 
     def _encode_audio(self, samples: np.ndarray) -> None:
         assert self._container is not None and self._astream is not None
@@ -399,6 +416,10 @@ class RecorderSink:
             container.close()
         except Exception as exc:
             self._fail("closing the file", exc)
+        self._sync()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def _fail(self, what: str, exc: Exception) -> None:
         if self._error is None:
