@@ -21,6 +21,7 @@ from rapido.livekit.limits import validate_queue_size_ms
 from rapido.pipeline.jitter import JitterConfig
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.sinks import SINK_NAMES as SINKS
+from rapido.webrtc.ice import is_turn, parse_ice_urls
 
 ENV_PREFIX = "RAPIDO_"
 BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
@@ -111,6 +112,17 @@ class Config:
                                 "for the record sinks'; 0 = one per core", lo=0, hi=256)
     webrtc_token_ttl_s: float = _opt(3600.0, "lifetime of a session's WHEP viewer token",
                                      lo=10, hi=7 * 86400)
+    webrtc_max_viewers: int = _opt(100, "WHEP viewers per webrtc session (503 above)",
+                                   lo=1, hi=10_000)
+    whep_connect_timeout_s: float = _opt(20.0, "a WHEP viewer not connected this long after "
+                                         "its offer is closed and its slot freed",
+                                         lo=1, hi=600)
+    webrtc_ice_servers: str = _opt("", "comma-separated stun:/turn:/turns: URLs for WHEP "
+                                   "viewers' ICE (one STUN, one TURN); empty = host "
+                                   "candidates only, no STUN lookup")
+    webrtc_turn_username: str = _opt("", "username for the TURN server in webrtc_ice_servers")
+    webrtc_turn_password: str = _opt("", "password for the TURN server in webrtc_ice_servers",
+                                     secret=True)
     # -- model --------------------------------------------------------------------------
     model: str = _opt("rapido-lite", "lip-sync model: rapido-lite, wav2lip-96, a manifest "
                       "file (.json), or none (idle frames only)")
@@ -165,6 +177,14 @@ class Config:
         if self.livekit_min_bitrate > self.livekit_max_bitrate:
             raise ConfigError(f"livekit_min_bitrate: {self.livekit_min_bitrate} is above "
                               f"livekit_max_bitrate ({self.livekit_max_bitrate})")
+        try:
+            ice = parse_ice_urls(self.webrtc_ice_servers)
+        except ValueError as exc:
+            raise ConfigError(f"webrtc_ice_servers: {exc}") from None
+        if any(map(is_turn, ice)) and not (self.webrtc_turn_username
+                                           and self.webrtc_turn_password):
+            raise ConfigError("webrtc_ice_servers: a TURN server needs webrtc_turn_username "
+                              "and webrtc_turn_password")
         if self.width % 2 or self.height % 2:
             raise ConfigError("width/height: must be even (I420 video)")
         try:

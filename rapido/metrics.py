@@ -105,6 +105,9 @@ class Metrics:
         self.webrtc_encoders = Gauge(
             "webrtc_encoders", "Encoders running in webrtc sinks (one per codec per stream, "
             "however many viewers)", registry=r)
+        self.whep_connect_timeouts = Counter(
+            "whep_connect_timeouts", "WHEP viewers closed for not connecting within "
+            "whep_connect_timeout_s (their slots freed)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))

@@ -30,6 +30,7 @@ from rapido.pipeline.sinks.null import NullSink
 from rapido.pipeline.sinks.pool import EncoderPool
 from rapido.pipeline.sinks.recorder import RecorderSink
 from rapido.webrtc import WebRtcSink
+from rapido.webrtc.ice import parse_ice_urls
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def sink_providers(config: Config, metrics: Metrics, *,
     # the live streams' encoders.
     encoders = EncoderPool(threads)
     recorders = EncoderPool(threads, name="rapido-record")
+    ice_servers = parse_ice_urls(cfg.webrtc_ice_servers)  # checked by Config already
 
     def record(spec: SessionSpec, sid: str) -> RecorderSink:
         path = Path(cfg.recordings_dir) / f"{spec.lesson_id}_{sid}.mp4"
@@ -114,7 +116,12 @@ def sink_providers(config: Config, metrics: Metrics, *,
                           warm=cfg.webrtc_warm_encoders, pool=encoders,
                           warm_codec=f"video/{cfg.webrtc_warm_codec}",
                           x264_preset=cfg.webrtc_x264_preset,
-                          threads=cfg.webrtc_encoder_threads)
+                          threads=cfg.webrtc_encoder_threads,
+                          max_viewers=cfg.webrtc_max_viewers,
+                          connect_timeout_s=cfg.whep_connect_timeout_s,
+                          ice_servers=ice_servers, turn_username=cfg.webrtc_turn_username,
+                          turn_password=cfg.webrtc_turn_password,
+                          on_connect_timeout=metrics.whep_connect_timeouts.inc)
 
     errors = metrics.session_errors.labels("livekit_degraded")
     livekit = LiveKitPublisher(

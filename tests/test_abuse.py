@@ -204,3 +204,70 @@ async def honest_neighbour(node: NodeProcess, http: aiohttp.ClientSession,
                            headers: dict[str, str] | None = None) -> AsyncIterator[Honest]:
     async with Honest(http, node.url, headers) as h:
         yield h
+
+
+async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
+        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+    """Offers with no ICE candidate from clients that then do nothing fill a webrtc
+    session's viewer slots; ``whep_connect_timeout_s`` later they are gone, a real
+    viewer connects and decodes frames, and the honest neighbour never stutters."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from tests.test_webrtc import watch
+    from tests.test_whep import without_candidates
+
+    timeout_s, slots = 2.0, 10
+    node = await abuse_node(webrtc_max_viewers=slots, whep_connect_timeout_s=timeout_s)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = without_candidates(pc.localDescription.sdp)
+    await pc.close()
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        async with http.post(f"{node.url}/api/sessions",
+                             json={"lesson_id": "watched", "sink": "webrtc"}) as r:
+            assert r.status == 201, await r.text()
+            s = await r.json()
+        headers = {"Content-Type": "application/sdp",
+                   "Authorization": f"Bearer {s['viewer_token']}"}
+        stats_url = f"{node.url}/api/sessions/{s['session_id']}"
+
+        async def post() -> tuple[int, float]:
+            async with http.post(s["whep_url"], data=offer, headers=headers) as r:
+                return r.status, asyncio.get_running_loop().time()
+
+        t0 = honest.mark()
+        flood = await asyncio.gather(*(post() for _ in range(3 * slots)))
+        accepted = [t for status, t in flood if status == 201]
+        assert len(accepted) == slots
+        assert sorted(status for status, _ in flood) == [201] * slots + [503] * 2 * slots
+        # Full: a real viewer is turned away (503) until the flood is reaped.
+        assert (await post())[0] == 503
+        loop = asyncio.get_running_loop()
+        while True:
+            async with http.get(stats_url) as r:
+                sink = (await r.json())["stats"]["sink"]
+            if sink["viewers"] == 0:
+                free = loop.time()
+                break
+            assert loop.time() < max(accepted) + timeout_s + 5, sink
+            await asyncio.sleep(0.02)
+        assert sink["connect_timeouts"] == slots
+        # From the last silent viewer's deadline (its 201 + the timeout; the server's
+        # deadline is a little earlier) to the API showing every slot free.
+        print(f"\nWHEP reaping: {slots} silent viewers, timeout {timeout_s} s: all slots "
+              f"free {1e3 * (free - max(accepted) - timeout_s):.0f} ms after the last "
+              f"deadline ({1e3 * (free - min(accepted) - timeout_s):.0f} ms after the first)")
+        viewer = await watch(http, s["whep_url"], s["viewer_token"])
+        try:
+            deadline = loop.time() + 15
+            while len(viewer.of("video")) < 10:
+                assert loop.time() < deadline, "the real viewer decoded no frames"
+                await asyncio.sleep(0.1)
+        finally:
+            await viewer.close()
+        async with http.get(f"{node.url}/metrics") as r:
+            assert f"whep_connect_timeouts_total {float(slots)}" in await r.text()
+        await settle()
+        honest.assert_kept_up(t0)

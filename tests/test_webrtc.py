@@ -10,7 +10,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from rapido.http.whep import VIEWER_SECRET, mint_token
@@ -83,8 +88,10 @@ async def _read(track: MediaStreamTrack, receiver: Any, viewer: Viewer) -> None:
 
 async def watch(http: aiohttp.ClientSession, whep_url: str, token: str,
                 video_codec: str | None = None) -> Viewer:
-    """A WHEP client: recvonly video and audio, offer POSTed, answer applied."""
-    pc = RTCPeerConnection()
+    """A WHEP client: recvonly video and audio, offer POSTed, answer applied. No ICE
+    servers: aiortc's default would look up a public STUN host, and tests have no
+    network beyond loopback."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     video = pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     if video_codec is not None:

@@ -211,7 +211,8 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
             "parameters": [_SESSION_ID],
             "post": {
                 "summary": "WHEP: watch a session with sink webrtc; SDP offer in, SDP "
-                           "answer out (ICE gathered, no trickle)",
+                           "answer out (ICE gathered, no trickle; a viewer not connected "
+                           "within whep_connect_timeout_s is closed)",
                 "operationId": "whepOffer", "security": [{"viewerToken": []}],
                 "requestBody": {"required": True, "content": {
                     "application/sdp": {"schema": {"type": "string"}}}},
@@ -222,9 +223,11 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                     "400": _error("malformed or unusable SDP offer"),
                     "401": _error("missing, wrong or expired viewer token"),
                     "404": _error("unknown session"),
-                    "409": _error("the session's sink is not webrtc"),
+                    "409": _error("the session's sink is not webrtc (not_webrtc), or the "
+                                  "session is closing (session_closing)"),
+                    "413": _error("the SDP offer is over 64 KiB"),
                     "415": _error("the body is not application/sdp"),
-                    "503": _error("the stream has its limit of viewers"),
+                    "503": _error("the stream has its limit of viewers (webrtc_max_viewers)"),
                 },
             },
         },

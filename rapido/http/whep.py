@@ -11,6 +11,11 @@ every node sharing the key can check it; else a random secret per app). It is ta
 ``Authorization: Bearer <token>`` or ``?token=`` (a ``<video>`` page may not set
 headers). The API-key middleware only covers ``/api`` and ``/ws``, so ``/whep`` is
 checked here alone.
+
+An offer is at most :data:`MAX_OFFER_BYTES` (413 above, read no further). Trickle ICE
+(RFC 9725 PATCH) is not offered: a PATCH is answered 405, an offer with candidates is
+taken as complete, and a viewer not connected within ``whep_connect_timeout_s`` is
+closed (see :mod:`rapido.webrtc.sink`).
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ from rapido.http.errors import ApiError, bad_request, not_found
 from rapido.http.keys import ENGINE, METRICS, SETTINGS
 from rapido.pipeline.session import StreamSession
 from rapido.pipeline.sinks.base import SinkError
-from rapido.webrtc import InvalidOffer, WebRtcSink
+from rapido.webrtc import InvalidOffer, SinkClosed, WebRtcSink
 
 VIEWER_SECRET = web.AppKey("viewer_secret", bytes)
+
+#: The largest SDP offer taken. A browser's offer is a few KiB (its candidates
+#: included); the API's 16 MiB body limit would let one request hold the loop while
+#: the offer is parsed (twice: checked here, then by aiortc).
+MAX_OFFER_BYTES = 64 * 1024
 
 routes = web.RouteTableDef()
 
@@ -57,7 +67,9 @@ def mint_token(secret: bytes, session_id: str, ttl_s: float, now: float | None =
 def check_token(secret: bytes, session_id: str, token: str, now: float | None = None) -> None:
     """Raise 401 unless ``token`` is a live viewer token for ``session_id``."""
     expiry_s, _, mac = token.partition(".")
-    if not expiry_s.isdigit() or not mac:
+    # ASCII digits only, and no more than any real expiry has: str.isdigit() also takes
+    # '²' (which int() refuses), and int() refuses more than 4300 digits.
+    if not (expiry_s.isascii() and expiry_s.isdigit()) or len(expiry_s) > 20 or not mac:
         raise _unauthorized("malformed viewer token")
     expiry = int(expiry_s)
     if not hmac.compare_digest(mac.encode(), _mac(secret, session_id, expiry).encode()):
@@ -96,6 +108,11 @@ def _authorise(request: web.Request, session_id: str) -> None:
 
 
 def _sink(request: web.Request) -> tuple[str, WebRtcSink]:
+    sid, _, sink = _session(request)
+    return sid, sink
+
+
+def _session(request: web.Request) -> tuple[str, StreamSession, WebRtcSink]:
     sid = request.match_info["session_id"]
     session = request.app[ENGINE].sessions.get(sid)
     if session is None:
@@ -105,16 +122,48 @@ def _sink(request: web.Request) -> tuple[str, WebRtcSink]:
     if not isinstance(session.sink, WebRtcSink):
         raise ApiError(409, "not_webrtc", f"session {sid!r} has sink {session.spec.sink!r}; "
                        "create it with sink 'webrtc' to watch it over WHEP")
-    return sid, session.sink
+    return sid, session, session.sink
+
+
+def _closing(sid: str) -> ApiError:
+    return ApiError(409, "session_closing",
+                    f"session {sid!r} is closing; it takes no new viewers")
+
+
+def _full(message: str) -> ApiError:
+    return ApiError(503, "viewers_unavailable", message, headers={"Retry-After": "5"})
+
+
+async def _read_offer(request: web.Request) -> bytes:
+    """The body, at most :data:`MAX_OFFER_BYTES`; 413 as soon as it is over."""
+    too_large = ApiError(413, "body_too_large",
+                         f"the SDP offer is over the {MAX_OFFER_BYTES} byte limit")
+    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+        raise too_large
+    body = bytearray()
+    while len(body) <= MAX_OFFER_BYTES:
+        chunk = await request.content.read(MAX_OFFER_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > MAX_OFFER_BYTES:
+        raise too_large
+    return bytes(body)
 
 
 @routes.post("/whep/{session_id}")
 async def whep_offer(request: web.Request) -> web.Response:
-    sid, sink = _sink(request)
+    sid, session, sink = _session(request)
     mime = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if mime != "application/sdp":
         raise ApiError(415, "unsupported_media_type", "send the SDP offer as application/sdp")
-    body = await request.read()
+    # Refused before the body is read; the slot itself is taken in add_viewer, before
+    # its first await, so offers answered at the same time cannot overshoot.
+    if session.closed or sink.closing:
+        raise _closing(sid)
+    if sink.full:
+        raise _full(f"this stream has its limit of {sink.max_viewers} viewers")
+    body = await _read_offer(request)
     try:
         offer = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -123,9 +172,10 @@ async def whep_offer(request: web.Request) -> web.Response:
         viewer_id, answer = await sink.add_viewer(offer)
     except InvalidOffer as exc:
         raise bad_request("invalid_sdp", str(exc)) from None
+    except SinkClosed:
+        raise _closing(sid) from None
     except SinkError as exc:
-        raise ApiError(503, "viewers_unavailable", str(exc),
-                       headers={"Retry-After": "5"}) from None
+        raise _full(str(exc)) from None
     return web.Response(status=201, text=answer, content_type="application/sdp",
                         headers={"Location": f"/whep/{sid}/{viewer_id}"})
 

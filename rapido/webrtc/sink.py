@@ -18,9 +18,21 @@ Adaptive quality: a :class:`PublisherQuality` per sink turns the viewers' RTCP
 engine) into a bitrate and a frame rate within configured bounds, which the encoders
 follow (a bitrate change re-opens them, a lower frame rate thins the pictures).
 
+Viewers: each holds one of ``max_viewers`` slots from the moment its offer is taken
+(counted before the first await, so concurrent offers cannot overshoot) until it is
+removed, whatever the way out. One that is not ``connected`` ``connect_timeout_s``
+after its answer is closed and its slot freed at once (``on_connect_timeout`` counts
+it): an offer whose ICE never completes would otherwise hold a peer connection, its
+UDP sockets and a slot for the session's life. A closing sink takes no viewer, even
+one whose offer was being answered when the close began.
+
 Keyframes: aiortc's own keyframe flag (set on PLI/FIR) is only read on its encode
 path, which shared packets bypass, so each viewer's sender is pointed at
 :meth:`WebRtcSink.request_keyframe` instead (:mod:`rapido.webrtc.patches`).
+
+One module, over 500 lines: the viewers' slots, the fan-out's consumers and the
+encoder lane are one sink's state, each read by the others (a departing viewer
+detaches from the encoders, the close sweeps viewers before it joins the lane).
 """
 
 from __future__ import annotations
@@ -29,12 +41,13 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import av
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RtcpPsfbPacket,
@@ -48,11 +61,16 @@ from rapido.pipeline.quality import PublisherQuality, QualityBounds
 from rapido.pipeline.sinks.base import SinkError, SinkStats, error_text
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
 from rapido.webrtc.encoders import H264, OPUS, VIDEO_CODECS, Encoded, SharedEncoders
+from rapido.webrtc.ice import is_turn
 from rapido.webrtc.patches import redirect_keyframe_requests, tap_rtcp
-from rapido.webrtc.sdp import InvalidOffer, check_offer, negotiated
+from rapido.webrtc.sdp import InvalidOffer, check_offer, has_candidates, negotiated
 from rapido.webrtc.track import PacketTrack
 
 log = logging.getLogger(__name__)
+
+
+class SinkClosed(SinkError):
+    """The sink is closing or closed: it takes no new viewer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +80,10 @@ class WebRtcStats:
 
     viewers: int
     viewers_total: int
+    #: Offers being answered (each already holds a viewer slot).
+    viewers_joining: int
+    #: Viewers closed for not connecting within the connect timeout.
+    connect_timeouts: int
     #: Encoders running, by codec (at most one each).
     encoders: dict[str, int]
     encoders_created: int
@@ -77,6 +99,8 @@ class WebRtcStats:
             "kind": stats.kind,
             "viewers": self.viewers,
             "viewers_total": self.viewers_total,
+            "viewers_joining": self.viewers_joining,
+            "connect_timeouts": self.connect_timeouts,
             "encoders": self.encoders,
             "encoders_created": self.encoders_created,
             "consumers": self.consumers,
@@ -97,6 +121,8 @@ class Viewer:
     id: str
     pc: RTCPeerConnection
     tracks: list[PacketTrack] = field(default_factory=list)
+    #: Closes the viewer unless it is connected by then; None once it is (or it is gone).
+    deadline: asyncio.TimerHandle | None = None
 
 
 class WebRtcSink:
@@ -116,6 +142,11 @@ class WebRtcSink:
         threads: int = 1,
         max_queue: int = 25,
         max_viewers: int = 100,
+        connect_timeout_s: float = 20.0,
+        ice_servers: tuple[str, ...] = (),
+        turn_username: str = "",
+        turn_password: str = "",
+        on_connect_timeout: Callable[[], None] | None = None,
         min_bitrate: int | None = None,
         min_fps: float | None = None,
         warm: bool = False,
@@ -131,11 +162,19 @@ class WebRtcSink:
         encoder running with no
         viewer, so a viewer's first picture is the next keyframe, not an encoder
         start (and so a benchmark measures real encoding). ``pool`` is the node's
-        shared encoder pool; without one the sink runs a one-thread pool of its own."""
+        shared encoder pool; without one the sink runs a one-thread pool of its own.
+
+        ``ice_servers``: ``stun:``/``turn:`` URLs (:func:`rapido.webrtc.ice.
+        parse_ice_urls`), TURN ones used with ``turn_username``/``turn_password``; none
+        (the default) means host candidates only, never aiortc's public STUN default."""
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even, got {width}x{height}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+        if max_viewers < 1:
+            raise ValueError(f"max_viewers must be at least 1, got {max_viewers}")
+        if not connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be positive, got {connect_timeout_s}")
         self.width = width
         self.height = height
         self.fps = fps
@@ -145,6 +184,11 @@ class WebRtcSink:
         self.x264_preset = x264_preset
         self.threads = threads
         self.max_viewers = max_viewers
+        self.connect_timeout_s = connect_timeout_s
+        self._ice_servers = [
+            RTCIceServer(urls=url, username=turn_username, credential=turn_password)
+            if is_turn(url) else RTCIceServer(urls=url) for url in ice_servers]
+        self._on_connect_timeout = on_connect_timeout
         if warm_codec not in VIDEO_CODECS:
             raise ValueError(f"warm_codec must be one of {', '.join(VIDEO_CODECS)}, "
                              f"got {warm_codec!r}")
@@ -170,6 +214,10 @@ class WebRtcSink:
         self._consumers: dict[str, set[PacketTrack]] = {}
         self._wanted: frozenset[str] = self.warm
         self.viewers: dict[str, Viewer] = {}
+        # Offers being answered: their slots are held before the first await.
+        self._joining = 0
+        # Peer connections of timed-out viewers, closing; waited for by aclose.
+        self._reaping: set[asyncio.Task[None]] = set()
 
         # Worker side.
         self.encoders = SharedEncoders(
@@ -182,6 +230,7 @@ class WebRtcSink:
         self._dropped = 0
         self._interrupts = 0
         self._viewers_total = 0
+        self._connect_timeouts = 0
         self._error: BaseException | None = None
 
     # -- the sink seam (event loop) --------------------------------------------------
@@ -241,6 +290,7 @@ class WebRtcSink:
             error=error_text(self._error),
             detail=WebRtcStats(
                 viewers=len(self.viewers), viewers_total=self._viewers_total,
+                viewers_joining=self._joining, connect_timeouts=self._connect_timeouts,
                 encoders=self.encoder_counts(), encoders_created=self.encoders.created,
                 consumers={k: len(v) for k, v in sorted(self._consumers.items())},
                 frames_in=self._frames_in,
@@ -295,6 +345,8 @@ class WebRtcSink:
     async def _close(self) -> None:
         await asyncio.gather(*(self.remove_viewer(v) for v in list(self.viewers)),
                              return_exceptions=True)
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
         lane = self._lane
         if lane is not None:
             # Nothing is put after _closed; wait for what is in hand, then let go of
@@ -306,21 +358,47 @@ class WebRtcSink:
 
     # -- viewers ---------------------------------------------------------------------
 
+    @property
+    def closing(self) -> bool:
+        """Closing or closed: no new viewer."""
+        return self._closed
+
+    @property
+    def full(self) -> bool:
+        """Every viewer slot is held (by viewers, or by offers being answered)."""
+        return len(self.viewers) + self._joining >= self.max_viewers
+
     async def add_viewer(self, offer_sdp: str) -> tuple[str, str]:
         """Answer a viewer's offer; returns (viewer id, answer SDP). Raises
-        :class:`InvalidOffer` for an offer that cannot be answered."""
-        if self._closed or not self._started:
+        :class:`InvalidOffer` for an offer that cannot be answered, :class:`SinkClosed`
+        once the sink is closing, :class:`SinkError` when it is not running or full.
+
+        The viewer's slot is taken before the first await and given back on every way
+        out but success (an error, a cancelled request, a close meanwhile)."""
+        if self._closed:
+            raise SinkClosed("the session is closing; it takes no new viewers")
+        if not self._started:
             raise SinkError("webrtc sink is not running")
-        if len(self.viewers) >= self.max_viewers:
+        if self.full:
             raise SinkError(f"this stream has its limit of {self.max_viewers} viewers")
-        check_offer(offer_sdp)
-        pc = RTCPeerConnection()
+        offer = check_offer(offer_sdp)
+        self._joining += 1
+        try:
+            return await self._answer(offer_sdp, complete=has_candidates(offer))
+        finally:
+            self._joining -= 1
+
+    async def _answer(self, offer_sdp: str, *, complete: bool) -> tuple[str, str]:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         viewer = Viewer(uuid.uuid4().hex, pc)
         try:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
             except Exception as exc:
                 raise InvalidOffer(f"the SDP offer was not accepted: {exc}") from None
+            if complete:
+                # Non-trickle (sdp.has_candidates): no candidate will follow.
+                await pc.addIceCandidate(None)
             kinds = {t.kind for t in pc.getTransceivers()}
             if not kinds & {"audio", "video"}:
                 raise InvalidOffer("the offer has no audio or video section")
@@ -349,26 +427,68 @@ class WebRtcSink:
                     tap_rtcp(sender, viewer.id, self._on_feedback)
             if not viewer.tracks:
                 raise InvalidOffer("the offer has no H.264, VP8 or Opus media to receive")
+            if self._closed:
+                # The close began while this offer was answered; its sweep of the
+                # viewers is done or under way, and would not see this one.
+                raise SinkClosed("the session closed while the offer was answered")
         except BaseException:
+            for track in viewer.tracks:
+                track.stop()
             await pc.close()
             raise
         self.viewers[viewer.id] = viewer
         self._viewers_total += 1
+        loop = asyncio.get_running_loop()
+        viewer.deadline = loop.call_later(self.connect_timeout_s, self._connect_deadline,
+                                          viewer)
 
         @pc.on("connectionstatechange")
         async def _on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected" and viewer.deadline is not None:
+                viewer.deadline.cancel()
+                viewer.deadline = None
+            elif pc.connectionState in ("failed", "closed"):
                 await self.remove_viewer(viewer.id)
 
         return viewer.id, pc.localDescription.sdp
 
-    async def remove_viewer(self, viewer_id: str) -> bool:
+    def _connect_deadline(self, viewer: Viewer) -> None:
+        """``connect_timeout_s`` after the answer: a viewer not connected yet goes, and
+        its slot is free as this returns (its peer connection closes in the background,
+        waited for by ``aclose``)."""
+        viewer.deadline = None
+        if self.viewers.get(viewer.id) is not viewer or viewer.pc.connectionState == "connected":
+            return
+        log.warning("webrtc sink: viewer %s not connected %.1f s after its offer (ICE %s, "
+                    "connection %s); closing it", viewer.id, self.connect_timeout_s,
+                    viewer.pc.iceConnectionState, viewer.pc.connectionState)
+        self._connect_timeouts += 1
+        if self._on_connect_timeout is not None:
+            self._on_connect_timeout()
+        self._forget(viewer.id)
+        task = asyncio.get_running_loop().create_task(
+            viewer.pc.close(), name=f"webrtc-reap-{viewer.id[:8]}")
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    def _forget(self, viewer_id: str) -> Viewer | None:
+        """Take a viewer out (its slot is free on return); its peer connection is the
+        caller's to close."""
         viewer = self.viewers.pop(viewer_id, None)
         if viewer is None:
-            return False
+            return None
+        if viewer.deadline is not None:
+            viewer.deadline.cancel()
+            viewer.deadline = None
         self.quality.controller.forget(viewer_id)
         for track in viewer.tracks:
             track.stop()
+        return viewer
+
+    async def remove_viewer(self, viewer_id: str) -> bool:
+        viewer = self._forget(viewer_id)
+        if viewer is None:
+            return False
         await viewer.pc.close()
         return True
 
