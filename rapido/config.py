@@ -24,6 +24,8 @@ from rapido.pipeline.sinks import SINK_NAMES as SINKS
 from rapido.webrtc.ice import is_turn, parse_ice_urls
 
 ENV_PREFIX = "RAPIDO_"
+#: The shortest API key a node listening beyond loopback accepts.
+MIN_API_KEY_LEN = 16
 BUILTIN_MODELS = ("rapido-lite", "wav2lip-96", "none")
 
 
@@ -62,8 +64,17 @@ class Config:
                                      lo=1, hi=3600)
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long running sessions may finish",
                                   lo=0, hi=3600)
-    session_idle_timeout_s: float = _opt(0.0, "close sessions silent this long (0 = never)",
-                                         lo=0, hi=86400)
+    session_idle_timeout_s: float = _opt(300.0, "close sessions with no audio and no listener "
+                                         "(WebSocket, WHEP viewer, LiveKit subscriber) this "
+                                         "long (0 = never)", lo=0, hi=86400)
+    http_read_timeout_s: float = _opt(30.0, "a request's headers, and then its body, must "
+                                      "arrive within this long (slower clients are cut off)",
+                                      lo=0.5, hi=3600)
+    ws_token_ttl_s: float = _opt(300.0, "lifetime of a session's WebSocket token (ws_token: "
+                                 "what a browser connects with; checked at connect)",
+                                 lo=10, hi=86400)
+    demo_grace_s: float = _opt(10.0, "a demo session (POST /api/demo) ends this long after "
+                               "its script has played out", lo=0, hi=30)
     # -- media --------------------------------------------------------------------
     width: int = _opt(854, "video width", lo=64, hi=3840)
     height: int = _opt(480, "video height", lo=64, hi=2160)
@@ -205,6 +216,11 @@ class Config:
                 f"host: {self.host!r} is not a loopback address and no api_key is set; "
                 "set RAPIDO_API_KEY (or --api-key) to listen beyond this machine"
             )
+        if self.api_key and len(self.api_key) < MIN_API_KEY_LEN and not is_loopback(self.host):
+            raise ConfigError(
+                f"api_key: {len(self.api_key)} characters is too short to listen on "
+                f"{self.host!r}; use at least {MIN_API_KEY_LEN} random characters (e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
 
     # -- derived ----------------------------------------------------------------------
 

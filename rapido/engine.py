@@ -371,9 +371,17 @@ class Engine:
         task.add_done_callback(self._closing.discard)
 
     def _close_idle(self, timeout_s: float) -> None:
+        """Close sessions with no speech and no listener (an event subscriber such as a
+        WebSocket, or someone watching the sink: WHEP viewers, LiveKit subscribers) for
+        ``timeout_s``. A listener counts as activity, so a session whose last viewer
+        left gets the whole timeout again."""
         now = time.monotonic()
         for s in list(self.sessions.values()):
-            if not s.busy and not s.listeners and now - s.counters.last_activity > timeout_s:
+            if s.busy:
+                continue
+            if s.listeners or _audience(s):
+                s.counters.last_activity = now
+            elif now - s.counters.last_activity > timeout_s:
                 self._close_later(s.id, "idle_timeout")
 
     # -- reporting ----------------------------------------------------------------------
@@ -390,3 +398,11 @@ class Engine:
             "late_ticks": self.late_ticks,
             "load": round(self.load, 3),
         }
+
+
+def _audience(session: StreamSession) -> int:
+    try:
+        return session.sink.audience()
+    except Exception:
+        log.exception("session %s: its sink's audience failed", session.id)
+        return 0

@@ -63,8 +63,14 @@ class Node:
     async def start(self) -> None:
         # Once per process however many nodes it runs (a filter is added only once).
         logging.getLogger("aiohttp.server").addFilter(_CLIENT_ERRORS)
+        # keepalive_timeout is also aiohttp's header timeout: a connection whose request
+        # has not fully arrived when it fires is closed (the body has its own timeout,
+        # http/app.py: body_middleware). After a refusal, what is left of a body is read
+        # and dropped for at most as long (lingering_time), then the connection closes.
+        read_timeout = self.config.http_read_timeout_s
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
-                                    shutdown_timeout=5.0)
+                                    shutdown_timeout=5.0, keepalive_timeout=read_timeout,
+                                    lingering_time=min(10.0, read_timeout))
         await self.runner.setup()  # runs cleanup_ctx: the engine starts here
         site = web.TCPSite(self.runner, self.config.host, self.config.port,
                            reuse_address=True)

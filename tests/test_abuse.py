@@ -271,3 +271,89 @@ async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
             assert f"whep_connect_timeouts_total {float(slots)}" in await r.text()
         await settle()
         honest.assert_kept_up(t0)
+
+
+# -- sessions are reaped; slow clients are cut off -----------------------------------------
+
+
+async def test_demo_presses_leave_no_session_open(
+        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+    """Five Demo presses: five sessions that each end by themselves once their script
+    has played out and a grace has passed, while the honest lesson plays on."""
+    from rapido.http.demo import SCRIPT
+
+    grace = 1.0
+    node = await abuse_node(demo_grace_s=grace)
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        t0 = honest.mark()
+        demos = []
+        for _ in range(5):
+            async with http.post(f"{node.url}/api/demo") as r:
+                assert r.status == 201, await r.text()
+                demos.append((await r.json())["session_id"])
+        # Script (queueing delays, the last utterance's playout) + grace + slack.
+        deadline = time.monotonic() + sum(d for d, _ in SCRIPT) + SCRIPT[-1][1] + grace + 6
+        while True:
+            async with http.get(f"{node.url}/api/sessions") as r:
+                live = {s["session_id"] for s in (await r.json())["sessions"]}
+            if not live & set(demos):
+                break
+            assert time.monotonic() < deadline, f"demo sessions still open: {live & set(demos)}"
+            await asyncio.sleep(0.5)
+        assert live == {honest.session["session_id"]}
+        await settle()
+        honest.assert_kept_up(t0)
+
+
+async def test_a_client_trickling_its_request_is_cut_off(
+        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+    """Bodies and headers sent slower than http_read_timeout_s: the body gets 408 and the
+    connection closes; headers that never finish get the connection closed. Twenty of
+    each at once, while the honest lesson plays on."""
+    timeout = 1.5
+    node = await abuse_node(http_read_timeout_s=timeout)
+    host, port = node.url.removeprefix("http://").rsplit(":", 1)
+    head = (f"POST /api/sessions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\n")
+
+    async def trickle(first: bytes, drip: bytes) -> tuple[bytes, float]:
+        """Send ``first``, then ``drip`` every 0.25 s; what came back and when the
+        connection closed (seconds after connecting)."""
+        reader, writer = await asyncio.open_connection(host, int(port))
+        t = time.monotonic()
+        writer.write(first)
+
+        async def drip_forever() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    await asyncio.sleep(0.25)
+                    writer.write(drip)
+                    await writer.drain()
+
+        dripper = asyncio.create_task(drip_forever())
+        try:
+            got = await asyncio.wait_for(reader.read(), timeout * 2 + 10)
+            return got, time.monotonic() - t
+        finally:
+            dripper.cancel()
+            await asyncio.gather(dripper, return_exceptions=True)
+            writer.close()
+
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        t0 = honest.mark()
+        bodies = [trickle((head + "Content-Length: 100000\r\n\r\n{").encode(), b" ")
+                  for _ in range(20)]
+        headers = [trickle(head.encode(), b"X-Slow: 1\r\n") for _ in range(20)]
+        results = await asyncio.gather(*bodies, *headers)
+        for got, closed_after in results[:20]:
+            assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+            assert b'"request_timeout"' in got and b"http_read_timeout_s" in got
+            # Answered at the timeout, closed at most a lingering timeout later.
+            assert timeout - 0.2 <= closed_after <= 2 * timeout + 3, closed_after
+        for got, closed_after in results[20:]:
+            assert got == b"", got[:200]  # nothing to answer: the request never arrived
+            assert timeout - 0.2 <= closed_after <= timeout + 3, closed_after
+        await settle()
+        honest.assert_kept_up(t0)
+        async with http.get(f"{node.url}/api/sessions") as r:
+            assert [s["lesson_id"] for s in (await r.json())["sessions"]] == ["honest"]

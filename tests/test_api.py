@@ -206,10 +206,33 @@ async def test_ws_auth(make_node: NodeFactory, http: aiohttp.ClientSession) -> N
     async with http.ws_connect(f"{node.url}/ws/sessions/{s['session_id']}",
                                headers=auth) as ws:
         assert (await ws.receive_json())["type"] == "ready"
-    async with http.ws_connect(
-            f"{node.url}/ws/sessions/{s['session_id']}?access_token={API_KEY}") as ws:
+    # A browser: the session's own short-lived token, never the key, in the URL.
+    async with http.ws_connect(f"{s['ws_url']}?token={s['ws_token']}") as ws:
         assert (await ws.receive_json())["type"] == "ready"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(
+            f"{node.url}/ws/sessions/{s['session_id']}?access_token={API_KEY}")
+    assert info.value.status == 401
     # Health, readiness and metrics stay open for probes and scrapers.
     for path in ("/health", "/ready", "/metrics"):
         async with http.get(f"{node.url}{path}") as r:
             assert r.status == 200
+
+
+async def test_ready_shows_paths_only_to_the_key(make_node: NodeFactory,
+                                                 http: aiohttp.ClientSession) -> None:
+    node = await make_node(api_key=API_KEY)
+    model_dir = node.config.model_dir
+    async with http.get(f"{node.url}/ready") as r:
+        assert r.status == 200
+        anonymous = await r.text()
+    async with http.get(f"{node.url}/ready",
+                        headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        keyed = await r.text()
+    assert model_dir in keyed  # the model file's path, for the operator
+    assert model_dir not in anonymous and '"/' not in anonymous
+    assert '.../' in anonymous  # the file name stays: which model is running
+    # Keyless: nobody presents the key, so nobody sees paths.
+    keyless = await make_node()
+    async with http.get(f"{keyless.url}/ready") as r:
+        assert model_dir not in await r.text()

@@ -8,6 +8,7 @@ frames advanced, it never underran, and its utterance finished where it should.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from rapido.http.keys import WS_SECRET
+from rapido.http.tokens import mint_token
 from rapido.node import Node
 from tests.conftest import API_KEY, NodeFactory, create_session, speech
 from tests.test_ws import CHUNK, next_event, send_jittered
@@ -48,20 +51,29 @@ async def keyed_node(make_node: NodeFactory) -> Node:
 @pytest.fixture
 async def neighbour(keyed_node: Node, http: aiohttp.ClientSession
                     ) -> AsyncIterator[Neighbour]:
-    s = await create_session(http, keyed_node, "neighbour", headers=AUTH)
+    async with speaking_neighbour(keyed_node, http, AUTH) as n:
+        yield n
+
+
+@contextlib.asynccontextmanager
+async def speaking_neighbour(node: Node, http: aiohttp.ClientSession,
+                             headers: dict[str, str]) -> AsyncIterator[Neighbour]:
+    s = await create_session(http, node, "neighbour", headers=headers)
     seconds = 1.5
 
     async def speak() -> dict[str, Any]:
-        async with http.ws_connect(s["ws_url"], headers=AUTH) as ws:
+        async with http.ws_connect(s["ws_url"], headers=headers) as ws:
             await next_event(ws, "ready")
             await send_jittered(ws, speech(seconds), jitter_s=0.01)
             await ws.send_json({"type": "end"})
             return await next_event(ws, "playback_finished")
 
-    n = Neighbour(keyed_node, s["session_id"], asyncio.create_task(speak()), seconds)
+    n = Neighbour(node, s["session_id"], asyncio.create_task(speak()), seconds)
     await asyncio.sleep(0.2)  # it is mid-utterance when the bad input arrives
-    yield n
-    n.task.cancel()
+    try:
+        yield n
+    finally:
+        n.task.cancel()
 
 
 async def post(http: aiohttp.ClientSession, url: str, *, data: Any = None,
@@ -278,3 +290,114 @@ async def test_audio_after_chunk_boundaries_is_exact(keyed_node: Node,
     await victim_ws.send_json({"type": "end"})
     finished = await next_event(victim_ws, "playback_finished")
     assert abs(finished["position_ms"] - 500.0) <= 1.0
+
+
+# -- WebSocket tokens (a node with a key) -----------------------------------------------
+
+
+async def _ws_refused(http: aiohttp.ClientSession, url: str,
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The handshake is refused with 401; the same request as plain GET shows why."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(url, headers=headers)
+    assert info.value.status == 401
+    async with http.get(url, headers=headers) as r:
+        body: dict[str, Any] = await r.json()
+        assert_error(r.status, body, 401, "unauthorized")
+        return body
+
+
+async def test_ws_tokens_are_scoped_to_their_session_and_expire(
+        keyed_node: Node, http: aiohttp.ClientSession, neighbour: Neighbour) -> None:
+    a = await create_session(http, keyed_node, "tok-a", headers=AUTH)
+    b = await create_session(http, keyed_node, "tok-b", headers=AUTH, sink="webrtc")
+    assert a["ws_token"] and API_KEY not in a["ws_url"] + a["ws_token"]
+    # A's token opens A's socket, in the URL (browsers) or as a Bearer header.
+    async with http.ws_connect(f"{a['ws_url']}?token={a['ws_token']}") as ws:
+        assert (await ws.receive_json())["type"] == "ready"
+    async with http.ws_connect(a["ws_url"],
+                               headers={"Authorization": f"Bearer {a['ws_token']}"}) as ws:
+        assert (await ws.receive_json())["type"] == "ready"
+    # ... and no other: not B's, not the neighbour's.
+    for other in (b["ws_url"], f"{keyed_node.url}/ws/sessions/{neighbour.session_id}"):
+        body = await _ws_refused(http, f"{other}?token={a['ws_token']}")
+        assert "wrong WebSocket token for this session" in body["message"]
+    # An expired one.
+    expired = mint_token(keyed_node.app[WS_SECRET], a["session_id"], -60)
+    body = await _ws_refused(http, f"{a['ws_url']}?token={expired}")
+    assert "expired" in body["message"]
+    # A viewer token is not a WebSocket token (secrets derived apart), nor is it the key.
+    await _ws_refused(http, f"{b['ws_url']}?token={b['viewer_token']}")
+    expiry = int(b["viewer_token"].split(".")[0])
+    assert mint_token(keyed_node.app[WS_SECRET], b["session_id"], 0, now=expiry) \
+        != b["viewer_token"]
+    # The key never goes into a URL any more; nor is a token an API key.
+    body = await _ws_refused(http, f"{a['ws_url']}?access_token={API_KEY}")
+    assert "no longer accepted" in body["message"]
+    await _ws_refused(http, f"{a['ws_url']}?token={API_KEY}x")
+    async with http.get(f"{keyed_node.url}/api/sessions",
+                        headers={"Authorization": f"Bearer {a['ws_token']}"}) as r:
+        assert_error(r.status, await r.json(), 401, "unauthorized")
+    await neighbour.check()
+
+
+# -- keyless loopback mode: DNS rebinding, cross-site requests ---------------------------
+
+
+@pytest.fixture
+async def keyless_neighbour(make_node: NodeFactory, http: aiohttp.ClientSession
+                            ) -> AsyncIterator[Neighbour]:
+    node = await make_node()
+    async with speaking_neighbour(node, http, {}) as n:
+        yield n
+
+
+async def test_keyless_refuses_foreign_hosts(http: aiohttp.ClientSession,
+                                             keyless_neighbour: Neighbour) -> None:
+    node = keyless_neighbour.node
+    port = node.port
+    url = f"{node.url}/api/sessions"
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}",
+                 f"10.0.0.1:{port}", f"localhost.evil.example:{port}"):
+        async with http.get(url, headers={"Host": host}) as r:
+            body = await r.json()
+        assert_error(r.status, body, 403, "forbidden_host")
+        assert "DNS rebinding" in body["message"]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{node.url}/ws/sessions/{keyless_neighbour.session_id}",
+                              headers={"Host": f"evil.example:{port}"})
+    assert info.value.status == 403
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"app.localhost:{port}"):
+        async with http.get(url, headers={"Host": host}) as r:
+            assert r.status == 200, host
+    await keyless_neighbour.check()
+
+
+async def test_keyless_refuses_cross_site_requests(http: aiohttp.ClientSession,
+                                                   keyless_neighbour: Neighbour) -> None:
+    node = keyless_neighbour.node
+    sid = keyless_neighbour.session_id
+    evil = {"Origin": "https://evil.example"}
+    for method, path in (("POST", "/api/sessions"), ("POST", "/api/demo"),
+                         ("POST", f"/api/sessions/{sid}/interrupt"),
+                         ("DELETE", f"/api/sessions/{sid}")):
+        async with http.request(method, node.url + path, headers=evil,
+                                json={"lesson_id": "csrf"}) as r:
+            body = await r.json()
+        assert_error(r.status, body, 403, "forbidden_origin")
+        assert "cross-site" in body["message"]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(f"{node.url}/ws/sessions/{sid}", origin="https://evil.example")
+    assert info.value.status == 403
+    # A JSON body must say so: a cross-site form can send text/plain, not JSON.
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": ctype} if ctype else {}
+        async with http.post(f"{node.url}/api/sessions", data=b'{"lesson_id": "csrf"}',
+                             headers=headers, skip_auto_headers=["Content-Type"]) as r:
+            assert_error(r.status, await r.json(), 415, "unsupported_media_type")
+    assert set(node.engine.sessions) == {sid}
+    # The node's own page (its origin) may.
+    async with http.post(f"{node.url}/api/sessions", json={"lesson_id": "own"},
+                         headers={"Origin": node.url}) as r:
+        assert r.status == 201, await r.text()
+    await keyless_neighbour.check()

@@ -56,8 +56,15 @@ def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str
 
 
 def test_non_loopback_with_key_is_allowed() -> None:
-    c = Config.load(env={"RAPIDO_HOST": "0.0.0.0", "RAPIDO_API_KEY": "k"})
+    c = Config.load(env={"RAPIDO_HOST": "0.0.0.0", "RAPIDO_API_KEY": "k" * 16})
     assert c.auth_required and c.redacted()["api_key"] == "***"
+
+
+def test_short_api_key_is_refused_beyond_loopback() -> None:
+    with pytest.raises(ConfigError, match=r"^api_key: 15 characters is too short"):
+        Config.load(env={"RAPIDO_HOST": "0.0.0.0", "RAPIDO_API_KEY": "k" * 15})
+    # On loopback a short key is the owner's business (tests, a laptop).
+    assert Config.load(env={"RAPIDO_API_KEY": "k"}).auth_required
 
 
 def test_bad_toml(tmp_path: Path) -> None:
@@ -85,6 +92,8 @@ def test_cli_bad_value_exits_2_with_one_line() -> None:
     assert len(lines) == 1 and "port" in lines[0] and "int" in lines[0]
     r = _cli("serve", "--host", "0.0.0.0")
     assert r.returncode == 2 and "RAPIDO_API_KEY" in r.stderr
+    r = _cli("serve", "--host", "0.0.0.0", "--api-key", "short")
+    assert r.returncode == 2 and "config error: api_key:" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("cmd", [[], ["serve"], ["bench"]])

@@ -315,19 +315,37 @@ def test_nginx_example_passes_nginx_t(tmp_path: Path) -> None:
     nginx, openssl = tool("nginx"), tool("openssl")
     text = NGINX_CONF.read_text()
     flat = " ".join(text.split())
-    for must in ("least_conn;", "keepalive 64;", "map $http_upgrade $connection_upgrade",
+    for must in ("ONE NODE PER UPSTREAM", "needs the cluster", "keepalive 64;",
+                 "map $http_upgrade $connection_upgrade",
                  "proxy_set_header Upgrade $http_upgrade;", "proxy_buffering off;",
                  "client_max_body_size 16m;", "location /ws/", "location /whep/",
                  "location = /health", "X-Forwarded-For", "X-Forwarded-Proto",
                  "X-Forwarded-Host", "proxy_read_timeout 3600s;", "return 301 https://"):
         assert must in flat, must
     assert Config().max_body_bytes == 16 * 1024 * 1024, "client_max_body_size follows it"
+    # Until the cluster, one node per upstream: no balancing across nodes.
+    upstream = re.search(r"upstream rapido \{(.*?)\}", text, re.DOTALL)
+    assert upstream and len(re.findall(r"^\s*server\s", upstream.group(1), re.M)) == 1
+    assert "least_conn" not in re.sub(r"#.*", "", text)
+    # Access logs without query strings (a browser's ws_token is in its WebSocket URL).
+    formats = re.findall(r"^log_format\s+(\S+)(.*?);", text, re.MULTILINE | re.DOTALL)
+    assert formats, "a log_format of its own"
+    for name, fmt in formats:
+        for var in ("$request ", "$request\"", "$request'", "$request_uri", "$args",
+                    "$query_string", "$arg_", "$http_referer"):
+            assert var not in fmt, (name, var)
+    logs = re.findall(r"^\s*access_log\s+(\S+)\s+(\S+);", text, re.MULTILINE)
+    assert logs and all(fmt in dict(formats) for _, fmt in logs), logs
+    # Upstream connections are dropped before the node's own idle timeout would.
+    m = re.search(r"keepalive_timeout (\d+)s;", upstream.group(1))
+    assert m and int(m.group(1)) < Config().http_read_timeout_s
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
         "-subj", "/CN=rapido.example.com", "-keyout", key, "-out", cert)
     conf = tmp_path / "rapido.conf"
     conf.write_text(text.replace("/etc/ssl/rapido/fullchain.pem", str(cert))
-                    .replace("/etc/ssl/rapido/privkey.pem", str(key)))
+                    .replace("/etc/ssl/rapido/privkey.pem", str(key))
+                    .replace("/var/log/nginx/", f"{tmp_path}/"))
     temp = tmp_path / "temp"
     temp.mkdir()
     main = tmp_path / "nginx.conf"

@@ -191,3 +191,31 @@ async def test_demo_endpoint_speaks_and_needs_the_key(make_node: NodeFactory) ->
         # pending cancels the script cleanly (make_node stops it).
         async with http.post(f"{node.url}/api/demo", headers=auth) as r:
             assert (await r.json())["session_id"] != body["session_id"]
+
+
+async def test_demo_session_ends_after_its_script(make_node: NodeFactory) -> None:
+    """A Demo press costs its script and a grace, not a stream until the idle timeout.
+    The page's way in: the session's ws_token on its ws_url (the events end with
+    ``closed``)."""
+    grace = 0.5
+    node = await make_node(model="none", demo_grace_s=grace)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{node.url}/api/demo") as r:
+            assert r.status == 201, await r.text()
+            body = await r.json()
+        t0 = time.monotonic()
+        async with http.ws_connect(f"{body['ws_url']}?token={body['ws_token']}") as ws:
+            finished = 0
+            while True:
+                msg = await ws.receive_json(timeout=30)
+                if msg["type"] == "playback_finished":
+                    finished += 1
+                    t_last = time.monotonic()
+                elif msg["type"] == "closed":
+                    break
+        elapsed = time.monotonic() - t0
+    assert msg["reason"] == "demo_finished"
+    assert finished == len(SCRIPT)  # the whole script played before it ended
+    assert grace - 0.1 <= time.monotonic() - t_last <= grace + 2.0
+    assert elapsed <= sum(d + s for d, s in SCRIPT) + grace + 5.0
+    assert body["session_id"] not in node.engine.sessions

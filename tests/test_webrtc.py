@@ -539,3 +539,27 @@ def test_feedback_from_an_unknown_or_departed_viewer_is_ignored() -> None:
     sink._on_feedback("gone", 42, report)
     assert sink.stats().json()["receivers"] == {}
     assert sink.stats().json()["quality"]["bitrate"] == sink.video_bitrate
+
+
+async def test_a_whep_viewer_keeps_a_silent_session_open(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    """session_idle_timeout_s closes sessions with no audio and no listener; someone
+    watching over WHEP is a listener, and the timeout starts again when they leave."""
+    node = await make_node(model="none", session_idle_timeout_s=2.0)
+    watched = await create_session(http, node, "idle-watched", sink="webrtc")
+    forgotten = await create_session(http, node, "idle-forgotten", sink="webrtc")
+    viewer = await watch(http, watched["whep_url"], watched["viewer_token"])
+    try:
+        await wait_for(lambda: forgotten["session_id"] not in node.engine.sessions, 6.0)
+        await asyncio.sleep(1.0)  # well past the timeout: the watched one stays
+        assert watched["session_id"] in node.engine.sessions
+        assert node.engine.sessions[watched["session_id"]].sink.audience() == 1
+    finally:
+        await viewer.close()
+        async with http.delete(f"{node.url}{viewer.location}",
+                               headers={"Authorization": f"Bearer {watched['viewer_token']}"}):
+            pass
+    t_left = time.monotonic()
+    await wait_for(lambda: watched["session_id"] not in node.engine.sessions, 6.0)
+    # A whole timeout after the viewer left, less the once-a-second sweep's granularity.
+    assert time.monotonic() - t_left >= 1.0

@@ -61,7 +61,11 @@ class _Api:
         self.base = base.rstrip("/")
 
     async def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        async with self.http.request(method, self.base + path, json=body) as resp:
+        # A node without an api_key takes JSON only as application/json (said outright
+        # here, not left to the client library's default).
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        async with self.http.request(method, self.base + path, json=body,
+                                     headers=headers) as resp:
             data = await resp.json(content_type=None)
             if resp.status >= 300:
                 raise RuntimeError(f"{method} {path}: HTTP {resp.status} {data}")

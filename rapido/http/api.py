@@ -14,7 +14,8 @@ from aiohttp import web
 
 from rapido.engine import AdmissionError, Engine, SinkUnavailable, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
-from rapido.http.keys import ENGINE, SETTINGS, base_url
+from rapido.http.keys import ENGINE, SETTINGS, WS_SECRET, base_url
+from rapido.http.tokens import mint_token
 from rapido.http.whep import viewer_fields
 from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
 from rapido.pipeline.media import AUDIO_RATE
@@ -33,6 +34,13 @@ routes = web.RouteTableDef()
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    if not request.app[SETTINGS].api_key:
+        # Keyless mode: a cross-site form can post text/plain without a preflight; it
+        # cannot post application/json.
+        mime = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if mime != "application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           "send the JSON body with Content-Type: application/json")
     body = await request.read()
     if not body:
         raise bad_request("invalid_json", "request body is empty; send a JSON object")
@@ -112,7 +120,9 @@ def _parse_location(value: Any) -> Any:
 def session_json(request: web.Request, session: StreamSession) -> dict[str, Any]:
     """A session as the API shows it: where to send speech, its live stats, what its
     sink adds (a LiveKit region and viewer token), and for a webrtc session a WHEP URL
-    and viewer token (never the API key: viewers are not API clients)."""
+    and viewer token (never the API key: viewers are not API clients). ``ws_token`` is a
+    short-lived token for this session's WebSocket alone (``ws_url?token=``), for
+    browsers, which cannot send the key in a header."""
     url = base_url(request)
     ws_base = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
     settings = request.app[SETTINGS]
@@ -136,6 +146,7 @@ def session_json(request: web.Request, session: StreamSession) -> dict[str, Any]
         "width": settings.width,
         "height": settings.height,
         "ws_url": f"{ws_base}/ws/sessions/{session.id}",
+        "ws_token": mint_token(request.app[WS_SECRET], session.id, settings.ws_token_ttl_s),
         "audio_url": f"{url}/api/sessions/{session.id}/audio",
         "created_at": _iso(session.created_at),
         "stats": session.stats(),

@@ -1,28 +1,33 @@
 """The aiohttp application: preserved paths, middlewares, and the engine's lifetime.
 
 Middlewares, outermost first: metrics (every request counted by route and status) ->
-errors (everything becomes ``{"error", "message"}`` JSON) -> auth (``/api``, ``/ws``;
-``/whep`` takes viewer tokens, see ``whep.py``).
+errors (everything becomes ``{"error", "message"}`` JSON) -> auth (with a key: ``/api``,
+``/ws``; ``/whep`` takes viewer tokens, see ``whep.py``; without one: Host and Origin,
+see ``auth.py``) -> body (the request body read within ``http_read_timeout_s``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 
 from rapido import __version__
 from rapido.engine import Engine
 from rapido.http import api, demo, whep, ws
-from rapido.http.auth import check_bearer, needs_auth
+from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import ENGINE, METRICS, SETTINGS, WEBSOCKETS
+from rapido.http.keys import ENGINE, METRICS, SETTINGS, WEBSOCKETS, WS_SECRET
 from rapido.http.openapi import openapi_document
 from rapido.http.settings import HttpSettings
+from rapido.http.tokens import WS_PURPOSE, derive_secret
 from rapido.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -76,10 +81,46 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    key = request.app[SETTINGS].api_key
-    if key and needs_auth(request.path):
-        check_bearer(request, key)
+    settings = request.app[SETTINGS]
+    if not settings.api_key:
+        check_local(request, settings.public_url)
+    elif needs_auth(request.path):
+        check_bearer(request, settings.api_key, request.app[WS_SECRET])
     return await handler(request)
+
+
+class _BodyTimeout(Exception):
+    """The request body did not arrive within ``http_read_timeout_s``."""
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A client trickling its body slower than ``http_read_timeout_s`` is answered 408
+    and cut off (aiohttp has no body timeout of its own): if the body has not fully
+    arrived by then, its stream fails, so the handler's read ends at once. Handlers
+    still read the body themselves, as much of it as they want (a 429 before reading,
+    the WHEP offer's 64 KiB), so nothing here buffers a body."""
+    if not request.can_read_body:
+        return await handler(request)
+    timeout = request.app[SETTINGS].http_read_timeout_s
+    timer = asyncio.get_running_loop().call_later(timeout, _expire_body, request)
+    try:
+        return await handler(request)
+    except _BodyTimeout:
+        request.app[METRICS].bad_input.labels("http", "request_timeout").inc()
+        response = ApiError(
+            408, "request_timeout",
+            f"the request body did not arrive within {timeout:g} s (http_read_timeout_s); "
+            "send it at once").response()
+        response.force_close()
+        return response
+    finally:
+        timer.cancel()
+
+
+def _expire_body(request: web.Request) -> None:
+    if not request.content.is_eof():
+        request.content.set_exception(_BodyTimeout())
 
 
 def _route_name(request: web.Request) -> str:
@@ -98,13 +139,34 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
+    """Readiness and what the node runs. Absolute paths (the model file, caches) are shown
+    only to callers presenting the API key; others see ``.../<file name>``."""
     engine = request.app[ENGINE]
-    body = {"ready": engine.ready and not engine.draining, **engine.summary()}
+    summary = engine.summary()
+    if not has_key(request, request.app[SETTINGS].api_key):
+        summary = hide_paths(summary)
+    body = {"ready": engine.ready and not engine.draining, **summary}
     if engine.draining:
         return json_response({**body, "reason": "draining"}, status=503)
     if not engine.ready:
         return json_response({**body, "reason": "starting"}, status=503)
     return json_response(body)
+
+
+#: An absolute path of at least one directory, anywhere in a string (POSIX or Windows).
+_ABS_PATH = re.compile(r"(?<![\w.:/\\])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])+")
+
+
+def hide_paths(value: Any) -> Any:
+    """``value`` with the directories of absolute paths in its strings replaced by
+    ``.../`` (a model at /home/me/models/m.onnx shows as .../m.onnx)."""
+    if isinstance(value, str):
+        return _ABS_PATH.sub(".../", value)
+    if isinstance(value, dict):
+        return {k: hide_paths(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [hide_paths(v) for v in value]
+    return value
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -128,10 +190,11 @@ def _static_dir() -> Path:
 
 def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Application:
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[WS_SECRET] = derive_secret(settings.api_key, WS_PURPOSE)
     app[METRICS] = metrics
     app[ENGINE] = engine
     app[WEBSOCKETS] = set()

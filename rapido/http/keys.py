@@ -12,6 +12,8 @@ SETTINGS = web.AppKey("settings", HttpSettings)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+#: The secret of the sessions' WebSocket tokens (``rapido.http.tokens``).
+WS_SECRET = web.AppKey("ws_secret", bytes)
 
 
 def base_url(request: web.Request) -> str:

@@ -30,7 +30,9 @@ _SESSION_ID = {
 
 def openapi_document(config: HttpSettings) -> dict[str, Any]:
     secured: list[dict[str, list[str]]] = [{"bearer": []}] if config.auth_required else []
-    errors = {"401": _error("missing or wrong API key")} if config.auth_required else {}
+    errors = ({"401": _error("missing or wrong API key")} if config.auth_required else
+              {"403": _error("keyless node: Host is not this node on a loopback name, or "
+                             "Origin is not this node's own")})
     session_errors = {**errors, "404": _error("unknown session")}
     schemas: dict[str, Any] = {
         "Error": {
@@ -97,6 +99,9 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "width": {"type": "integer"},
                 "height": {"type": "integer"},
                 "ws_url": {"type": "string"},
+                "ws_token": {"type": "string", "description": "short-lived token for this "
+                             "session's WebSocket alone (ws_url?token=...): what a browser "
+                             "connects with, instead of the API key"},
                 "audio_url": {"type": "string"},
                 "whep_url": {"type": "string", "description": "sink webrtc only: POST an "
                              "SDP offer here to watch (WHEP)"},
@@ -138,7 +143,9 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                     "200": _json(_ref("Session"), "the lesson already had a live session"),
                     "400": _error("invalid request"),
                     "404": _error("unknown avatar"),
+                    "408": _error("the body did not arrive within http_read_timeout_s"),
                     "413": _error("body too large"),
+                    "415": _error("without an api_key: the body is not application/json"),
                     "503": _error("at capacity or draining; see Retry-After"),
                     **errors,
                 },
@@ -181,6 +188,7 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "responses": {
                     "202": _json(_ref("AudioQueued"), "queued behind earlier utterances"),
                     "400": _error("malformed audio"),
+                    "408": _error("the body did not arrive within http_read_timeout_s"),
                     "413": _error("body too large"),
                     "415": _error("unsupported audio format"),
                     "429": _error("too much speech queued"),
@@ -202,7 +210,8 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                            "(start, end, interrupt, ping); events out (ready, "
                            "playback_started, playback_finished, underrun, refill, error, "
                            "pong, closed)",
-                "operationId": "sessionSocket", "security": secured,
+                "operationId": "sessionSocket",
+                "security": [*secured, {"wsToken": []}] if secured else [],
                 "responses": {"101": {"description": "switching to WebSocket"},
                               "400": _error("not a WebSocket request"), **session_errors},
             },
@@ -268,5 +277,7 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
     schemes: dict[str, Any] = {"viewerToken": {"type": "http", "scheme": "bearer"}}
     if config.auth_required:
         schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+        # A browser's WebSocket: the session's ws_token (never the key) in the URL.
+        schemes["wsToken"] = {"type": "apiKey", "in": "query", "name": "token"}
     doc["components"]["securitySchemes"] = schemes
     return doc

@@ -15,6 +15,9 @@ class HttpSettings:
     max_ws_message_bytes: int
     default_sink: str
     webrtc_token_ttl_s: float
+    ws_token_ttl_s: float  # a session's WebSocket token (browsers connect with it)
+    http_read_timeout_s: float  # a request's headers and its body must arrive within it
+    demo_grace_s: float  # a demo session ends this long after its script played out
     # Reported in every session's JSON.
     region: str
     width: int

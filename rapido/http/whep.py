@@ -6,8 +6,9 @@ viewer. Only sessions created with sink ``webrtc`` have viewers.
 
 Viewers are not API clients: they never see the API key. The session API hands out a
 viewer token scoped to one session, ``<expiry>.<hmac>``, where the HMAC-SHA256 is over
-``session_id`` and the expiry under a node secret (the API key when one is set, so
-every node sharing the key can check it; else a random secret per app). It is taken as
+``session_id`` and the expiry under a node secret (derived from the API key when one is
+set, so every node sharing the key can check it; else random per app; see
+:mod:`rapido.http.tokens`). It is taken as
 ``Authorization: Bearer <token>`` or ``?token=`` (a ``<video>`` page may not set
 headers). The API-key middleware only covers ``/api`` and ``/ws``, so ``/whep`` is
 checked here alone.
@@ -20,15 +21,11 @@ closed (see :mod:`rapido.webrtc.sink`).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
-import time
-
 from aiohttp import web
 
 from rapido.http.errors import ApiError, bad_request, not_found
 from rapido.http.keys import ENGINE, METRICS, SETTINGS
+from rapido.http.tokens import VIEWER_PURPOSE, check_token, derive_secret, mint_token
 from rapido.pipeline.session import StreamSession
 from rapido.pipeline.sinks.base import SinkError
 from rapido.webrtc import InvalidOffer, SinkClosed, WebRtcSink
@@ -45,8 +42,7 @@ routes = web.RouteTableDef()
 
 def setup(app: web.Application) -> None:
     """Add the routes, the node secret and the ``webrtc_encoders`` gauge to ``app``."""
-    key = app[SETTINGS].api_key
-    app[VIEWER_SECRET] = key.encode() if key else secrets.token_bytes(32)
+    app[VIEWER_SECRET] = derive_secret(app[SETTINGS].api_key, VIEWER_PURPOSE)
     app.add_routes(routes)
     engine = app[ENGINE]
 
@@ -59,33 +55,10 @@ def setup(app: web.Application) -> None:
     app[METRICS].webrtc_encoders.set_function(encoders)
 
 
-def mint_token(secret: bytes, session_id: str, ttl_s: float, now: float | None = None) -> str:
-    expiry = int((time.time() if now is None else now) + ttl_s)
-    return f"{expiry}.{_mac(secret, session_id, expiry)}"
-
-
-def check_token(secret: bytes, session_id: str, token: str, now: float | None = None) -> None:
-    """Raise 401 unless ``token`` is a live viewer token for ``session_id``."""
-    expiry_s, _, mac = token.partition(".")
-    # ASCII digits only, and no more than any real expiry has: str.isdigit() also takes
-    # '²' (which int() refuses), and int() refuses more than 4300 digits.
-    if not (expiry_s.isascii() and expiry_s.isdigit()) or len(expiry_s) > 20 or not mac:
-        raise _unauthorized("malformed viewer token")
-    expiry = int(expiry_s)
-    if not hmac.compare_digest(mac.encode(), _mac(secret, session_id, expiry).encode()):
-        raise _unauthorized("wrong viewer token for this session")
-    if expiry < (time.time() if now is None else now):
-        raise _unauthorized("the viewer token has expired; get a new one from the session API")
-
-
 def viewer_fields(app: web.Application, session: StreamSession, base: str) -> dict[str, str]:
     """What the session API adds for a webrtc session."""
     token = mint_token(app[VIEWER_SECRET], session.id, app[SETTINGS].webrtc_token_ttl_s)
     return {"viewer_token": token, "whep_url": f"{base}/whep/{session.id}"}
-
-
-def _mac(secret: bytes, session_id: str, expiry: int) -> str:
-    return hmac.new(secret, f"{session_id}\n{expiry}".encode(), hashlib.sha256).hexdigest()
 
 
 def _unauthorized(message: str) -> ApiError:

@@ -291,6 +291,12 @@ class LiveKitSink:
     def playout_frames(self) -> int:
         return self.frames_captured + self.frames_thinned
 
+    def audience(self) -> int:
+        """The other participants in the room now (subscribers, an agent): 0 while not
+        connected."""
+        room = self._room
+        return len(room.remote_participants) if room is not None else 0
+
     def adapt(self, node_load: float, now: float | None = None) -> None:
         """One load sample: the node's, or this sink's backlog if it is worse."""
         self.quality.adapt(

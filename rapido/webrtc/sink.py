@@ -278,6 +278,10 @@ class WebRtcSink:
     def playout_frames(self) -> int:
         return self._frames_encoded
 
+    def audience(self) -> int:
+        """The WHEP viewers connected now."""
+        return len(self.viewers)
+
     def encoder_counts(self) -> dict[str, int]:
         """Encoders running, by codec: at most one each, however many viewers."""
         return self.encoders.counts()

@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_ITEM = "rapido.apiKey";
 
-let viewer = null;  // {session, pc, location, timer, last}
+let viewer = null;  // {session, pc, location, timer, last, events}
 
 function setStatus(text, error = false) {
   $("status").textContent = text;
@@ -101,7 +101,7 @@ async function play(session) {
   }
   await stop();
   const pc = new RTCPeerConnection();
-  const v = { session, pc, location: null, timer: null, last: null };
+  const v = { session, pc, location: null, timer: null, last: null, events: null };
   viewer = v;
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
@@ -137,7 +137,32 @@ async function play(session) {
   $("st-state").textContent = session.state;
   for (const id of ["stop", "interrupt", "wav"]) $(id).disabled = false;
   v.timer = setInterval(() => updateStats(v).catch(() => {}), 1000);
+  v.events = openEvents(v);
   setStatus(`watching ${session.lesson_id}`);
+}
+
+// The session's events over its WebSocket. The browser connects with the session's own
+// short-lived ws_token (never the API key: it would sit in the URL).
+function openEvents(v) {
+  const s = v.session;
+  if (!s.ws_url || !s.ws_token) return null;
+  const url = new URL(s.ws_url, location.href);
+  url.searchParams.set("token", s.ws_token);
+  const ws = new WebSocket(url.href);
+  ws.addEventListener("message", (ev) => {
+    if (viewer !== v || typeof ev.data !== "string") return;
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch (e) { return; }
+    if (msg.type === "playback_started") {
+      $("st-state").textContent = "speaking";
+    } else if (msg.type === "playback_finished") {
+      $("st-state").textContent = msg.interrupted ? "interrupted" : "idle";
+    } else if (msg.type === "closed") {
+      $("st-state").textContent = "closed";
+      setStatus(`the session ended (${String(msg.reason)})`);
+    }
+  });
+  return ws;
 }
 
 async function stop() {
@@ -145,6 +170,7 @@ async function stop() {
   if (!v) return;
   viewer = null;
   clearInterval(v.timer);
+  if (v.events) v.events.close();
   v.pc.close();
   $("video").srcObject = null;
   for (const id of ["stop", "interrupt", "wav"]) $(id).disabled = true;

@@ -108,6 +108,11 @@ class Sink(Protocol):
 
     def stats(self) -> SinkStats: ...
 
+    def audience(self) -> int:
+        """Who watches this stream live now (WHEP viewers, LiveKit subscribers): while
+        anyone does, the session is not idle. 0 for sinks nobody watches (null, record)."""
+        ...
+
     async def aclose(self) -> None:
         """Flush and finalise; idempotent."""
         ...

@@ -90,6 +90,9 @@ class NullSink:
     def playout_frames(self) -> int:
         return self.frames
 
+    def audience(self) -> int:
+        return 0
+
     def fps(self) -> float:
         """Frames per second delivered over the last ``fps_window_s`` seconds.
 

@@ -235,6 +235,9 @@ class RecorderSink:
     def playout_frames(self) -> int:
         return self._frames_written
 
+    def audience(self) -> int:
+        return 0
+
     @property
     def dropped_frames(self) -> int:
         return self._dropped
