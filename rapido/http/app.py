@@ -89,24 +89,34 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-class _BodyTimeout(Exception):
-    """The request body did not arrive within ``http_read_timeout_s``."""
-
-
 @web.middleware
 async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A client trickling its body slower than ``http_read_timeout_s`` is answered 408
     and cut off (aiohttp has no body timeout of its own): if the body has not fully
-    arrived by then, its stream fails, so the handler's read ends at once. Handlers
-    still read the body themselves, as much of it as they want (a 429 before reading,
-    the WHEP offer's 64 KiB), so nothing here buffers a body."""
+    arrived by then, the handler is cancelled (it can only be waiting for the body, or
+    on what it does with it, which is still the client's clock). Handlers read the body
+    themselves, as much of it as they want (a 429 before reading, WHEP's 64 KiB), so
+    nothing here buffers one. aiohttp then reads and drops what is left of the body for
+    ``lingering_time`` before it closes, so the client sees the 408, not a reset."""
     if not request.can_read_body:
         return await handler(request)
     timeout = request.app[SETTINGS].http_read_timeout_s
-    timer = asyncio.get_running_loop().call_later(timeout, _expire_body, request)
+    me = asyncio.current_task()
+    assert me is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        if not request.content.is_eof():
+            expired = True
+            me.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     try:
         return await handler(request)
-    except _BodyTimeout:
+    except asyncio.CancelledError:
+        if not expired or me.uncancel() > 0:
+            raise  # cancelled from outside too (the client left, the node stops)
         request.app[METRICS].bad_input.labels("http", "request_timeout").inc()
         response = ApiError(
             408, "request_timeout",
@@ -116,11 +126,6 @@ async def body_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         timer.cancel()
-
-
-def _expire_body(request: web.Request) -> None:
-    if not request.content.is_eof():
-        request.content.set_exception(_BodyTimeout())
 
 
 def _route_name(request: web.Request) -> str:
