@@ -46,7 +46,8 @@ def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         api_key=config.api_key, public_url=config.public_url,
         max_body_bytes=config.max_body_bytes,
-        max_ws_message_bytes=config.max_ws_message_bytes, default_sink=config.default_sink,
+        max_ws_message_bytes=config.max_ws_message_bytes,
+        max_concurrent_uploads=config.max_concurrent_uploads, default_sink=config.default_sink,
         webrtc_token_ttl_s=config.webrtc_token_ttl_s, region=config.region,
         width=config.width, height=config.height, fps=config.fps)
 

@@ -6,12 +6,14 @@ from aiohttp import web
 
 from rapido.engine import Engine
 from rapido.http.settings import HttpSettings
+from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", HttpSettings)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
+UPLOADS = web.AppKey("uploads", UploadSlots)
 
 
 def base_url(request: web.Request) -> str:
