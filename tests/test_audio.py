@@ -234,3 +234,12 @@ def test_blockwise_decode_and_resample_equals_the_whole(rate: int) -> None:
         odd = np.concatenate(list(pcm.blocks48(block_s=0.0137)))
         assert np.array_equal(odd, want), name
         assert abs(len(want) - pcm.samples48) <= 1, name
+        small = pcm.compact(block_s=0.0137)  # what a queued upload holds
+        assert small.block_align <= 2 and small.frames == pcm.frames, name
+        assert small is pcm or small.block_align < pcm.block_align, name
+        assert np.array_equal(np.concatenate(list(small.blocks48())), want), name
+
+
+def test_compact_checks_float_samples() -> None:
+    with pytest.raises(AudioFormatError, match="NaN"):
+        parse_wav(_float_wav(np.r_[np.zeros(20_000), np.inf], 16_000)).compact()

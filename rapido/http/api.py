@@ -261,7 +261,8 @@ async def upload_audio(request: web.Request) -> web.Response:
 async def _read_pcm(request: web.Request, session: StreamSession, ctype: str,
                     mime: str) -> Pcm:
     """The body, read and checked (header, length against the queue, float samples
-    finite) but not decoded."""
+    finite): as sent if it is at most 2 bytes a frame, else decoded to mono int16 at its
+    own rate, never resampled (a queued upload holds no more than that)."""
     limit = request.app[SETTINGS].max_body_bytes
     length = request.content_length
     if length is not None and length > limit:
@@ -278,8 +279,8 @@ async def _read_pcm(request: web.Request, session: StreamSession, ctype: str,
         if pcm.frames == 0:
             raise bad_request("empty_audio", "the audio holds no samples")
         _check_queue(session, pcm.samples48)
-        if pcm.fmt == "f32le":  # NaN or infinity: only the samples themselves tell
-            await asyncio.get_running_loop().run_in_executor(None, pcm.check)
+        if pcm.block_align > 2:  # stereo, 24/32-bit, float: to mono int16, off the loop
+            pcm = await asyncio.get_running_loop().run_in_executor(None, pcm.compact)
     except AudioFormatError as exc:
         raise ApiError(415 if exc.code.startswith("unsupported") else 400, exc.code,
                        str(exc)) from None

@@ -252,6 +252,19 @@ class Pcm:
             if not np.all(np.isfinite(x[i : i + step])):
                 raise AudioFormatError("invalid_wav", "float WAV contains NaN or infinity")
 
+    def compact(self, block_s: float = BLOCK_S) -> Pcm:
+        """Checked (:meth:`check`) and at most 2 bytes a frame, so a queued upload never
+        holds more than mono int16 at its own rate would: formats wider than that
+        (stereo, 24/32-bit, float) are decoded to mono int16 here, block by block."""
+        self.check(block_s)
+        if self.block_align <= 2:
+            return self
+        out = np.empty(self.frames, dtype="<i2")
+        step = self._block_frames(block_s)
+        for start in range(0, self.frames, step):
+            out[start : start + step] = self.decode(start, start + step)
+        return Pcm(out.data, "s16le", 1, self.rate)
+
     def blocks48(self, block_s: float = BLOCK_S) -> Iterator[np.ndarray]:
         """Mono int16 at AUDIO_RATE, decoded and resampled ``block_s`` of input at a time
         (the last block carries the resampler's tail)."""
