@@ -183,7 +183,9 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                     "400": _error("malformed audio"),
                     "413": _error("body too large"),
                     "415": _error("unsupported audio format"),
-                    "429": _error("too much speech queued"),
+                    "429": _error("too much speech queued (queue_full, from the header's "
+                                  "length), or too many uploads in progress "
+                                  "(too_many_uploads); both with Retry-After"),
                     **session_errors,
                 },
             },
