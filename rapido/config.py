@@ -62,6 +62,8 @@ class Config:
                                      lo=1024, hi=64 * 1024 * 1024)
     max_queued_audio_s: float = _opt(120.0, "speech a session may hold queued (HTTP uploads)",
                                      lo=1, hi=3600)
+    max_concurrent_uploads: int = _opt(4, "audio uploads the node reads and checks at once "
+                                       "(429 too_many_uploads above)", lo=1, hi=1024)
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, how long running sessions may finish",
                                   lo=0, hi=3600)
     session_idle_timeout_s: float = _opt(300.0, "close sessions with no audio and no listener "

@@ -47,7 +47,8 @@ def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         api_key=config.api_key, public_url=config.public_url,
         max_body_bytes=config.max_body_bytes,
-        max_ws_message_bytes=config.max_ws_message_bytes, default_sink=config.default_sink,
+        max_ws_message_bytes=config.max_ws_message_bytes,
+        max_concurrent_uploads=config.max_concurrent_uploads, default_sink=config.default_sink,
         webrtc_token_ttl_s=config.webrtc_token_ttl_s, ws_token_ttl_s=config.ws_token_ttl_s,
         http_read_timeout_s=config.http_read_timeout_s, demo_grace_s=config.demo_grace_s,
         region=config.region,

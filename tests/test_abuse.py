@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -357,3 +358,107 @@ async def test_a_client_trickling_its_request_is_cut_off(
         honest.assert_kept_up(t0)
         async with http.get(f"{node.url}/api/sessions") as r:
             assert [s["lesson_id"] for s in (await r.json())["sessions"]] == ["honest"]
+
+
+# -- item 1: maximum-size audio uploads ---------------------------------------------------
+
+MAX_BODY = 16 * 1024 * 1024  # max_body_bytes' default
+#: Each format at 8 kHz, the rate whose upsampling costs most per byte; 8-bit WAV is the
+#: worst case (most samples per byte: 16 MiB is 2097 s of speech, 201 MB at 48 kHz).
+UPLOAD_KINDS = ("wav-u8", "wav-s16", "wav-f32", "l16")
+UPLOAD_RATE = 8_000
+
+
+def max_upload(kind: str, size: int = MAX_BODY) -> tuple[bytes, str]:
+    """A body of exactly ``size`` bytes of speech-like audio, and its Content-Type."""
+    x = speech(2.0, rate=UPLOAD_RATE).astype(np.int32)
+    if kind == "l16":
+        return np.resize(x.astype(">i2"), size // 2).tobytes(), \
+            f"audio/L16;rate={UPLOAD_RATE}"
+    tag, width, samples = {
+        "wav-u8": (1, 1, ((x >> 8) + 128).astype(np.uint8)),
+        "wav-s16": (1, 2, x.astype("<i2")),
+        "wav-f32": (3, 4, (x / 32768.0).astype("<f4")),
+    }[kind]
+    n = (size - 44) // width
+    data = np.resize(samples, n).tobytes()
+    fmt = struct.pack("<HHIIHH", tag, 1, UPLOAD_RATE, UPLOAD_RATE * width, width, 8 * width)
+    head = (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", len(data)))
+    return head + data, "audio/wav"
+
+
+async def upload(http: aiohttp.ClientSession, url: str, session_id: str, body: bytes,
+                 ctype: str) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{url}/api/sessions/{session_id}/audio", data=body,
+                         headers={"Content-Type": ctype}) as r:
+        return r.status, await r.json()
+
+
+async def create(http: aiohttp.ClientSession, url: str, lesson: str) -> str:
+    async with http.post(f"{url}/api/sessions", json={"lesson_id": lesson}) as r:
+        assert r.status == 201, await r.text()
+        return str((await r.json())["session_id"])
+
+
+async def played_ms(http: aiohttp.ClientSession, url: str, session_id: str) -> float:
+    async with http.get(f"{url}/api/sessions/{session_id}") as r:
+        return float((await r.json())["stats"]["played_ms"])
+
+
+async def test_max_size_upload_of_each_format_keeps_memory_bounded(
+        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+    """One maximum-size upload of each format, accepted (the queue holds an hour) and
+    played, so it is really decoded and resampled: the node's peak RSS rises by less
+    than 100 MB, and the honest neighbour keeps 24 fps. The same 8-bit upload again does
+    not fit what is left of the queue: 429 at once, from its header."""
+    node = await abuse_node(max_queued_audio_s=3600)
+    growth: dict[str, float] = {}
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        t0 = honest.mark()
+        base = node.status_kb("VmHWM")
+        for kind in UPLOAD_KINDS:
+            body, ctype = max_upload(kind)
+            sid = await create(http, node.url, kind)
+            status, answer = await upload(http, node.url, sid, body, ctype)
+            assert status == 202, answer
+            if kind == "wav-u8":
+                assert answer["duration_ms"] > 2000_000
+                start = time.monotonic()
+                status, answer = await upload(http, node.url, sid, body, ctype)
+                assert status == 429 and answer["error"] == "queue_full", answer
+                assert time.monotonic() - start < 2.0
+            await asyncio.sleep(1.5)  # playing: decoded and resampled block by block
+            assert await played_ms(http, node.url, sid) > 0
+            growth[kind] = (node.status_kb("VmHWM") - base) / 1024
+            async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
+                assert r.status == 200
+        await settle()
+        print(f"\nVmHWM growth over {base / 1024:.0f} MiB, MiB: {growth}")
+        honest.assert_kept_up(t0)
+    assert max(growth.values()) < 100, growth
+
+
+async def test_ten_max_size_uploads_at_once_keep_memory_bounded(
+        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+    """Ten maximum-size 8-bit 8 kHz uploads at once to ten sessions, all accepted and
+    playing: the peak RSS rises by less than 400 MB; the honest neighbour keeps 24 fps."""
+    node = await abuse_node(max_queued_audio_s=3600, max_concurrent_uploads=10)
+    body, ctype = max_upload("wav-u8")
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        sids = [await create(http, node.url, f"upload-{i}") for i in range(10)]
+        t0 = honest.mark()
+        base = node.status_kb("VmHWM")
+        answers = await asyncio.gather(*(upload(http, node.url, sid, body, ctype)
+                                         for sid in sids))
+        assert [status for status, _ in answers] == [202] * 10, answers
+        await asyncio.sleep(2.0)
+        assert all([await played_ms(http, node.url, sid) > 0 for sid in sids])
+        growth = (node.status_kb("VmHWM") - base) / 1024
+        for sid in sids:
+            async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
+                assert r.status == 200
+        await settle()
+        print(f"\nVmHWM growth over {base / 1024:.0f} MiB: {growth:.0f} MiB")
+        honest.assert_kept_up(t0)
+    assert growth < 400, growth

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 
 from rapido.pipeline.audio import (
+    MAX_WAV_CHUNKS,
     AudioFormatError,
+    Pcm,
     Resampler,
     check_rate,
     decode_wav,
+    l16_pcm,
     parse_l16,
+    parse_wav,
     pcm_s16le,
     resample,
 )
@@ -138,3 +142,104 @@ def test_integer_ratio_resampler_passes_input_samples_through() -> None:
     x = speech(0.2)
     y = resample(x, 16_000)
     assert np.array_equal(y[::3], x)
+
+
+# -- uploads: the length from the header, decoding and resampling block by block --------
+
+
+def _float_wav(x: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    data = np.asarray(x, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * 4 * channels, 4 * channels, 32)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+            + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def test_header_duration_is_data_size_over_block_align_over_rate() -> None:
+    u8 = np.full(8_000 * 3, 128, dtype=np.uint8)  # 3 s of 8-bit 8 kHz
+    pcm = parse_wav(wav_bytes(u8, 8_000, width=1))
+    assert (pcm.frames, pcm.rate, pcm.block_align) == (24_000, 8_000, 1)
+    assert pcm.duration_s == 3.0 and pcm.samples48 == 3 * AUDIO_RATE
+    st = np.zeros((16_000, 2), dtype=np.int16)  # 1 s of 16-bit stereo
+    pcm = parse_wav(wav_bytes(st, 16_000, width=2, channels=2))
+    assert (pcm.frames, pcm.block_align, pcm.samples48) == (16_000, 4, AUDIO_RATE)
+    pcm = parse_wav(_float_wav(np.zeros(11_025), 22_050))
+    assert pcm.duration_s == 0.5 and pcm.samples48 == AUDIO_RATE // 2
+    # L16: body size / 2 / rate.
+    pcm = l16_pcm("audio/L16;rate=24000", b"\x00\x00" * 12_000)
+    assert pcm.duration_s == 0.5 and pcm.samples48 == AUDIO_RATE // 2
+    # A streamed WAV that claims more than it holds: what is there counts.
+    blob = bytearray(wav_bytes(np.zeros(800, dtype=np.int16), 8_000))
+    struct.pack_into("<I", blob, 40, 0xFFFFFFFF)
+    assert parse_wav(blob).frames == 800
+
+
+def test_header_is_read_without_decoding_and_without_copying() -> None:
+    # NaN samples: the header says how long it is; only check() (the samples) refuses.
+    blob = _float_wav(np.full(16_000, np.nan), 16_000)
+    pcm = parse_wav(blob)
+    assert pcm.duration_s == 1.0
+    with pytest.raises(AudioFormatError, match="NaN"):
+        pcm.check()
+    with pytest.raises(AudioFormatError, match="NaN"):
+        pcm.check(block_s=0.01)
+    # A view of the body, not a copy of it.
+    body = bytearray(wav_bytes(speech(0.1), 16_000))
+    pcm = parse_wav(body)
+    body[44:46] = b"\x34\x12"
+    assert pcm.decode(0, 1)[0] == 0x1234
+
+
+def test_wav_chunk_walk_is_bounded() -> None:
+    x = speech(0.1)
+    good = wav_bytes(x, 16_000)
+    junk = b"JUNK" + struct.pack("<I", 2) + b"\x00\x00"
+    ok = good[:36] + junk * (MAX_WAV_CHUNKS - 2) + good[36:]  # fmt + junk + data
+    assert np.array_equal(decode_wav(ok)[0], x)
+    crafted = good[:36] + junk * MAX_WAV_CHUNKS + good[36:]
+    with pytest.raises(AudioFormatError, match="chunks") as info:
+        parse_wav(crafted)
+    assert info.value.code == "invalid_wav"
+
+
+def _formats(x: np.ndarray, rate: int) -> list[tuple[str, Pcm]]:
+    x32 = x.astype(np.int32)
+    u8 = ((x32 >> 8) + 128).astype(np.uint8)
+    st = np.stack([x, -x // 2], axis=1).astype(np.int16)
+    v = x32 << 8
+    b24 = np.stack([v & 0xFF, (v >> 8) & 0xFF, (v >> 16) & 0xFF], axis=1).astype(np.uint8)
+    return [
+        ("u8", parse_wav(wav_bytes(u8, rate, width=1))),
+        ("s16", parse_wav(wav_bytes(x, rate))),
+        ("s16 stereo", parse_wav(wav_bytes(st, rate, channels=2))),
+        ("s24", parse_wav(wav_bytes(b24, rate, width=3))),
+        ("s32", parse_wav(wav_bytes(x32 << 16, rate, width=4))),
+        ("f32", parse_wav(_float_wav(x / 32768.0, rate))),
+        ("L16", l16_pcm(f"audio/L16;rate={rate}", x.astype(">i2").tobytes())),
+        ("L16 little", l16_pcm(f"audio/L16;rate={rate};endian=little", x.tobytes())),
+    ]
+
+
+@pytest.mark.parametrize("rate", [8_000, 16_000, 22_050, 44_100, 48_000])
+def test_blockwise_decode_and_resample_equals_the_whole(rate: int) -> None:
+    x = speech(2.3, rate=rate)
+    for name, pcm in _formats(x, rate):
+        whole = pcm.decode()
+        assert np.array_equal(np.concatenate([pcm.decode(i, i + 999)
+                                              for i in range(0, pcm.frames, 999)]), whole)
+        want = resample(whole, rate)
+        blocks = list(pcm.blocks48())  # 1 s of input a block: 3 blocks, tail in the last
+        assert len(blocks) == 3, name
+        assert all(len(b) <= AUDIO_RATE + 64 for b in blocks), name
+        assert np.array_equal(np.concatenate(blocks), want), name
+        odd = np.concatenate(list(pcm.blocks48(block_s=0.0137)))
+        assert np.array_equal(odd, want), name
+        assert abs(len(want) - pcm.samples48) <= 1, name
+        small = pcm.compact(block_s=0.0137)  # what a queued upload holds
+        assert small.block_align <= 2 and small.frames == pcm.frames, name
+        assert small is pcm or small.block_align < pcm.block_align, name
+        assert np.array_equal(np.concatenate(list(small.blocks48())), want), name
+
+
+def test_compact_checks_float_samples() -> None:
+    with pytest.raises(AudioFormatError, match="NaN"):
+        parse_wav(_float_wav(np.r_[np.zeros(20_000), np.inf], 16_000)).compact()

@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from rapido.http.keys import WS_SECRET
+from rapido.http.keys import UPLOADS, WS_SECRET
 from rapido.http.tokens import mint_token
+from rapido.http.uploads import UploadSlots
 from rapido.node import Node
 from tests.conftest import API_KEY, NodeFactory, create_session, speech
 from tests.test_ws import CHUNK, next_event, send_jittered
@@ -45,7 +46,9 @@ class Neighbour:
 
 @pytest.fixture
 async def keyed_node(make_node: NodeFactory) -> Node:
-    return await make_node(api_key=API_KEY, max_ws_message_bytes=4096, max_body_bytes=64 * 1024)
+    # Small limits, so a test can reach each of them with small bodies.
+    return await make_node(api_key=API_KEY, max_ws_message_bytes=4096, max_body_bytes=64 * 1024,
+                           max_queued_audio_s=2.0, max_concurrent_uploads=1)
 
 
 @pytest.fixture
@@ -211,6 +214,78 @@ async def test_oversize_body(keyed_node: Node, http: aiohttp.ClientSession,
                            headers={**AUTH, "Content-Type": "audio/L16;rate=16000"})
     assert_error(got, body, 413, "body_too_large")
     await neighbour.check()
+
+
+def _float_wav(seconds: float, value: float, rate: int = 8000) -> bytes:
+    n = int(seconds * rate)
+    return _wav(tag=3, bits=32, rate=rate, payload=struct.pack(f"<{n}f", *([value] * n)))
+
+
+async def test_upload_beyond_the_queue_is_refused_from_its_header(
+        keyed_node: Node, http: aiohttp.ClientSession, neighbour: Neighbour) -> None:
+    """The header's length against what is left of the queue (2 s here), before anything
+    is decoded: a float WAV full of NaN gets 429 queue_full, not 400 invalid_wav."""
+    s = await create_session(http, keyed_node, "queued", headers=AUTH)
+    url = f"{keyed_node.url}/api/sessions/{s['session_id']}/audio"
+    wav = {**AUTH, "Content-Type": "audio/wav"}
+    got, body = await post(http, url, data=_float_wav(1.5, 0.1), headers=wav)
+    assert got == 202 and body["queued_ms"] == 1500.0, body
+    async with http.post(url, data=_float_wav(1.0, float("nan")), headers=wav) as r:
+        assert_error(r.status, await r.json(), 429, "queue_full")
+        assert int(r.headers["Retry-After"]) > 0
+    l16 = {**AUTH, "Content-Type": "audio/L16;rate=8000"}
+    async with http.post(url, data=b"\x00\x00" * 8000, headers=l16) as r:  # 1 s
+        assert_error(r.status, await r.json(), 429, "queue_full")
+        assert int(r.headers["Retry-After"]) > 0
+    # What still fits is taken; a NaN within it is found once the header passed.
+    got, body = await post(http, url, data=_float_wav(0.25, float("nan")), headers=wav)
+    assert_error(got, body, 400, "invalid_wav")
+    got, body = await post(http, url, data=_float_wav(0.5, 0.1), headers=wav)
+    assert got == 202 and body["queued_ms"] == 2000.0, body
+    assert keyed_node.engine.sessions[s["session_id"]].stats()["queued_ms"] == 2000.0
+    await neighbour.check()
+
+
+async def test_uploads_beyond_max_concurrent_uploads_are_refused_unread(
+        keyed_node: Node, http: aiohttp.ClientSession, neighbour: Neighbour) -> None:
+    """One upload in progress (max_concurrent_uploads = 1 here): another gets 429
+    too_many_uploads + Retry-After before its body is read; the first one completes."""
+    s = await create_session(http, keyed_node, "uploads", headers=AUTH)
+    url = f"{keyed_node.url}/api/sessions/{s['session_id']}/audio"
+    headers = {**AUTH, "Content-Type": "audio/L16;rate=16000"}
+    release = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"\x00\x00" * 1600
+        await release.wait()
+        yield b"\x00\x00" * 1600
+
+    first = asyncio.create_task(post(http, url, data=slow_body(), headers=headers))
+    slots = keyed_node.app[UPLOADS]
+    for _ in range(100):
+        if slots.in_use:
+            break
+        await asyncio.sleep(0.02)
+    assert slots.in_use == 1
+    async with http.post(url, data=b"\x00\x00" * 1600, headers=headers) as r:
+        assert_error(r.status, await r.json(), 429, "too_many_uploads")
+        assert int(r.headers["Retry-After"]) > 0
+    release.set()
+    got, body = await first
+    assert got == 202 and body["duration_ms"] == 200.0, body
+    assert slots.in_use == 0
+    got, body = await post(http, url, data=b"\x00\x00" * 1600, headers=headers)
+    assert got == 202, body
+    await neighbour.check()
+
+
+def test_upload_slots() -> None:
+    slots = UploadSlots(2)
+    assert slots.try_take() and slots.try_take() and not slots.try_take()
+    slots.release()
+    assert slots.in_use == 1 and slots.try_take()
+    with pytest.raises(ValueError):
+        UploadSlots(0)
 
 
 # -- WebSocket ------------------------------------------------------------------------

@@ -14,10 +14,17 @@ from aiohttp import web
 
 from rapido.engine import AdmissionError, Engine, SinkUnavailable, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
-from rapido.http.keys import ENGINE, SETTINGS, WS_SECRET, base_url
+from rapido.http.keys import ENGINE, SETTINGS, UPLOADS, WS_SECRET, base_url
 from rapido.http.tokens import mint_token
 from rapido.http.whep import viewer_fields
-from rapido.pipeline.audio import AudioFormatError, check_rate, decode_wav, parse_l16, resample
+from rapido.pipeline.audio import (
+    AudioFormatError,
+    Pcm,
+    check_rate,
+    l16_pcm,
+    l16_rate,
+    parse_wav,
+)
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.session import QueueFull, SessionClosed, SessionSpec, StreamSession
 from rapido.pipeline.sinks import SINK_NAMES as SINKS
@@ -221,39 +228,102 @@ async def interrupt_session(request: web.Request) -> web.Response:
     return json_response({"session_id": session.id, **result})
 
 
+WAV_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave")
+
+
 @routes.post("/api/sessions/{session_id}/audio")
 async def upload_audio(request: web.Request) -> web.Response:
+    """Checks in order of cost: the session, the media type, the number of uploads in
+    progress (429 ``too_many_uploads``, body unread), the length the header gives against
+    what is left of the session's queue (429 ``queue_full``, nothing decoded). The upload
+    is then queued as the bytes sent; it is decoded and resampled block by block, off
+    the event loop, as it plays (``StreamSession._feed_queued``)."""
     session = get_session(request)
     ctype = request.headers.get("Content-Type", "")
     mime = ctype.split(";", 1)[0].strip().lower()
-    body = await request.read()
-    if not body:
+    if request.content_length == 0:
         raise bad_request("empty_audio", "the request body holds no audio")
+    if mime not in WAV_TYPES and mime != "audio/l16":
+        raise ApiError(415, "unsupported_media_type",
+                       "send audio/wav or audio/L16;rate=N (PCM s16 mono)")
+    slots = request.app[UPLOADS]
+    if not slots.try_take():
+        raise ApiError(429, "too_many_uploads",
+                       f"this node is reading {slots.limit} uploads already; retry shortly",
+                       headers={"Retry-After": "1"})
     try:
-        if mime in ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"):
-            samples, rate = decode_wav(body)
-        elif mime == "audio/l16":
-            samples, rate = parse_l16(ctype, body)
-        else:
-            raise ApiError(415, "unsupported_media_type",
-                           "send audio/wav or audio/L16;rate=N (PCM s16 mono)")
-    except AudioFormatError as exc:
-        raise ApiError(415 if exc.code.startswith("unsupported") else 400, exc.code,
-                       str(exc)) from None
-    if len(samples) == 0:
-        raise bad_request("empty_audio", "the audio holds no samples")
-    loop = asyncio.get_running_loop()
-    samples48 = samples if rate == AUDIO_RATE else \
-        await loop.run_in_executor(None, resample, samples, rate)
+        pcm = await _read_pcm(request, session, ctype, mime)
+    finally:
+        slots.release()
     try:
-        queued_ms = session.enqueue_utterance(samples48)
+        queued_ms = session.enqueue_utterance(pcm)
     except QueueFull as exc:
         raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "5"}) from None
     except SessionClosed as exc:
         raise not_found("session", session.id) from exc
     return json_response({
         "session_id": session.id,
-        "duration_ms": round(1000.0 * len(samples48) / AUDIO_RATE, 1),
-        "input_sample_rate": rate,
+        "duration_ms": round(1000.0 * pcm.samples48 / AUDIO_RATE, 1),
+        "input_sample_rate": pcm.rate,
         "queued_ms": round(queued_ms, 1),
     }, status=202)
+
+
+async def _read_pcm(request: web.Request, session: StreamSession, ctype: str,
+                    mime: str) -> Pcm:
+    """The body, read and checked (header, length against the queue, float samples
+    finite): as sent if it is at most 2 bytes a frame, else decoded to mono int16 at its
+    own rate, never resampled (a queued upload holds no more than that)."""
+    limit = request.app[SETTINGS].max_body_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    try:
+        if mime == "audio/l16":
+            rate, _ = l16_rate(ctype)
+            if length is not None:  # L16's length is known before the body is read
+                _check_queue(session, length // 2 * AUDIO_RATE // rate)
+        body = await read_body(request, limit)
+        if not body:
+            raise bad_request("empty_audio", "the request body holds no audio")
+        pcm = l16_pcm(ctype, body) if mime == "audio/l16" else parse_wav(body)
+        if pcm.frames == 0:
+            raise bad_request("empty_audio", "the audio holds no samples")
+        _check_queue(session, pcm.samples48)
+        if pcm.block_align > 2:  # stereo, 24/32-bit, float: to mono int16, off the loop
+            pcm = await asyncio.get_running_loop().run_in_executor(None, pcm.compact)
+    except AudioFormatError as exc:
+        raise ApiError(415 if exc.code.startswith("unsupported") else 400, exc.code,
+                       str(exc)) from None
+    return pcm
+
+
+def _check_queue(session: StreamSession, samples48: int) -> None:
+    try:
+        session.check_queue(samples48)
+    except QueueFull as exc:
+        raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "5"}) from None
+    except SessionClosed as exc:
+        raise not_found("session", session.id) from exc
+
+
+async def read_body(request: web.Request, limit: int) -> bytearray:
+    """The body in one buffer, sized from Content-Length when there is one: aiohttp's
+    ``read()`` lets its stream buffer grow to the limit and copies the body twice more."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    buf = bytearray(length or 0)
+    filled = 0
+    while chunk := await request.content.readany():
+        end = filled + len(chunk)
+        if end > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=end)
+        if end <= len(buf):
+            buf[filled:end] = chunk
+        else:
+            del buf[filled:]
+            buf += chunk
+        filled = end
+    del buf[filled:]
+    return buf

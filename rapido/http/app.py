@@ -24,10 +24,11 @@ from rapido.engine import Engine
 from rapido.http import api, demo, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import ENGINE, METRICS, SETTINGS, WEBSOCKETS, WS_SECRET
+from rapido.http.keys import ENGINE, METRICS, SETTINGS, UPLOADS, WEBSOCKETS, WS_SECRET
 from rapido.http.openapi import openapi_document
 from rapido.http.settings import HttpSettings
 from rapido.http.tokens import WS_PURPOSE, derive_secret
+from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Ap
     app[METRICS] = metrics
     app[ENGINE] = engine
     app[WEBSOCKETS] = set()
+    app[UPLOADS] = UploadSlots(settings.max_concurrent_uploads)
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),

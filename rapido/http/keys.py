@@ -6,6 +6,7 @@ from aiohttp import web
 
 from rapido.engine import Engine
 from rapido.http.settings import HttpSettings
+from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", HttpSettings)
@@ -14,6 +15,7 @@ METRICS = web.AppKey("metrics", Metrics)
 WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 #: The secret of the sessions' WebSocket tokens (``rapido.http.tokens``).
 WS_SECRET = web.AppKey("ws_secret", bytes)
+UPLOADS = web.AppKey("uploads", UploadSlots)
 
 
 def base_url(request: web.Request) -> str:

@@ -191,7 +191,9 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                     "408": _error("the body did not arrive within http_read_timeout_s"),
                     "413": _error("body too large"),
                     "415": _error("unsupported audio format"),
-                    "429": _error("too much speech queued"),
+                    "429": _error("too much speech queued (queue_full, from the header's "
+                                  "length), or too many uploads in progress "
+                                  "(too_many_uploads); both with Retry-After"),
                     **session_errors,
                 },
             },

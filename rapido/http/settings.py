@@ -13,6 +13,7 @@ class HttpSettings:
     public_url: str  # empty: from each request
     max_body_bytes: int
     max_ws_message_bytes: int
+    max_concurrent_uploads: int  # audio uploads read and checked at once (429 above)
     default_sink: str
     webrtc_token_ttl_s: float
     ws_token_ttl_s: float  # a session's WebSocket token (browsers connect with it)

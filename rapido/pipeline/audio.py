@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -188,6 +189,124 @@ def _join(frames: list[av.AudioFrame]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+# -- uploads: parsed at once, decoded and resampled block by block ---------------------
+
+#: Input seconds decoded and resampled at a time: the working memory of an upload is
+#: O(block) (the polyphase filter's strided product copies ~300 bytes per input sample).
+BLOCK_S = 1.0
+#: Chunks a WAV file may have before its data chunk. Real files carry a handful (fmt,
+#: fact, LIST, bext, JUNK, ...); the walk runs on the event loop, so it is bounded.
+MAX_WAV_CHUNKS = 64
+
+#: numpy layouts of the sample formats we take: dtype of one raw sample, bytes per sample.
+_FORMATS = {"u8": ("u1", 1), "s16le": ("<i2", 2), "s16be": (">i2", 2), "s24le": ("u1", 3),
+            "s32le": ("<i4", 4), "f32le": ("<f4", 4)}
+
+
+class Pcm:
+    """Audio a client sent, checked but not decoded: the payload's bytes (a view, not a
+    copy), their sample format, channels and rate.
+
+    Its length is known from the header alone (:attr:`frames`, :attr:`samples48`), so a
+    caller can refuse it before any decoding. :meth:`blocks48` then decodes and resamples
+    it to mono int16 at AUDIO_RATE a block at a time, with one resampler carried across
+    the blocks: the result equals the whole signal resampled at once."""
+
+    def __init__(self, payload: bytes | bytearray | memoryview, fmt: str, channels: int,
+                 rate: int) -> None:
+        self.fmt = fmt
+        self.channels = channels
+        self.rate = check_rate(rate)
+        self.block_align = _FORMATS[fmt][1] * channels
+        view = memoryview(payload).cast("B")
+        self.frames = len(view) // self.block_align
+        self._data = view[: self.frames * self.block_align]
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.rate
+
+    @property
+    def samples48(self) -> int:
+        """Mono samples at AUDIO_RATE it becomes (exact for whole ratios, else rounded)."""
+        if AUDIO_RATE % self.rate == 0:
+            return self.frames * (AUDIO_RATE // self.rate)
+        return round(self.frames * AUDIO_RATE / self.rate)
+
+    def _block_frames(self, block_s: float) -> int:
+        return max(1, int(block_s * self.rate))
+
+    def decode(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``[start, stop)`` as mono int16 at the input rate."""
+        stop = self.frames if stop is None else min(stop, self.frames)
+        raw = self._data[start * self.block_align : stop * self.block_align]
+        return _decode_block(raw, self.fmt, self.channels)
+
+    def check(self, block_s: float = BLOCK_S) -> None:
+        """What the header cannot tell: float samples must be finite. Block by block."""
+        if self.fmt != "f32le":
+            return
+        step = self._block_frames(block_s) * self.channels
+        x = np.frombuffer(self._data, "<f4")
+        for i in range(0, len(x), step):
+            if not np.all(np.isfinite(x[i : i + step])):
+                raise AudioFormatError("invalid_wav", "float WAV contains NaN or infinity")
+
+    def compact(self, block_s: float = BLOCK_S) -> Pcm:
+        """Checked (:meth:`check`) and at most 2 bytes a frame, so a queued upload never
+        holds more than mono int16 at its own rate would: formats wider than that
+        (stereo, 24/32-bit, float) are decoded to mono int16 here, block by block."""
+        self.check(block_s)
+        if self.block_align <= 2:
+            return self
+        out = np.empty(self.frames, dtype="<i2")
+        step = self._block_frames(block_s)
+        for start in range(0, self.frames, step):
+            out[start : start + step] = self.decode(start, start + step)
+        return Pcm(out.data, "s16le", 1, self.rate)
+
+    def blocks48(self, block_s: float = BLOCK_S) -> Iterator[np.ndarray]:
+        """Mono int16 at AUDIO_RATE, decoded and resampled ``block_s`` of input at a time
+        (the last block carries the resampler's tail)."""
+        r = Resampler(self.rate)
+        step = self._block_frames(block_s)
+        for start in range(0, self.frames, step):
+            out = r.push(self.decode(start, start + step))
+            if start + step >= self.frames:
+                tail = r.flush()
+                out = np.concatenate([out, tail]) if len(tail) else out
+            if len(out):
+                yield out
+
+    def resampled(self) -> np.ndarray:
+        """The whole of it at AUDIO_RATE (for tests and small inputs)."""
+        parts = list(self.blocks48())
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+
+def _decode_block(raw: memoryview, fmt: str, channels: int) -> np.ndarray:
+    """Raw samples -> mono int16. Elementwise per frame, so blocks decode exactly as the
+    whole would."""
+    if fmt in ("s16le", "s16be") and channels == 1:
+        return np.frombuffer(raw, _FORMATS[fmt][0]).astype(np.int16)  # exact, a copy
+    if fmt == "u8":
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif fmt in ("s16le", "s16be"):
+        x = np.frombuffer(raw, _FORMATS[fmt][0]).astype(np.float32) / 32768.0
+    elif fmt == "s24le":
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        v = np.where(v >= 1 << 23, v - (1 << 24), v)
+        x = v.astype(np.float32) / float(1 << 23)
+    elif fmt == "f32le":
+        x = np.frombuffer(raw, "<f4").astype(np.float32)
+    else:
+        x = np.frombuffer(raw, "<i4").astype(np.float64).astype(np.float32) / float(1 << 31)
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+
+
 # -- WAV ------------------------------------------------------------------------------
 
 _WAVE_FORMAT_PCM = 1
@@ -195,19 +314,23 @@ _WAVE_FORMAT_FLOAT = 3
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
-def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """A RIFF/WAVE file -> (mono int16 samples, sample rate).
+def parse_wav(data: bytes | bytearray | memoryview) -> Pcm:
+    """A RIFF/WAVE file's header -> :class:`Pcm` over its data chunk (no copy, nothing
+    decoded; at most :data:`MAX_WAV_CHUNKS` chunks are walked).
 
     Takes integer PCM of 8, 16, 24 or 32 bits and 32-bit float, 1..8 channels (mixed down
     to mono), 8..48 kHz. Anything else is refused with the reason."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    view = memoryview(data).cast("B")
+    if len(view) < 12 or view[:4] != b"RIFF" or view[8:12] != b"WAVE":
         raise AudioFormatError("invalid_wav", "not a WAV file (no RIFF/WAVE header)")
     pos = 12
     fmt: tuple[int, int, int, int] | None = None
-    payload: bytes | None = None
-    while pos + 8 <= len(data):
-        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        body = data[pos + 8 : pos + 8 + size]
+    payload: memoryview | None = None
+    for _ in range(MAX_WAV_CHUNKS):
+        if pos + 8 > len(view):
+            break
+        cid, size = bytes(view[pos : pos + 4]), struct.unpack_from("<I", view, pos + 4)[0]
+        body = view[pos + 8 : pos + 8 + size]
         if cid == b"fmt ":
             if len(body) < 16:
                 raise AudioFormatError("invalid_wav", "WAV fmt chunk is truncated")
@@ -219,6 +342,10 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
             payload = body  # a streamed WAV may claim more than it has: take what is there
             break
         pos += 8 + size + (size & 1)
+    else:
+        if pos + 8 <= len(view):
+            raise AudioFormatError("invalid_wav", f"WAV file has more than {MAX_WAV_CHUNKS} "
+                                   "chunks before its data chunk")
     if fmt is None:
         raise AudioFormatError("invalid_wav", "WAV file has no fmt chunk")
     if payload is None:
@@ -227,9 +354,9 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     if not 1 <= channels <= 8:
         raise AudioFormatError("unsupported_wav", f"WAV with {channels} channels; 1..8 allowed")
     if tag == _WAVE_FORMAT_PCM and bits in (8, 16, 24, 32):
-        pass
+        sample_fmt = {8: "u8", 16: "s16le", 24: "s24le", 32: "s32le"}[bits]
     elif tag == _WAVE_FORMAT_FLOAT and bits == 32:
-        pass
+        sample_fmt = "f32le"
     else:
         kind = {_WAVE_FORMAT_PCM: "PCM", _WAVE_FORMAT_FLOAT: "float"}.get(tag, f"format {tag}")
         raise AudioFormatError(
@@ -237,34 +364,18 @@ def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
             f"WAV {kind} with {bits} bits per sample is not supported; send integer PCM "
             "(8/16/24/32 bit) or 32-bit float",
         )
-    check_rate(rate)
-    width = bits // 8
-    usable = len(payload) - len(payload) % (width * channels)
-    raw = payload[:usable]
-    if bits == 8:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif bits == 16:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif bits == 24:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        v = np.where(v >= 1 << 23, v - (1 << 24), v)
-        x = v.astype(np.float32) / float(1 << 23)
-    elif tag == _WAVE_FORMAT_FLOAT:
-        x = np.frombuffer(raw, "<f4").astype(np.float32)
-        if not np.all(np.isfinite(x)):
-            raise AudioFormatError("invalid_wav", "float WAV contains NaN or infinity")
-    else:
-        x = np.frombuffer(raw, "<i4").astype(np.float64).astype(np.float32) / float(1 << 31)
-    if channels > 1:
-        x = x.reshape(-1, channels).mean(axis=1)
-    if bits == 16 and channels == 1:
-        return np.frombuffer(raw, "<i2").copy(), rate  # exact: no float round trip
-    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16), rate
+    return Pcm(payload, sample_fmt, channels, check_rate(rate))
 
 
-def parse_l16(content_type: str, data: bytes) -> tuple[np.ndarray, int]:
-    """``audio/L16;rate=N[;channels=1][;endian=little]`` -> (int16 mono, rate).
+def decode_wav(data: bytes | bytearray | memoryview) -> tuple[np.ndarray, int]:
+    """A whole RIFF/WAVE file -> (mono int16 samples, sample rate); see :func:`parse_wav`."""
+    pcm = parse_wav(data)
+    pcm.check()
+    return pcm.decode(), pcm.rate
+
+
+def l16_rate(content_type: str) -> tuple[int, str]:
+    """``audio/L16;rate=N[;channels=1][;endian=little]`` -> (rate, sample format).
 
     L16 is big-endian by RFC 3551; ``endian=little`` is accepted for senders that
     stream raw little-endian PCM."""
@@ -286,8 +397,20 @@ def parse_l16(content_type: str, data: bytes) -> tuple[np.ndarray, int]:
     endian = params.get("endian", "big").lower()
     if endian not in ("big", "little"):
         raise AudioFormatError("invalid_content_type", "endian must be big or little")
+    return rate, "s16be" if endian == "big" else "s16le"
+
+
+def l16_pcm(content_type: str, data: bytes | bytearray | memoryview) -> Pcm:
+    """An ``audio/L16`` body -> :class:`Pcm` (no copy, nothing decoded)."""
+    rate, fmt = l16_rate(content_type)
     if len(data) % 2:
         raise AudioFormatError("odd_length_pcm",
                                f"L16 needs an even number of bytes, got {len(data)}")
-    dtype = ">i2" if endian == "big" else "<i2"
-    return np.frombuffer(data, dtype=dtype).astype(np.int16), rate
+    return Pcm(data, fmt, 1, rate)
+
+
+def parse_l16(content_type: str, data: bytes | bytearray | memoryview
+              ) -> tuple[np.ndarray, int]:
+    """An ``audio/L16`` body -> (int16 mono, rate); see :func:`l16_rate`."""
+    pcm = l16_pcm(content_type, data)
+    return pcm.decode(), pcm.rate

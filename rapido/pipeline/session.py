@@ -9,17 +9,18 @@ driven by the session's clients (WebSocket, HTTP uploads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from rapido.aio import cancel_and_wait
-from rapido.pipeline.audio import Resampler
+from rapido.pipeline.audio import Pcm, Resampler
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.events import Closed, Listener, SessionEvent
 from rapido.pipeline.jitter import (
@@ -119,8 +120,10 @@ class StreamSession:
         self._room = asyncio.Event()  # set while the jitter buffer can take more
         self._room.set()
         self._epoch = 0  # bumped by interrupt: feeds that started before it stop
-        # HTTP uploads: whole utterances waiting for their turn to enter the buffer.
-        self._queued: deque[np.ndarray] = deque()
+        # HTTP uploads: whole utterances waiting for their turn to enter the buffer, each
+        # with its length at AUDIO_RATE. An upload waits as the bytes the client sent and
+        # is decoded and resampled block by block as it plays (see _feed_queued).
+        self._queued: deque[tuple[np.ndarray | Pcm, int]] = deque()
         self._queued_samples = 0
         self._feeder: asyncio.Task[None] | None = None
         self._max_queued = int(max_queued_s * AUDIO_RATE)
@@ -197,18 +200,25 @@ class StreamSession:
         await self._push48(tail, self._epoch)
         self.jb.end_utterance(self._now())
 
-    def enqueue_utterance(self, samples48: np.ndarray) -> float:
-        """Queue a whole utterance (already at AUDIO_RATE) behind the ones before it.
-        Returns the queued speech in ms. Raises QueueFull past the session's limit."""
+    def check_queue(self, samples48: int) -> None:
+        """Raises QueueFull unless ``samples48`` more samples (at AUDIO_RATE) fit in what
+        is left of the session's queue. An upload asks before it is decoded."""
         self._check_open()
-        if self._queued_samples + len(samples48) > self._max_queued:
-            total_ms = 1000.0 * (self._queued_samples + len(samples48)) / AUDIO_RATE
+        if self._queued_samples + samples48 > self._max_queued:
+            total_ms = 1000.0 * (self._queued_samples + samples48) / AUDIO_RATE
             raise QueueFull(
                 f"session would hold {total_ms:.0f} ms of queued speech; "
                 f"the limit is {1000.0 * self._max_queued / AUDIO_RATE:.0f} ms"
             )
-        self._queued.append(samples48)
-        self._queued_samples += len(samples48)
+
+    def enqueue_utterance(self, audio: np.ndarray | Pcm) -> float:
+        """Queue a whole utterance behind the ones before it: samples already at
+        AUDIO_RATE, or an upload's :class:`Pcm` (decoded and resampled as it plays).
+        Returns the queued speech in ms. Raises QueueFull past the session's limit."""
+        n48 = len(audio) if isinstance(audio, np.ndarray) else audio.samples48
+        self.check_queue(n48)
+        self._queued.append((audio, n48))
+        self._queued_samples += n48
         self.counters.last_activity = time.monotonic()
         if self._feeder is None or self._feeder.done():
             self._feeder = asyncio.get_running_loop().create_task(
@@ -219,18 +229,24 @@ class StreamSession:
     async def _feed_queued(self) -> None:
         step = AUDIO_RATE // 50  # 20 ms pieces, as a real-time source would send
         while self._queued and not self.closed:
-            samples = self._queued[0]
+            audio, n48 = self._queued[0]
             epoch = self._epoch
             self._finish_input()
             self.jb.start_utterance(self._now())
-            for start in range(0, len(samples), step):
-                if not await self._push48(samples[start : start + step], epoch):
-                    break
-            else:
+            played = True
+            async with contextlib.aclosing(_blocks48(audio)) as blocks:
+                async for block in blocks:
+                    for start in range(0, len(block), step):
+                        if not await self._push48(block[start : start + step], epoch):
+                            played = False
+                            break
+                    if not played:
+                        break
+            if played:
                 self.jb.end_utterance(self._now())
             if self._queued and epoch == self._epoch:
                 self._queued.popleft()
-                self._queued_samples -= len(samples)
+                self._queued_samples -= n48
 
     async def _push48(self, samples48: np.ndarray, epoch: int) -> bool:
         if len(samples48) == 0:
@@ -445,6 +461,19 @@ class StreamSession:
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
+
+
+async def _blocks48(audio: np.ndarray | Pcm) -> AsyncGenerator[np.ndarray]:
+    """An utterance at AUDIO_RATE, a block at a time. An upload's blocks (<= 1 s of
+    input each) are decoded and resampled in the default executor, off the event loop;
+    only one block of it is in memory at AUDIO_RATE at a time."""
+    if isinstance(audio, np.ndarray):
+        yield audio
+        return
+    blocks = audio.blocks48()
+    loop = asyncio.get_running_loop()
+    while (block := await loop.run_in_executor(None, next, blocks, None)) is not None:
+        yield block
 
 
 def _close_queue(q: Listener) -> None:
