@@ -18,6 +18,8 @@ TOOLS=(
   "openssl:openssl"           # tests/test_deploy.py: a test certificate for that config
   "shellcheck:shellcheck"     # tests/test_deploy.py: the deployment scripts
   "chromium:chromium"         # tests/test_viewer.py: the viewer page in a real browser
+  "serf:serf"                 # tests/test_serf.py: the gossip agent the cluster runs on
+  "nft:nftables"              # cluster fault tests: packet loss and partitions in a netns
 )
 
 check_only=0
