@@ -28,6 +28,10 @@ The rules, in the order :func:`place` applies them:
 Also here: session ids that carry their node (:func:`make_session_id`,
 :func:`session_node`) and the rule that picks one of two sessions of a lesson after a
 healed partition (:func:`resolve_double`).
+
+One module, a little over 500 lines, on purpose: every rule above reads the same member
+view and the same rendezvous hash, and nodes must agree on all of them at once; split
+apart, a change to one (the hash, eligibility) could drift from the others.
 """
 
 from __future__ import annotations
