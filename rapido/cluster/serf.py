@@ -460,6 +460,7 @@ class SerfStream(AsyncIterator[T]):
         self._client = client
         self.seq = seq
         self._records = records
+        self._stopped = False
 
     def __aiter__(self) -> SerfStream[T]:
         return self
@@ -468,9 +469,12 @@ class SerfStream(AsyncIterator[T]):
         return await self._records.__anext__()
 
     async def stop(self) -> None:
-        """Tell the agent to stop (when the connection is still up) and end the events."""
+        """Tell the agent to stop (when the connection is still up) and end the records
+        (an overflowed stream too: the agent still sends until told)."""
         self._records.finish()
-        await self._client._stop_stream(self.seq)
+        if not self._stopped:
+            self._stopped = True
+            await self._client._stop_stream(self.seq)
 
     async def __aenter__(self) -> SerfStream[T]:
         return self
@@ -753,8 +757,7 @@ class SerfClient:
                 self._retire(seq)
 
     async def _stop_stream(self, seq: int) -> None:
-        call = self._pending.get(seq)
-        if call is None or self._closed is not None:
+        if self._closed is not None:
             self._retire(seq)
             return
         try:
