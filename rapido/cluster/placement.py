@@ -44,6 +44,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rapido.pipeline.geo import LatLon, haversine_km, lat_lon
+
 __all__ = [
     "AFFINITY_TTL_S",
     "DEFAULT_EPSILON",
@@ -81,31 +83,7 @@ AFFINITY_TTL_S = 3600.0
 MOVED = "moved"
 
 #: Mean Earth radius (IUGG), in km. The choice of the nearest member is insensitive to it.
-EARTH_RADIUS_KM = 6371.0088
-
-LatLon = tuple[float, float]
 UserLocation = str | LatLon | None
-
-
-def haversine_km(a: LatLon, b: LatLon) -> float:
-    """Great-circle distance between two (lat, lon) points in degrees."""
-    lat1, lon1 = math.radians(a[0]), math.radians(a[1])
-    lat2, lon2 = math.radians(b[0]), math.radians(b[1])
-    h = (math.sin((lat2 - lat1) / 2) ** 2
-         + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2)
-    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
-
-
-def _lat_lon(lat: Any, lon: Any, where: str) -> LatLon:
-    for label, v in (("lat", lat), ("lon", lon)):
-        # bool is an int subclass; True as a latitude is a mistake, not 1 degree.
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"{where}: {label} must be a finite number, got {v!r}")
-    if not -90.0 <= lat <= 90.0:
-        raise ValueError(f"{where}: lat must be in [-90, 90], got {lat}")
-    if not -180.0 <= lon <= 180.0:
-        raise ValueError(f"{where}: lon must be in [-180, 180], got {lon}")
-    return (float(lat), float(lon))
 
 
 def parse_user_location(value: Any, *, where: str = "user_location") -> UserLocation:
@@ -121,9 +99,9 @@ def parse_user_location(value: Any, *, where: str = "user_location") -> UserLoca
     if isinstance(value, Mapping):
         if set(value) != {"lat", "lon"}:
             raise ValueError(f"{where}: expected {{lat, lon}}, got keys {sorted(map(str, value))}")
-        return _lat_lon(value["lat"], value["lon"], where)
+        return lat_lon(value["lat"], value["lon"], where)
     if isinstance(value, tuple | list) and len(value) == 2:
-        return _lat_lon(value[0], value[1], where)
+        return lat_lon(value[0], value[1], where)
     raise ValueError(f"{where}: expected a region code, {{lat, lon}} or (lat, lon), "
                      f"got {value!r}")
 
@@ -168,7 +146,7 @@ class MemberView:
                 raise ValueError(f"member {nid!r}: location must be (lat, lon), "
                                  f"got {self.location!r}")
             object.__setattr__(self, "location",
-                               _lat_lon(*self.location, f"member {nid!r} location"))
+                               lat_lon(*self.location, f"member {nid!r} location"))
         _count(self.capacity, "capacity", nid)
         _count(self.free_slots, "free_slots", nid)
         if self.free_slots > self.capacity:

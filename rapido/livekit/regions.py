@@ -26,13 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Mean Earth radius (IUGG), in km. The choice between regions is insensitive to it.
-EARTH_RADIUS_KM = 6371.0088
+from rapido.pipeline import geo
+from rapido.pipeline.geo import Location, haversine_km
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
-LatLon = tuple[float, float]
-Location = LatLon | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,45 +44,10 @@ class Region:
     location: Location | None = None  # (lat, lon) in degrees, or a region code
 
 
-def haversine_km(a: LatLon, b: LatLon) -> float:
-    """Great-circle distance between two (lat, lon) points in degrees."""
-    lat1, lon1 = math.radians(a[0]), math.radians(a[1])
-    lat2, lon2 = math.radians(b[0]), math.radians(b[1])
-    h = (math.sin((lat2 - lat1) / 2) ** 2
-         + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2)
-    # min() guards asin against 1.0000000002 from rounding at antipodes.
-    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
-
-
 def parse_location(value: Any, *, where: str = "location") -> Location | None:
-    """A location from JSON/TOML data: ``None``, a region code, ``{lat, lon}`` or
-    ``[lat, lon]``. Raises ValueError naming ``where`` for anything else."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        code = value.strip()
-        if not _NAME_RE.match(code):
-            raise ValueError(f"{where}: a region code must match [A-Za-z0-9_.-]{{1,64}}, "
-                             f"got {value!r}")
-        return code
-    if isinstance(value, Mapping):
-        if set(value) != {"lat", "lon"}:
-            raise ValueError(f"{where}: expected {{lat, lon}}, got keys {sorted(value)}")
-        lat, lon = value["lat"], value["lon"]
-    elif isinstance(value, list | tuple) and len(value) == 2:
-        lat, lon = value
-    else:
-        raise ValueError(f"{where}: expected a region code, {{lat, lon}} or [lat, lon], "
-                         f"got {value!r}")
-    for label, v in (("lat", lat), ("lon", lon)):
-        # bool is an int subclass; True as a latitude is a config mistake, not 1 degree.
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"{where}: {label} must be a finite number, got {v!r}")
-    if not -90.0 <= lat <= 90.0:
-        raise ValueError(f"{where}: lat must be in [-90, 90], got {lat}")
-    if not -180.0 <= lon <= 180.0:
-        raise ValueError(f"{where}: lon must be in [-180, 180], got {lon}")
-    return (float(lat), float(lon))
+    """A location from JSON/TOML data: ``None``, a region code (surrounding blanks
+    ignored), ``{lat, lon}`` or ``[lat, lon]``. Raises ValueError naming ``where``."""
+    return geo.parse_location(value.strip() if isinstance(value, str) else value, where=where)
 
 
 def _sort_key(region: Region, user: Location | None,
