@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from rapido.cluster.agent import SerfAgent, SerfAgentSettings
 from rapido.config import Config, ConfigError
 from tests.conftest import REPO, NodeFactory, system_tool
 from tests.test_serf import free_port, write_keyring
@@ -92,8 +93,9 @@ async def start_nodes(tmp_path: Path) -> AsyncIterator[Starter]:
         n.proc.wait(timeout=30)
 
 
-async def _cluster(http: aiohttp.ClientSession, node: ClusterNode) -> dict[str, Any]:
-    async with http.get(f"{node.url}/api/cluster") as r:
+async def _cluster(http: aiohttp.ClientSession, node: ClusterNode | str) -> dict[str, Any]:
+    url = node if isinstance(node, str) else node.url
+    async with http.get(f"{url}/api/cluster") as r:
         assert r.status == 200, await r.text()
         body: dict[str, Any] = await r.json()
         return body
@@ -183,6 +185,42 @@ async def test_three_nodes_converge_share_load_and_see_failures(
         return _members(await _cluster(http, nodes[0]))["n2"]["state"] == "left"
 
     assert await _until(left, 10), await _cluster(http, nodes[0])
+
+
+@pytest.mark.slow
+async def test_a_member_with_bad_tags_is_left_out_counted_and_logged_once(
+        make_node: NodeFactory, tmp_path: Path, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    serf = system_tool("serf")
+    keyring = write_keyring(tmp_path / "keyring.json")
+    bind = f"127.0.0.1:{free_port()}"
+    node = await make_node(model="none", node_id="good", join=bind, cluster_bind=bind,
+                           cluster_rpc_port=free_port(), cluster_key_file=str(keyring))
+    assert node.cluster is not None and node.cluster.agent is not None
+    assert node.cluster.agent.pid in _serf_children()  # the agent is our child
+    # A Serf member that is no rapido node: its tags say nothing we can read.
+    stranger = SerfAgent(SerfAgentSettings(
+        node="bogus", bind=f"127.0.0.1:{free_port()}", rpc_port=free_port(),
+        keyring_file=keyring, binary=serf, tags={"id": "bogus", "url": "ftp://x"},
+        stop_timeout_s=4.0))
+    await stranger.start()
+    try:
+        assert stranger.client is not None
+        assert await stranger.client.join([bind]) == 1
+
+        async def counted() -> bool:
+            async with http.get(f"{node.url}/metrics") as r:
+                text = await r.text()
+            m = re.search(r"^cluster_bad_tags_total (\S+)$", text, re.MULTILINE)
+            return m is not None and float(m.group(1)) >= 2  # seen on two reads
+
+        assert await _until(counted, 10)
+        body = await _cluster(http, node.url)
+        assert list(_members(body)) == ["good"] and body["cluster"] == "ok"
+        logged = [r for r in caplog.records if "left out of the view" in r.getMessage()]
+        assert len(logged) == 1 and "bogus" in logged[0].getMessage()
+    finally:
+        await stranger.aclose(leave=False)
 
 
 def _serf_children() -> list[int]:

@@ -236,7 +236,7 @@ class Cluster:
                 self._on_bad_tags()
                 if m.name not in self._bad:
                     self._bad.add(m.name)
-                    log.warning("cluster: member left out of the view: %s", exc)
+                    log.warning("cluster: member %r left out of the view: %s", m.name, exc)
                 continue
             peers.append(peer)
         self._peers = sorted(peers, key=lambda p: p.view.node_id)
