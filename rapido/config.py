@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rapido import __version__
+from rapido.cluster.agent import SerfAgentConfigError, parse_host_port, read_keyring
+from rapido.cluster.placement import NODE_ID
 from rapido.livekit.limits import validate_queue_size_ms
 from rapido.pipeline.jitter import JitterConfig
 from rapido.pipeline.media import AUDIO_RATE
@@ -52,6 +57,17 @@ class Config:
     api_key: str = _opt("", "bearer key for /api and /ws; empty = loopback only", secret=True)
     node_id: str = _opt("", "this node's id (default: hostname-port)")
     region: str = _opt("local", "region this node serves, reported in session JSON")
+    # -- cluster (empty join: a single node, no Serf agent) -------------------------
+    join: str = _opt("", "comma-separated HOST:PORT gossip addresses of other nodes to join "
+                     "(IP literals, IPv6 in brackets); empty = a single node, no Serf agent")
+    cluster_bind: str = _opt("127.0.0.1:7946", "HOST:PORT this node's Serf agent gossips "
+                             "on (TCP and UDP)")
+    cluster_key_file: str = _opt("", "Serf keyring file (a JSON list of base64 keys, the "
+                                 "first encrypts); required with join")
+    cluster_rpc_port: int = _opt(0, "port of the Serf agent's RPC on 127.0.0.1 (0 = the "
+                                 "cluster_bind port + 1)", lo=0, hi=65535)
+    node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
+    node_version: str = _opt(__version__, "the version this node announces to the cluster")
     log_level: str = _opt("info", "logging level",
                           choices=("debug", "info", "warning", "error"))
     # -- capacity and limits ----------------------------------------------------
@@ -224,7 +240,75 @@ class Config:
                 f"{self.host!r}; use at least {MIN_API_KEY_LEN} random characters (e.g. "
                 "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
 
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        joins = self.join_addresses()
+        try:
+            for addr in joins:
+                parse_host_port(addr, "join")
+            parse_host_port(self.cluster_bind, "cluster_bind")
+        except SerfAgentConfigError as exc:
+            key = "join" if str(exc).startswith("join") else "cluster_bind"
+            raise ConfigError(f"{key}: {str(exc).removeprefix(key).lstrip(' :')}") from None
+        if self.join and not joins:
+            raise ConfigError(f"join: {self.join!r} names no address")
+        if self.cluster_rpc_port == 0 and self.rpc_port() > 65535:
+            raise ConfigError("cluster_rpc_port: the cluster_bind port + 1 is over 65535; "
+                              "set cluster_rpc_port")
+        try:
+            self.location()
+        except ValueError as exc:
+            raise ConfigError(f"node_location: {exc}") from None
+        if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,32}", self.node_version):
+            raise ConfigError(f"node_version: {self.node_version!r} is not allowed; "
+                              "1-32 of A-Z a-z 0-9 _ . + -")
+        if not joins:
+            return
+        if not self.cluster_key_file:
+            raise ConfigError("cluster_key_file: required with join (the gossip is "
+                              "encrypted with its keys; create one with "
+                              "python -c 'import base64,os; print(base64.b64encode("
+                              "os.urandom(32)).decode())', as a JSON list)")
+        try:
+            read_keyring(Path(self.cluster_key_file))
+        except SerfAgentConfigError as exc:
+            raise ConfigError(f"cluster_key_file: {exc}") from None
+        if self.host in ("0.0.0.0", "::") and not self.public_url:
+            raise ConfigError(f"public_url: required with join when host is {self.host!r} "
+                              "(the URL the other nodes reach this one at)")
+        if self.node_id and not (NODE_ID.fullmatch(self.node_id)
+                                 and self.node_id[0].isalnum()):
+            raise ConfigError(f"node_id: {self.node_id!r} is not allowed in a cluster; 1-64 "
+                              "of A-Z a-z 0-9 _ . -, starting alphanumeric")
+        if not NODE_ID.fullmatch(self.region):
+            raise ConfigError(f"region: {self.region!r} is not allowed in a cluster; 1-64 "
+                              "of A-Z a-z 0-9 _ . -")
+
     # -- derived ----------------------------------------------------------------------
+
+    def join_addresses(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.join.split(",") if a.strip())
+
+    def rpc_port(self) -> int:
+        """The Serf agent's RPC port: configured, or the gossip port + 1."""
+        if self.cluster_rpc_port:
+            return self.cluster_rpc_port
+        return int(self.cluster_bind.rpartition(":")[2]) + 1
+
+    def location(self) -> tuple[float, float] | None:
+        """``node_location`` as (lat, lon); ValueError when it is not one."""
+        if not self.node_location.strip():
+            return None
+        lat_s, sep, lon_s = self.node_location.partition(",")
+        try:
+            lat, lon = float(lat_s), float(lon_s)
+        except ValueError:
+            lat = lon = math.nan
+        if not sep or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+            raise ValueError(f"{self.node_location!r} must be 'lat,lon' in degrees "
+                             "(e.g. '52.37,4.90')")
+        return (lat, lon)
 
     def jitter(self) -> JitterConfig:
         return JitterConfig(

@@ -108,6 +108,10 @@ class Metrics:
         self.whep_connect_timeouts = Counter(
             "whep_connect_timeouts", "WHEP viewers closed for not connecting within "
             "whep_connect_timeout_s (their slots freed)", registry=r)
+        self.cluster_bad_tags = Counter(
+            "cluster_bad_tags", "Cluster members left out of this node's view because "
+            "their Serf tags could not be read (counted on every read of the members)",
+            registry=r)
 
     def render(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))

@@ -1,8 +1,10 @@
-"""One node: engine + HTTP (+ cluster, later) and its lifecycle.
+"""One node: engine + HTTP (+ the cluster, when ``join`` is set) and its lifecycle.
 
 Shutdown order, as aiohttp would have it: stop admitting (``/ready`` goes 503) -> let
 speech in flight finish, up to the drain timeout -> close sessions (sinks finalise,
-clients get ``closed``) -> stop the listener and cancel what is left.
+clients get ``closed``) -> stop the listener and cancel what is left. The cluster starts
+once the listener is bound (its URL, with the real port, goes in its tags) and stops
+first: the node leaves the cluster (others see it ``left``), then its sessions close.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import socket
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from rapido.cluster.agent import SerfAgentConfigError
+from rapido.cluster.serf import SerfError
 from rapido.config import Config, is_loopback
 from rapido.engine import Engine
 from rapido.http.app import make_app
 from rapido.metrics import Metrics
-from rapido.wiring import build_engine, http_settings
+from rapido.wiring import build_cluster, build_engine, http_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class Node:
         self.config = config
         self.metrics = metrics or Metrics()
         self.engine: Engine = build_engine(config, self.metrics)
-        self.app = make_app(http_settings(config), self.metrics, self.engine)
+        self.cluster = build_cluster(config, self.engine, self.metrics)
+        self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -79,6 +84,12 @@ class Node:
             self.port = self.runner.addresses[0][1]
         if not self.config.node_id:
             self.engine.node_id = f"{socket.gethostname()}-{self.port}"
+        if self.cluster is not None:
+            try:
+                await self.cluster.start(self.engine.node_id, self.url)
+            except BaseException:
+                await self.stop()
+                raise
         if not self.config.auth_required:
             log.warning("no api_key configured: listening on loopback %s only",
                         self.config.host)
@@ -94,6 +105,8 @@ class Node:
         return quiet
 
     async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.aclose()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -102,7 +115,11 @@ class Node:
 async def serve(config: Config) -> int:
     """Run a node until SIGTERM/SIGINT; drain, then exit 0."""
     node = Node(config)
-    await node.start()
+    try:
+        await node.start()
+    except (SerfError, SerfAgentConfigError) as exc:
+        log.error("cannot start the cluster: %s", exc)
+        return 1
     print(f"rapido serving at {node.url}/  (health {node.url}/health)", flush=True)
     if not is_loopback(config.host) and config.auth_required:
         log.info("listening on %s with API key auth", config.host)

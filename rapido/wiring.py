@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from rapido.cluster.service import Cluster, ClusterSettings, LocalState
 from rapido.config import Config, ConfigError
 from rapido.engine import Engine, EngineSettings, FrameHook, RenderLoader, RenderSetup
 from rapido.gpu.portrait import default_avatar
@@ -51,7 +52,7 @@ def http_settings(config: Config) -> HttpSettings:
         max_concurrent_uploads=config.max_concurrent_uploads, default_sink=config.default_sink,
         webrtc_token_ttl_s=config.webrtc_token_ttl_s, ws_token_ttl_s=config.ws_token_ttl_s,
         http_read_timeout_s=config.http_read_timeout_s, demo_grace_s=config.demo_grace_s,
-        region=config.region,
+        region=config.region, node_version=config.node_version,
         width=config.width, height=config.height, fps=config.fps)
 
 
@@ -178,3 +179,23 @@ def build_engine(config: Config, metrics: Metrics, *,
                  on_frame: FrameHook | None = None) -> Engine:
     return Engine(engine_settings(config), metrics, sinks=sink_providers(config, metrics),
                   load=render_loader(config, metrics), on_frame=on_frame)
+
+
+def cluster_settings(config: Config) -> ClusterSettings:
+    return ClusterSettings(
+        join=config.join_addresses(), bind=config.cluster_bind, rpc_port=config.rpc_port(),
+        keyring_file=Path(config.cluster_key_file) if config.cluster_key_file else None,
+        region=config.region, location=config.location(), version=config.node_version,
+        capacity=config.max_streams)
+
+
+def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster | None:
+    """The node's cluster service; None for a single node (no ``join``: no agent)."""
+    if not config.join_addresses():
+        return None
+
+    def local() -> LocalState:
+        return LocalState(free_slots=config.max_streams - len(engine.sessions),
+                          load=engine.load, draining=engine.draining)
+
+    return Cluster(cluster_settings(config), local, on_bad_tags=metrics.cluster_bad_tags.inc)

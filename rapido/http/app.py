@@ -20,11 +20,14 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from rapido import __version__
+from rapido.cluster.service import Cluster
 from rapido.engine import Engine
 from rapido.http import api, demo, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
+from rapido.http.cluster import cluster_summary
+from rapido.http.cluster import routes as cluster_routes
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import ENGINE, METRICS, SETTINGS, UPLOADS, WEBSOCKETS, WS_SECRET
+from rapido.http.keys import CLUSTER, ENGINE, METRICS, SETTINGS, UPLOADS, WEBSOCKETS, WS_SECRET
 from rapido.http.openapi import openapi_document
 from rapido.http.settings import HttpSettings
 from rapido.http.tokens import WS_PURPOSE, derive_secret
@@ -146,11 +149,14 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     """Readiness and what the node runs. Absolute paths (the model file, caches) are shown
-    only to callers presenting the API key; others see ``.../<file name>``."""
+    only to callers presenting the API key; others see ``.../<file name>``. The cluster's
+    state (``single``, ``ok``, ``degraded``) never changes readiness: a node that cannot
+    reach its cluster serves alone; why (``cluster_error``) is for key holders."""
     engine = request.app[ENGINE]
-    summary = engine.summary()
+    summary = {**engine.summary(), **cluster_summary(request.app.get(CLUSTER))}
     if not has_key(request, request.app[SETTINGS].api_key):
         summary = hide_paths(summary)
+        summary.pop("cluster_error", None)  # it names addresses: for key holders only
     body = {"ready": engine.ready and not engine.draining, **summary}
     if engine.draining:
         return json_response({**body, "reason": "draining"}, status=503)
@@ -194,7 +200,8 @@ def _static_dir() -> Path:
 
 # -- the app ------------------------------------------------------------------------------
 
-def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Application:
+def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
+             cluster: Cluster | None = None) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
@@ -205,6 +212,8 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Ap
     app[ENGINE] = engine
     app[WEBSOCKETS] = set()
     app[UPLOADS] = UploadSlots(settings.max_concurrent_uploads)
+    if cluster is not None:
+        app[CLUSTER] = cluster  # started by the node once its URL is known
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),
@@ -214,6 +223,7 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine) -> web.Ap
         web.static("/static", _static_dir()),
     ])
     app.add_routes(api.routes)
+    app.add_routes(cluster_routes)
     app.add_routes(ws.routes)
     demo.setup(app)  # POST /api/demo: the viewer page's Demo button
     # /whep is outside the API-key middleware (auth.needs_auth): viewers present a

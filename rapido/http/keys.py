@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from rapido.cluster.service import Cluster
 from rapido.engine import Engine
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
@@ -16,6 +17,8 @@ WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 #: The secret of the sessions' WebSocket tokens (``rapido.http.tokens``).
 WS_SECRET = web.AppKey("ws_secret", bytes)
 UPLOADS = web.AppKey("uploads", UploadSlots)
+#: Present on a clustered node only (``join`` set).
+CLUSTER = web.AppKey("cluster", Cluster)
 
 
 def base_url(request: web.Request) -> str:

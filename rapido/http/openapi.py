@@ -122,6 +122,36 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                            "input_sample_rate": {"type": "integer"},
                            "queued_ms": {"type": "number"}},
         },
+        "ClusterMember": {
+            "type": "object",
+            "required": ["node_id", "state", "region", "version", "load", "capacity",
+                         "free_slots", "draining", "url"],
+            "properties": {
+                "node_id": {"type": "string"},
+                "state": {"type": "string", "description": "Serf's status of the member: "
+                          "alive, leaving, left, failed"},
+                "region": {"type": ["string", "null"]},
+                "version": {"type": "string"},
+                "load": {"type": "number"},
+                "capacity": {"type": "integer"},
+                "free_slots": {"type": "integer", "description": "as gossiped: coarse "
+                               "(steps of a sixteenth of the capacity) for other members"},
+                "draining": {"type": "boolean"},
+                "url": {"type": "string"},
+            },
+        },
+        "Cluster": {
+            "type": "object", "required": ["node", "members", "cluster"],
+            "properties": {
+                "node": _ref("ClusterMember"),
+                "members": {"type": "array", "items": _ref("ClusterMember")},
+                "cluster": {"type": "string", "enum": ["single", "ok", "degraded"],
+                            "description": "single: no cluster configured; degraded: "
+                            "this node could not join (it serves alone), its agent is "
+                            "gone, or a member failed"},
+                "error": {"type": "string", "description": "why it is degraded"},
+            },
+        },
         "Interrupted": {
             "type": "object", "required": ["session_id", "interrupted", "position_ms"],
             "properties": {"session_id": {"type": "string"},
@@ -253,6 +283,11 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                               "404": _error("unknown session or viewer"),
                               "409": _error("the session's sink is not webrtc")},
             },
+        },
+        "/api/cluster": {
+            "get": {"summary": "This node, the cluster members it sees and their state",
+                    "operationId": "getCluster", "security": secured,
+                    "responses": {"200": _json(_ref("Cluster"), "the cluster"), **errors}},
         },
         "/health": {"get": {"summary": "Liveness", "operationId": "health",
                             "responses": {"200": _json({"type": "object"}, "alive")}}},

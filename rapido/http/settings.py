@@ -21,6 +21,7 @@ class HttpSettings:
     demo_grace_s: float  # a demo session ends this long after its script played out
     # Reported in every session's JSON.
     region: str
+    node_version: str  # what this node announces as its version (GET /api/cluster)
     width: int
     height: int
     fps: int

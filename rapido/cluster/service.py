@@ -1,0 +1,250 @@
+"""The cluster beside a node: its Serf agent, its tags, and its view of the members.
+
+:class:`Cluster` starts a :class:`SerfAgent` named after the node, with the node's tags
+(:func:`tags.encode`), and keeps three background tasks, each on its own RPC connection
+(the agent runs one connection's commands in order, and ``join`` and ``tags`` wait for
+gossip):
+
+* ``join``: joins the configured addresses; when none answers (unreachable, wrong key)
+  it logs, retries with backoff (1 s doubling to 30 s) and the node serves alone
+  meanwhile, its state ``degraded`` with the reason. It stops once joined, or once
+  another node has joined this one.
+* ``tags``: every ``tick_s`` builds this node's :class:`NodeTags` from the ``local``
+  callback (free slots, load, draining) and writes them when :class:`TagWriter` says so.
+* ``view``: reads ``members()`` on every member event from the agent's stream and at
+  least every ``poll_s`` anyway (the stream is about a second late and drops events for
+  slow readers); each member's tags are checked (:func:`tags.decode`): a member with bad
+  tags is left out of the view, counted (``on_bad_tags``) and logged once.
+
+The agent dying is logged and shown as ``degraded``; nothing restarts it (yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from rapido.aio import cancel_and_wait
+from rapido.cluster.agent import SerfAgent, SerfAgentSettings
+from rapido.cluster.serf import SerfClient, SerfError, SerfStreamOverflow
+from rapido.cluster.tags import KEYS, NodeTags, Peer, TagError, TagWriter, decode, encode
+
+log = logging.getLogger(__name__)
+
+MEMBER_EVENTS: Final = ("member-join", "member-leave", "member-failed", "member-update",
+                        "member-reap")
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """What the node reports of itself every tick (the wiring reads the engine)."""
+
+    free_slots: int
+    load: float
+    draining: bool
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    join: tuple[str, ...]
+    bind: str
+    rpc_port: int
+    keyring_file: Path | None
+    region: str
+    location: tuple[float, float] | None
+    version: str
+    capacity: int
+    binary: str = "serf"
+    tick_s: float = 1.0
+    poll_s: float = 2.0
+    join_backoff_s: tuple[float, float] = (1.0, 30.0)
+
+
+class Cluster:
+    """``await start(node_id, url)`` once the node's URL is known; ``view()`` is the
+    members (this node included) whose tags could be read; ``aclose()`` leaves."""
+
+    def __init__(self, settings: ClusterSettings, local: Callable[[], LocalState], *,
+                 on_bad_tags: Callable[[], None] = lambda: None) -> None:
+        self.settings = settings
+        self._local = local
+        self._on_bad_tags = on_bad_tags
+        self.node_id = ""
+        self.url = ""
+        self.agent: SerfAgent | None = None
+        self.joined = False
+        self._join_error: str | None = None
+        self._rpc_error: str | None = None
+        self._peers: list[Peer] = []
+        self._bad: set[str] = set()  # members whose bad tags were logged
+        self._writer = TagWriter()
+        self._refresh = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clients: list[SerfClient] = []
+
+    # -- reading ----------------------------------------------------------------------
+
+    def view(self) -> list[Peer]:
+        return list(self._peers)
+
+    def local_tags(self) -> NodeTags:
+        s = self.settings
+        state = self._local()
+        return NodeTags(node_id=self.node_id, url=self.url, region=s.region,
+                        location=s.location, version=s.version, capacity=s.capacity,
+                        free_slots=max(0, min(s.capacity, state.free_slots)),
+                        load=state.load, draining=state.draining)
+
+    @property
+    def error(self) -> str | None:
+        """Why the cluster is degraded, if it is for a reason of this node's own."""
+        return self._rpc_error or self._join_error
+
+    @property
+    def state(self) -> str:
+        """``ok``, or ``degraded`` (alone after failed joins, the agent gone, a member
+        failed)."""
+        if self.error is not None or not self.joined:
+            return "degraded"
+        if any(p.view.status == "failed" for p in self._peers):
+            return "degraded"
+        return "ok"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, node_id: str, url: str) -> None:
+        self.node_id, self.url = node_id, url
+        s = self.settings
+        tags = encode(self.local_tags())
+        self.agent = SerfAgent(SerfAgentSettings(
+            node=node_id, bind=s.bind, rpc_port=s.rpc_port, keyring_file=s.keyring_file,
+            tags=tags, binary=s.binary))
+        await self.agent.start()
+        self._writer.wrote(tags, time.monotonic())
+        try:
+            slow = await self.agent.connect()  # join and tags: both wait for gossip
+            self._clients.append(slow)
+            events = await self.agent.connect()
+            self._clients.append(events)
+            await self._read_members()
+        except BaseException:
+            await self.aclose(leave=False)
+            raise
+        self._tasks = [
+            asyncio.create_task(self._join_loop(slow), name=f"cluster-join {node_id}"),
+            asyncio.create_task(self._tags_loop(slow), name=f"cluster-tags {node_id}"),
+            asyncio.create_task(self._events_loop(events), name=f"cluster-events {node_id}"),
+            asyncio.create_task(self._view_loop(), name=f"cluster-view {node_id}"),
+        ]
+
+    async def aclose(self, leave: bool = True) -> None:
+        """Stop the tasks, leave the cluster gracefully, stop the agent."""
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+        for client in self._clients:
+            await client.aclose()
+        self._clients = []
+        if self.agent is not None:
+            await self.agent.aclose(leave=leave)
+            self.agent = None
+
+    # -- the tasks --------------------------------------------------------------------
+
+    async def _join_loop(self, client: SerfClient) -> None:
+        addrs = [a for a in self.settings.join if a != self.settings.bind]
+        if not addrs:  # only our own address: the first node of a cluster
+            self.joined = True
+            return
+        delay, most = self.settings.join_backoff_s
+        while not self.joined:
+            if sum(p.view.status == "alive" for p in self._peers) > 1:
+                self.joined = True  # another node joined us
+                break
+            try:
+                n = await client.join(addrs)
+            except SerfError as exc:
+                self._join_error = f"cannot join {', '.join(addrs)}: {exc}"
+                log.warning("cluster: %s; serving alone, retrying in %.0f s",
+                            self._join_error, delay)
+                await asyncio.sleep(delay)
+                delay = min(most, delay * 2)
+                continue
+            log.info("cluster: joined through %d of %s", n, ", ".join(addrs))
+            self.joined = True
+        self._join_error = None
+        self._refresh.set()
+
+    async def _tags_loop(self, client: SerfClient) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            try:
+                tags = encode(self.local_tags())
+            except ValueError as exc:  # pragma: no cover - checked at start
+                log.error("cluster: this node's tags: %s", exc)
+                continue
+            now = time.monotonic()
+            due = self._writer.due(tags, now)
+            if due is None:
+                continue
+            try:
+                await client.tags(set=due, delete=[k for k in KEYS if k not in due])
+            except SerfError as exc:
+                self._agent_trouble(f"writing tags: {exc}")
+                continue
+            self._writer.wrote(due, now)
+
+    async def _events_loop(self, client: SerfClient) -> None:
+        while True:
+            try:
+                async with await client.stream(MEMBER_EVENTS) as stream:
+                    async for _event in stream:
+                        self._refresh.set()
+            except SerfStreamOverflow:
+                self._refresh.set()  # events were lost: read the members, subscribe again
+                continue
+            except SerfError as exc:
+                self._agent_trouble(f"member events: {exc}")
+            return  # the connection is gone; the view loop keeps polling
+
+    async def _view_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_s):
+                    await self._refresh.wait()
+            self._refresh.clear()
+            try:
+                await self._read_members()
+            except SerfError as exc:
+                self._agent_trouble(f"reading members: {exc}")
+            else:
+                self._rpc_error = None
+
+    async def _read_members(self) -> None:
+        assert self.agent is not None and self.agent.client is not None
+        members = await self.agent.client.members()
+        peers: list[Peer] = []
+        for m in members:
+            try:
+                peer = decode(m.name, m.status, m.tags)
+            except TagError as exc:
+                self._on_bad_tags()
+                if m.name not in self._bad:
+                    self._bad.add(m.name)
+                    log.warning("cluster: member %r left out of the view: %s", m.name, exc)
+                continue
+            peers.append(peer)
+        self._peers = sorted(peers, key=lambda p: p.view.node_id)
+
+    def _agent_trouble(self, what: str) -> None:
+        agent = self.agent
+        if agent is not None and agent.returncode is not None:
+            what = f"the serf agent exited with {agent.returncode}"
+        if self._rpc_error != what:
+            log.error("cluster: %s", what)
+        self._rpc_error = what
