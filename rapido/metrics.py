@@ -112,6 +112,9 @@ class Metrics:
             "cluster_bad_tags", "Cluster members left out of this node's view because "
             "their Serf tags could not be read (counted on every read of the members)",
             registry=r)
+        self.cluster_agent_restarts = Counter(
+            "cluster_agent_restarts", "Restarts of this node's Serf agent after it exited "
+            "or its RPC connection broke (each try counted)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))

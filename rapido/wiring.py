@@ -198,4 +198,5 @@ def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster |
         return LocalState(free_slots=config.max_streams - len(engine.sessions),
                           load=engine.load, draining=engine.draining)
 
-    return Cluster(cluster_settings(config), local, on_bad_tags=metrics.cluster_bad_tags.inc)
+    return Cluster(cluster_settings(config), local, on_bad_tags=metrics.cluster_bad_tags.inc,
+                   on_restart=metrics.cluster_agent_restarts.inc)

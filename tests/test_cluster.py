@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +109,12 @@ async def _until(probe: Callable[[], Awaitable[Any]], timeout_s: float) -> Any:
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(0.25)
+
+
+async def _more(value: Awaitable[int], than: int) -> int:
+    """``value`` when it is over ``than``, else 0 (for ``_until``)."""
+    got = await value
+    return got if got > than else 0
 
 
 def _members(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -223,8 +230,32 @@ async def test_a_member_with_bad_tags_is_left_out_counted_and_logged_once(
         await stranger.aclose(leave=False)
 
 
-def _serf_children() -> list[int]:
-    me = str(os.getpid())
+@pytest.mark.slow
+async def test_closing_while_the_agent_restarts_leaves_no_agent(
+        make_node: NodeFactory, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    system_tool("serf")
+    keyring = write_keyring(tmp_path / "keyring.json")
+    bind = f"127.0.0.1:{free_port()}"
+    node = await make_node(model="none", node_id="solo", join=bind, cluster_bind=bind,
+                           cluster_rpc_port=free_port(), cluster_key_file=str(keyring))
+    cluster = node.cluster
+    assert cluster is not None and cluster.agent is not None
+    old = cluster.agent.pid
+    assert old is not None and _serf_children() == [old]
+    os.kill(old, signal.SIGKILL)
+
+    async def restarting() -> bool:
+        return cluster.restarts >= 1  # counted as the new agent is being started
+
+    assert await _until(restarting, 5)
+    await cluster.aclose(leave=False)  # most likely inside SerfAgent.start()
+    assert cluster.agent is None and not _serf_children()
+    async with http.get(f"{node.url}/ready") as r:
+        assert r.status == 200
+
+
+def _serf_children(parent: int | None = None) -> list[int]:
+    me = str(os.getpid() if parent is None else parent)
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -235,6 +266,66 @@ def _serf_children() -> list[int]:
         if fields.split()[1] == me and comm == "serf":
             out.append(int(pid))
     return out
+
+
+@pytest.mark.slow
+async def test_a_killed_agent_is_restarted_and_the_node_serves_meanwhile(
+        start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    keyring = write_keyring(tmp_path / "keyring.json")
+    a, b = await start_nodes(["a", "b"], keyring)
+
+    async def joined() -> bool:
+        for n in (a, b):
+            body = await _cluster(http, n)
+            states = {k: m["state"] for k, m in _members(body).items()}
+            if body["cluster"] != "ok" or states != {"a": "alive", "b": "alive"}:
+                return False
+        return True
+
+    assert await _until(joined, 20), [await _cluster(http, n) for n in (a, b)]
+    async with http.post(f"{a.url}/api/sessions", json={"lesson_id": "r1"}) as r:
+        assert r.status == 201, await r.text()
+        session = (await r.json())["session_id"]
+
+    async def frames_out() -> int:
+        async with http.get(f"{a.url}/api/sessions/{session}") as r:
+            assert r.status == 200, await r.text()
+            return int((await r.json())["stats"]["frames_out"])
+
+    old, = _serf_children(a.proc.pid)
+
+    async def ticked_since(n: int) -> int:
+        return await _until(lambda: _more(frames_out(), n), 5)
+
+    before = await ticked_since(0)
+    os.kill(old, signal.SIGKILL)
+
+    async def degraded() -> dict[str, Any] | None:
+        body = await _cluster(http, a)
+        return body if body["cluster"] == "degraded" and "error" in body else None
+
+    body = await _until(degraded, 5)
+    assert body, await _cluster(http, a)
+    assert "serf agent" in body["error"] or "connection" in body["error"], body
+    async with http.get(f"{a.url}/ready") as r:
+        assert r.status == 200 and (await r.json())["cluster"] == "degraded"
+    # The outage, as the others see it: A failed in B's view, or A's agent simply gone.
+    b_view = _members(await _cluster(http, b))
+    assert b_view["a"]["state"] == "failed" or old not in _serf_children(a.proc.pid)
+    during = await ticked_since(before)  # the lesson keeps ticking meanwhile
+    assert during > before
+    assert (await _cluster(http, a))["cluster"] == "degraded"  # still in the outage
+
+    assert await _until(joined, 20), [await _cluster(http, n) for n in (a, b)]
+    new, = _serf_children(a.proc.pid)
+    assert new != old
+    assert await ticked_since(during) > during
+    async with http.get(f"{a.url}/ready") as r:
+        ready = await r.json()
+        assert r.status == 200 and ready["cluster"] == "ok", ready
+    async with http.get(f"{a.url}/metrics") as r:
+        m = re.search(r"^cluster_agent_restarts_total (\S+)$", await r.text(), re.MULTILINE)
+    assert m is not None and float(m.group(1)) >= 1
 
 
 async def test_single_node_reports_itself(make_node: NodeFactory,

@@ -210,6 +210,12 @@ class SerfAgent:
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc is not None else None
 
+    async def wait(self) -> int:
+        """Until the agent's process has exited (however): its return code."""
+        if self._proc is None:
+            raise RuntimeError("SerfAgent.wait() before start()")
+        return await self._proc.wait()
+
     def command(self, config_file: Path) -> list[str]:
         s = self.settings
         binary = shutil.which(s.binary)

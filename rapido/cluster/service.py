@@ -16,7 +16,13 @@ gossip):
   slow readers); each member's tags are checked (:func:`tags.decode`): a member with bad
   tags is left out of the view, counted (``on_bad_tags``) and logged once.
 
-The agent dying is logged and shown as ``degraded``; nothing restarts it (yet).
+A fourth task, ``agent``, watches the agent: when its process exits or one of its RPC
+connections breaks, the node keeps serving its own lessons, shows ``degraded`` with the
+reason, and the agent is stopped and started again (same settings and node name, a fresh
+RPC token) with backoff (1 s doubling to 30 s, back to 1 s once an agent lived 30 s),
+counted (``on_restart``); the new agent gets fresh connections and tasks, joins the
+``join`` addresses again and has its tags written at once; the state is ``ok`` again once
+joined. Meanwhile the view is the last one read.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class ClusterSettings:
     tick_s: float = 1.0
     poll_s: float = 2.0
     join_backoff_s: tuple[float, float] = (1.0, 30.0)
+    restart_backoff_s: tuple[float, float] = (1.0, 30.0)
 
 
 class Cluster:
@@ -71,10 +78,12 @@ class Cluster:
     members (this node included) whose tags could be read; ``aclose()`` leaves."""
 
     def __init__(self, settings: ClusterSettings, local: Callable[[], LocalState], *,
-                 on_bad_tags: Callable[[], None] = lambda: None) -> None:
+                 on_bad_tags: Callable[[], None] = lambda: None,
+                 on_restart: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
         self._local = local
         self._on_bad_tags = on_bad_tags
+        self._on_restart = on_restart
         self.node_id = ""
         self.url = ""
         self.agent: SerfAgent | None = None
@@ -87,6 +96,10 @@ class Cluster:
         self._refresh = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[SerfClient] = []
+        self._trouble = asyncio.Event()  # the agent exited or an RPC connection broke
+        self._supervisor: asyncio.Task[None] | None = None
+        self._agent_started = 0.0
+        self.restarts = 0
 
     # -- reading ----------------------------------------------------------------------
 
@@ -120,31 +133,53 @@ class Cluster:
 
     async def start(self, node_id: str, url: str) -> None:
         self.node_id, self.url = node_id, url
+        await self._start_agent(first=True)
+        self._supervisor = asyncio.create_task(self._supervise(),
+                                               name=f"cluster-agent {node_id}")
+
+    async def aclose(self, leave: bool = True) -> None:
+        """Stop the tasks (a restart under way included), leave the cluster gracefully,
+        stop the agent."""
+        await cancel_and_wait([self._supervisor])
+        self._supervisor = None
+        await self._stop_agent(leave=leave)
+
+    async def _start_agent(self, first: bool = False) -> None:
+        """Start an agent with this node's tags now, connect, read the members and start
+        the tasks; on any failure (or cancellation) nothing of it is left running."""
         s = self.settings
         tags = encode(self.local_tags())
-        self.agent = SerfAgent(SerfAgentSettings(
-            node=node_id, bind=s.bind, rpc_port=s.rpc_port, keyring_file=s.keyring_file,
-            tags=tags, binary=s.binary))
-        await self.agent.start()
-        self._writer.wrote(tags, time.monotonic())
+        agent = SerfAgent(SerfAgentSettings(
+            node=self.node_id, bind=s.bind, rpc_port=s.rpc_port,
+            keyring_file=s.keyring_file, tags=tags, binary=s.binary))
+        self.agent = agent  # before start(): aclose() stops it whatever happens
+        self.joined = False
+        self._join_error = None
+        self._trouble.clear()
+        self._writer = TagWriter()  # after a restart: the tags are written at once
         try:
-            slow = await self.agent.connect()  # join and tags: both wait for gossip
+            await agent.start()
+            self._agent_started = time.monotonic()
+            if first:
+                self._writer.wrote(tags, self._agent_started)
+            slow = await agent.connect()  # join and tags: both wait for gossip
             self._clients.append(slow)
-            events = await self.agent.connect()
+            events = await agent.connect()
             self._clients.append(events)
             await self._read_members()
         except BaseException:
-            await self.aclose(leave=False)
+            await self._stop_agent(leave=False)
             raise
+        node_id = self.node_id
         self._tasks = [
             asyncio.create_task(self._join_loop(slow), name=f"cluster-join {node_id}"),
             asyncio.create_task(self._tags_loop(slow), name=f"cluster-tags {node_id}"),
             asyncio.create_task(self._events_loop(events), name=f"cluster-events {node_id}"),
             asyncio.create_task(self._view_loop(), name=f"cluster-view {node_id}"),
+            asyncio.create_task(self._watch(agent), name=f"cluster-watch {node_id}"),
         ]
 
-    async def aclose(self, leave: bool = True) -> None:
-        """Stop the tasks, leave the cluster gracefully, stop the agent."""
+    async def _stop_agent(self, leave: bool) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks = []
         for client in self._clients:
@@ -152,7 +187,34 @@ class Cluster:
         self._clients = []
         if self.agent is not None:
             await self.agent.aclose(leave=leave)
-            self.agent = None
+            self.agent = None  # only once it is stopped: a cancelled stop is redone
+
+    async def _supervise(self) -> None:
+        """Restart the agent with backoff whenever it is in trouble."""
+        first, most = self.settings.restart_backoff_s
+        delay = first
+        while True:
+            await self._trouble.wait()
+            why = self._rpc_error or "the serf agent's RPC broke"
+            if time.monotonic() - self._agent_started >= most:
+                delay = first
+            await self._stop_agent(leave=False)
+            while True:
+                self._rpc_error = f"{why}; restarting the agent in {delay:g} s"
+                log.warning("cluster: %s", self._rpc_error)
+                await asyncio.sleep(delay)
+                delay = min(most, delay * 2)
+                self.restarts += 1
+                self._on_restart()
+                try:
+                    await self._start_agent()
+                except (SerfError, OSError) as exc:
+                    why = f"restarting the serf agent: {exc}"
+                    continue
+                break
+            self._rpc_error = None
+            log.warning("cluster: serf agent restarted (pid %s), joining again",
+                        self.agent.pid if self.agent is not None else None)
 
     # -- the tasks --------------------------------------------------------------------
 
@@ -241,10 +303,22 @@ class Cluster:
             peers.append(peer)
         self._peers = sorted(peers, key=lambda p: p.view.node_id)
 
+    async def _watch(self, agent: SerfAgent) -> None:
+        await agent.wait()
+        self._agent_trouble("the serf agent exited")
+
     def _agent_trouble(self, what: str) -> None:
+        """Degraded for ``what``; a restart when the agent exited or a connection broke
+        (a refused or timed-out command on a live connection is not reason enough)."""
         agent = self.agent
         if agent is not None and agent.returncode is not None:
             what = f"the serf agent exited with {agent.returncode}"
+        if self._trouble.is_set() and (agent is None or agent.returncode is None):
+            return  # a restart is on its way; a broken connection says no more
         if self._rpc_error != what:
             log.error("cluster: %s", what)
         self._rpc_error = what
+        clients = [*self._clients, *([agent.client] if agent and agent.client else [])]
+        if agent is not None and (agent.returncode is not None or
+                                  any(c.closed for c in clients)):
+            self._trouble.set()
