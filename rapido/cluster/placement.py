@@ -40,11 +40,11 @@ import hashlib
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rapido.pipeline.geo import LatLon, haversine_km, lat_lon
+from rapido.pipeline.geo import LatLon, haversine_km, lat_lon, parse_location
 
 __all__ = [
     "AFFINITY_TTL_S",
@@ -82,28 +82,13 @@ AFFINITY_TTL_S = 3600.0
 #: The reason the loser of :func:`resolve_double` closes its session with.
 MOVED = "moved"
 
-#: Mean Earth radius (IUGG), in km. The choice of the nearest member is insensitive to it.
 UserLocation = str | LatLon | None
 
 
 def parse_user_location(value: Any, *, where: str = "user_location") -> UserLocation:
     """``None``, a region code, ``{"lat", "lon"}`` (as the API's session spec carries it)
     or ``(lat, lon)``; ValueError naming ``where`` for anything else."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not NODE_ID.fullmatch(value):
-            raise ValueError(f"{where}: a region code must match [A-Za-z0-9_.-]{{1,64}}, "
-                             f"got {value!r}")
-        return value
-    if isinstance(value, Mapping):
-        if set(value) != {"lat", "lon"}:
-            raise ValueError(f"{where}: expected {{lat, lon}}, got keys {sorted(map(str, value))}")
-        return lat_lon(value["lat"], value["lon"], where)
-    if isinstance(value, tuple | list) and len(value) == 2:
-        return lat_lon(value[0], value[1], where)
-    raise ValueError(f"{where}: expected a region code, {{lat, lon}} or (lat, lon), "
-                     f"got {value!r}")
+    return parse_location(value, where=where)
 
 
 def _count(value: Any, name: str, node_id: str) -> int:
