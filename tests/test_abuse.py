@@ -171,9 +171,13 @@ class Honest:
         url = f"{self.url}/api/sessions/{self.session['session_id']}"
         loop = asyncio.get_running_loop()
         while True:
+            sent = loop.time()
             async with self.http.get(url, headers=self.headers) as r:
                 body = await r.json()
-            self.samples.append((loop.time(), float(body["stats"]["frames_out"])))
+            # The count was read somewhere between send and reply: take the midpoint,
+            # so a slow reply does not stretch one window and shrink the next.
+            self.samples.append(((sent + loop.time()) / 2,
+                                 float(body["stats"]["frames_out"])))
             await asyncio.sleep(1.0)
 
     def mark(self) -> float:
@@ -185,9 +189,20 @@ class Honest:
         return [(n1 - n0) / (t1 - t0_) for (t0_, n0), (t1, n1) in itertools.pairwise(pts)]
 
     def assert_kept_up(self, t0: float) -> None:
+        pts = [(t, n) for t, n in self.samples if t >= t0]
         fps = self.fps_since(t0)
         assert len(fps) >= 2, f"too few samples to judge the honest stream: {fps}"
-        assert min(fps) >= MIN_FPS, f"the honest stream fell below {MIN_FPS} fps: {fps}"
+        # Every second: a one-second window over a 25 fps stream holds 24, 25 or 26
+        # frames depending on where its edges fall (and the edges are read over HTTP),
+        # so each window may miss MIN_FPS by one frame's phase, never by more: a stall
+        # of two frames or more in any second still fails.
+        short = [(round(f, 2), round(t1 - t0_, 3))
+                 for f, ((t0_, _), (t1, _)) in zip(fps, itertools.pairwise(pts), strict=True)
+                 if f * (t1 - t0_) < MIN_FPS * (t1 - t0_) - 1.0]
+        assert not short, f"the honest stream fell below {MIN_FPS} fps: {fps}"
+        # Over the whole attack the phase evens out: the rate itself must hold.
+        mean = (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
+        assert mean >= MIN_FPS + 0.5, f"the honest stream averaged {mean:.2f} fps: {fps}"
 
 
 async def settle(seconds: float = 2.0) -> None:
