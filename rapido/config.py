@@ -68,6 +68,9 @@ class Config:
                                  "cluster_bind port + 1)", lo=0, hi=65535)
     node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
+    placement_epsilon: float = _opt(0.25, "bounded loads: a node above (1 + this) x the "
+                                    "mean load passes a new lesson to its next choice",
+                                    lo=0.0, hi=100.0)
     log_level: str = _opt("info", "logging level",
                           choices=("debug", "info", "warning", "error"))
     # -- capacity and limits ----------------------------------------------------

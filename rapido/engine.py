@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from rapido.aio import cancel_and_wait
+from rapido.cluster.placement import make_session_id
 from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.errors import AdmissionError, SinkUnavailable, UnknownAvatar
@@ -68,12 +69,15 @@ class RenderSetup:
 RenderLoader = Callable[[Callable[[float], None]], Awaitable[RenderSetup]]
 #: Sees every frame handed to a sink: (session id, lateness in s, speaking).
 FrameHook = Callable[[str, float, bool], None]
+#: Sees every session that was created (``True``) and that closed (``False``).
+SessionHook = Callable[[StreamSession, bool], None]
 
 
 class Engine:
     def __init__(self, settings: EngineSettings, metrics: Metrics, *,
                  sinks: Mapping[str, SinkProvider], load: RenderLoader,
-                 on_frame: FrameHook | None = None) -> None:
+                 on_frame: FrameHook | None = None,
+                 on_session: SessionHook | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.node_id = settings.node_id
@@ -84,6 +88,7 @@ class Engine:
         self._sinks = dict(sinks)
         self._load_render = load
         self._frame_hook = on_frame
+        self._session_hook = on_session
         self._by_lesson: dict[str, str] = {}
         self._avatars: dict[str, Avatar] = {}
         self._clock: asyncio.Task[None] | None = None
@@ -206,13 +211,14 @@ class Engine:
         fut.set_result(session)
         self.metrics.sessions_created.inc()
         self.metrics.concurrent_streams.set(len(self.sessions))
+        self._notify(session, True)
         log.info("session %s created for lesson %s (sink %s)", session.id, spec.lesson_id,
                  spec.sink)
         return session, True
 
     def _build(self, spec: SessionSpec, avatar: Avatar,
                provider: SinkProvider) -> StreamSession:
-        sid = uuid.uuid4().hex
+        sid = self.new_session_id()
         s = self.settings
 
         def on_frame(lateness_s: float, speaking: bool) -> None:
@@ -233,6 +239,16 @@ class Engine:
             provider.closed(session)
         except Exception:
             log.exception("session %s: cleanup after a failed create failed", session.id)
+
+    def new_session_id(self) -> str:
+        """``{node_id}.{32 hex}``: the id names its node, so any node of a cluster routes
+        the session's URLs without a lookup; plain hex when the node id cannot be part of
+        one (a long host name: such a node serves alone)."""
+        random_hex = secrets.token_hex(16)
+        try:
+            return make_session_id(self.node_id, random_hex)
+        except ValueError:
+            return random_hex
 
     def describe(self, session: StreamSession) -> dict[str, Any]:
         """What the session's sink provider adds to its JSON."""
@@ -256,8 +272,16 @@ class Engine:
                 provider.closed(session)
         self._account_audio([session])
         self.metrics.concurrent_streams.set(len(self.sessions))
+        self._notify(session, False)
         log.info("session %s closed (%s)", session_id, reason)
         return True
+
+    def _notify(self, session: StreamSession, created: bool) -> None:
+        if self._session_hook is not None:
+            try:
+                self._session_hook(session, created)
+            except Exception:
+                log.exception("session %s: the session hook failed", session.id)
 
     # -- events from sessions -----------------------------------------------------------
 

@@ -18,12 +18,19 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from rapido.cluster.agent import SerfAgentConfigError
+from rapido.cluster.placement import Affinity
 from rapido.cluster.serf import SerfError
 from rapido.config import Config, is_loopback
 from rapido.engine import Engine
 from rapido.http.app import make_app
 from rapido.metrics import Metrics
-from rapido.wiring import build_cluster, build_engine, http_settings
+from rapido.wiring import (
+    build_cluster,
+    build_engine,
+    build_router,
+    http_settings,
+    remember_lessons,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +55,15 @@ class Node:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.engine: Engine = build_engine(config, self.metrics)
+        clustered = bool(config.join_addresses())
+        affinity = Affinity()
+        self.engine: Engine = build_engine(
+            config, self.metrics, on_session=remember_lessons(affinity) if clustered else None)
         self.cluster = build_cluster(config, self.engine, self.metrics)
-        self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster)
+        self.router = (build_router(config, self.engine, self.cluster, affinity)
+                       if self.cluster is not None else None)
+        self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster,
+                            self.router)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -87,6 +100,8 @@ class Node:
         if self.cluster is not None:
             try:
                 await self.cluster.start(self.engine.node_id, self.url)
+                if self.router is not None:
+                    await self.router.start()
             except BaseException:
                 await self.stop()
                 raise
@@ -105,6 +120,8 @@ class Node:
         return quiet
 
     async def stop(self) -> None:
+        if self.router is not None:
+            await self.router.aclose()
         if self.cluster is not None:
             await self.cluster.aclose()
         if self.runner is not None:

@@ -10,15 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from rapido.cluster.placement import Affinity
 from rapido.cluster.service import Cluster, ClusterSettings, LocalState
 from rapido.config import Config, ConfigError
-from rapido.engine import Engine, EngineSettings, FrameHook, RenderLoader, RenderSetup
+from rapido.engine import (
+    Engine,
+    EngineSettings,
+    FrameHook,
+    RenderLoader,
+    RenderSetup,
+    SessionHook,
+)
 from rapido.gpu.portrait import default_avatar
 from rapido.gpu.registry import BatchSettings, ModelSettings, open_renderer
+from rapido.http.routing import Router, RouterSettings
 from rapido.http.settings import HttpSettings
 from rapido.livekit.publisher import LiveKitPublisher, LiveKitSettings
 from rapido.livekit.regions import Region, parse_regions
@@ -26,7 +36,7 @@ from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar, load_avatar_dir
 from rapido.pipeline.provider import SinkFactory, SinkProvider
 from rapido.pipeline.render import FrameRenderer, IdleRenderer
-from rapido.pipeline.session import SessionSpec
+from rapido.pipeline.session import SessionSpec, StreamSession
 from rapido.pipeline.sinks.null import NullSink
 from rapido.pipeline.sinks.pool import EncoderPool
 from rapido.pipeline.sinks.recorder import RecorderSink
@@ -175,10 +185,11 @@ def render_loader(config: Config, metrics: Metrics) -> RenderLoader:
     return load
 
 
-def build_engine(config: Config, metrics: Metrics, *,
-                 on_frame: FrameHook | None = None) -> Engine:
+def build_engine(config: Config, metrics: Metrics, *, on_frame: FrameHook | None = None,
+                 on_session: SessionHook | None = None) -> Engine:
     return Engine(engine_settings(config), metrics, sinks=sink_providers(config, metrics),
-                  load=render_loader(config, metrics), on_frame=on_frame)
+                  load=render_loader(config, metrics), on_frame=on_frame,
+                  on_session=on_session)
 
 
 def cluster_settings(config: Config) -> ClusterSettings:
@@ -200,3 +211,23 @@ def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster |
 
     return Cluster(cluster_settings(config), local, on_bad_tags=metrics.cluster_bad_tags.inc,
                    on_restart=metrics.cluster_agent_restarts.inc)
+
+
+def remember_lessons(affinity: Affinity) -> SessionHook:
+    """The engine's session hook that keeps a clustered node's affinity records."""
+
+    def hook(session: StreamSession, created: bool) -> None:
+        now = time.monotonic()
+        if created:
+            affinity.remember(session.lesson_id, now)
+        else:
+            affinity.ended(session.lesson_id, now)
+
+    return hook
+
+
+def build_router(config: Config, engine: Engine, cluster: Cluster,
+                 affinity: Affinity) -> Router:
+    return Router(RouterSettings(api_key=config.api_key, epsilon=config.placement_epsilon,
+                                 query_timeout_s=1.0, reclaim_s=600.0),
+                  engine, cluster, affinity)

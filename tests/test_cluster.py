@@ -34,12 +34,12 @@ class ClusterNode:
 
 
 def _spawn(node_id: str, bind: str, join: list[str], keyring: Path, tmp: Path,
-           serf_dir: str) -> ClusterNode:
+           serf_dir: str, env_extra: dict[str, str] | None = None) -> ClusterNode:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAPIDO_MODEL": "none",
            "RAPIDO_LOG_LEVEL": "warning", "RAPIDO_RECORDINGS_DIR": str(tmp / "rec"),
            "RAPIDO_AVATARS_DIR": str(tmp / "avatars"), "RAPIDO_MAX_STREAMS": "4",
            "RAPIDO_REGION": f"r-{node_id}", "PYTHONPATH": str(REPO),
-           "PATH": f"{serf_dir}:{os.environ.get('PATH', '')}"}
+           "PATH": f"{serf_dir}:{os.environ.get('PATH', '')}", **(env_extra or {})}
     args = [sys.executable, "-m", "rapido", "serve", "--port", "0", "--node-id", node_id,
             "--join", ",".join(join), "--cluster-bind", bind,
             "--cluster-rpc-port", str(free_port()), "--cluster-key-file", str(keyring)]
@@ -78,10 +78,11 @@ async def start_nodes(tmp_path: Path) -> AsyncIterator[Starter]:
     serf = system_tool("serf")
     nodes: list[ClusterNode] = []
 
-    async def start(ids: list[str], keyring: Path, join: list[str] | None = None
-                    ) -> list[ClusterNode]:
+    async def start(ids: list[str], keyring: Path, join: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> list[ClusterNode]:
         binds = [f"127.0.0.1:{free_port()}" for _ in ids]
-        started = [_spawn(i, b, join or binds, keyring, tmp_path, str(Path(serf).parent))
+        started = [_spawn(i, b, join or binds, keyring, tmp_path, str(Path(serf).parent),
+                          env)
                    for i, b in zip(ids, binds, strict=True)]
         nodes.extend(started)
         await asyncio.gather(*(_wait_url(n) for n in started))

@@ -58,6 +58,7 @@ __all__ = [
     "Resolution",
     "choose_region",
     "haversine_km",
+    "home_order",
     "hrw_score",
     "make_session_id",
     "mean_load",
@@ -311,6 +312,21 @@ def place(lesson: str, members: Iterable[MemberView], *, user_location: Any = No
         ranked = [holder, *(m for m in ranked if m is not holder)]
         reason = "affinity"
     return Placement(lesson, ranked[0], tuple(ranked), region, reason)
+
+
+def home_order(lesson: str, members: Iterable[MemberView],
+               region: str | None) -> list[MemberView]:
+    """The lesson's homes, best first: the members that keep its record and decide where
+    it plays. Rendezvous order over the alive, non-draining members of ``region`` (every
+    such member when the region has none), free slots and load left out: a full node
+    still answers for its lessons, and every node computes the same home from views that
+    differ in figures that change by the second. The caller asks the first that answers.
+    """
+    _check_lesson(lesson)
+    alive = [m for m in _check_view(members)
+             if m.status == "alive" and not m.draining and m.capacity > 0]
+    pool = [m for m in alive if region is not None and m.region == region] or alive
+    return rendezvous_order(lesson, pool)
 
 
 def should_query(lesson: str, view_changed_at: float | None, now: float, has_record: bool,

@@ -38,10 +38,19 @@ from typing import Final
 
 from rapido.aio import cancel_and_wait
 from rapido.cluster.agent import SerfAgent, SerfAgentSettings
-from rapido.cluster.serf import SerfClient, SerfError, SerfStreamOverflow
+from rapido.cluster.serf import (
+    QueryEvent,
+    QueryResponse,
+    SerfClient,
+    SerfError,
+    SerfStreamOverflow,
+)
 from rapido.cluster.tags import KEYS, NodeTags, Peer, TagError, TagWriter, decode, encode
 
 log = logging.getLogger(__name__)
+
+#: Answers a query's payload with a response payload, or ``None`` to stay silent.
+Responder = Callable[[bytes], bytes | None]
 
 MEMBER_EVENTS: Final = ("member-join", "member-leave", "member-failed", "member-update",
                         "member-reap")
@@ -100,11 +109,37 @@ class Cluster:
         self._supervisor: asyncio.Task[None] | None = None
         self._agent_started = 0.0
         self.restarts = 0
+        #: When the set of alive members last changed (monotonic s; a node that just
+        #: started counts as a change: it has no records of anyone's lessons yet).
+        self.view_changed_at: float | None = None
+        self._alive: frozenset[str] = frozenset()
+        self._listeners: list[Callable[[], None]] = []
+        self._responders: dict[str, Responder] = {}
 
     # -- reading ----------------------------------------------------------------------
 
     def view(self) -> list[Peer]:
         return list(self._peers)
+
+    def peer(self, node_id: str) -> Peer | None:
+        return next((p for p in self._peers if p.view.node_id == node_id), None)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs whenever the set of alive members changes."""
+        self._listeners.append(listener)
+
+    def respond_to(self, name: str, responder: Responder) -> None:
+        """Answer the cluster's queries called ``name`` (register before ``start``)."""
+        self._responders[name] = responder
+
+    async def ask(self, name: str, payload: bytes, timeout_s: float) -> list[QueryResponse]:
+        """A Serf query to every member; the answers that came within ``timeout_s`` (the
+        agent waits it out in full). Raises SerfError when the agent cannot be asked."""
+        agent = self.agent
+        if agent is None or len(self._clients) < 2:
+            raise SerfError("ask", "the serf agent is not running")
+        query = await self._clients[1].query(name, payload, timeout_s=timeout_s)
+        return await query.responses()
 
     def local_tags(self) -> NodeTags:
         s = self.settings
@@ -262,11 +297,15 @@ class Cluster:
             self._writer.wrote(due, now)
 
     async def _events_loop(self, client: SerfClient) -> None:
+        kinds = (*MEMBER_EVENTS, *(f"query:{name}" for name in self._responders))
         while True:
             try:
-                async with await client.stream(MEMBER_EVENTS) as stream:
-                    async for _event in stream:
-                        self._refresh.set()
+                async with await client.stream(kinds) as stream:
+                    async for event in stream:
+                        if isinstance(event, QueryEvent):
+                            await self._answer(client, event)
+                        else:
+                            self._refresh.set()
             except SerfStreamOverflow:
                 self._refresh.set()  # events were lost: read the members, subscribe again
                 continue
@@ -287,6 +326,20 @@ class Cluster:
             else:
                 self._rpc_error = None
 
+    async def _answer(self, client: SerfClient, event: QueryEvent) -> None:
+        responder = self._responders.get(event.name)
+        if responder is None:
+            return
+        try:
+            payload = responder(event.payload)
+        except Exception:
+            log.exception("cluster: answering query %r", event.name)
+            return
+        if payload is not None:
+            # A query that timed out meanwhile is refused by the agent; nothing to do.
+            with contextlib.suppress(SerfError):
+                await client.respond(event.id, payload)
+
     async def _read_members(self) -> None:
         assert self.agent is not None and self.agent.client is not None
         members = await self.agent.client.members()
@@ -302,6 +355,16 @@ class Cluster:
                 continue
             peers.append(peer)
         self._peers = sorted(peers, key=lambda p: p.view.node_id)
+        alive = frozenset(p.view.node_id for p in peers if p.view.status == "alive"
+                          and not p.view.draining)
+        if alive != self._alive or self.view_changed_at is None:
+            self._alive = alive
+            self.view_changed_at = time.monotonic()
+            for listener in self._listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("cluster: a view listener failed")
 
     async def _watch(self, agent: SerfAgent) -> None:
         await agent.wait()

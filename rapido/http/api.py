@@ -14,7 +14,7 @@ from aiohttp import web
 
 from rapido.engine import AdmissionError, Engine, SinkUnavailable, UnknownAvatar
 from rapido.http.errors import ApiError, bad_request, json_response, not_found
-from rapido.http.keys import ENGINE, SETTINGS, UPLOADS, WS_SECRET, base_url
+from rapido.http.keys import ENGINE, ROUTER, SETTINGS, UPLOADS, WS_SECRET, base_url
 from rapido.http.tokens import mint_token
 from rapido.http.whep import viewer_fields
 from rapido.pipeline.audio import (
@@ -178,8 +178,17 @@ def get_session(request: web.Request) -> StreamSession:
 
 @routes.post("/api/sessions")
 async def create_session(request: web.Request) -> web.Response:
+    data = await read_json(request)
+    spec = parse_create(data, request.app[SETTINGS].default_sink)
+    router = request.app.get(ROUTER)
+    if router is not None:
+        return await router.create(request, spec, orjson.dumps(data),
+                                   lambda: _create_here(request, spec))
+    return await _create_here(request, spec)
+
+
+async def _create_here(request: web.Request, spec: SessionSpec) -> web.Response:
     engine: Engine = request.app[ENGINE]
-    spec = parse_create(await read_json(request), request.app[SETTINGS].default_sink)
     try:
         session, created = await engine.create_session(spec)
     except AdmissionError as exc:

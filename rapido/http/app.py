@@ -27,8 +27,18 @@ from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.cluster import cluster_summary
 from rapido.http.cluster import routes as cluster_routes
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import CLUSTER, ENGINE, METRICS, SETTINGS, UPLOADS, WEBSOCKETS, WS_SECRET
+from rapido.http.keys import (
+    CLUSTER,
+    ENGINE,
+    METRICS,
+    ROUTER,
+    SETTINGS,
+    UPLOADS,
+    WEBSOCKETS,
+    WS_SECRET,
+)
 from rapido.http.openapi import openapi_document
+from rapido.http.routing import Router
 from rapido.http.settings import HttpSettings
 from rapido.http.tokens import WS_PURPOSE, derive_secret
 from rapido.http.uploads import UploadSlots
@@ -201,7 +211,8 @@ def _static_dir() -> Path:
 # -- the app ------------------------------------------------------------------------------
 
 def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
-             cluster: Cluster | None = None) -> web.Application:
+             cluster: Cluster | None = None,
+             router: Router | None = None) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
@@ -214,6 +225,8 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
     app[UPLOADS] = UploadSlots(settings.max_concurrent_uploads)
     if cluster is not None:
         app[CLUSTER] = cluster  # started by the node once its URL is known
+    if router is not None:
+        app[ROUTER] = router
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from rapido.cluster.service import Cluster
 from rapido.cluster.tags import NodeTags, Peer
-from rapido.http.errors import json_response
-from rapido.http.keys import CLUSTER, ENGINE, SETTINGS, base_url
+from rapido.http.errors import ApiError, json_response
+from rapido.http.keys import CLUSTER, ENGINE, ROUTER, SETTINGS, base_url
+from rapido.http.routing import Router, claims_answer, parse_claims
 
 routes = web.RouteTableDef()
 
@@ -62,6 +64,47 @@ async def cluster_state(request: web.Request) -> web.Response:
         return json_response({"node": me, "members": [me], "cluster": "single"})
     body: dict[str, Any] = {"node": me, "members": [_peer_json(p) for p in cluster.view()],
                             "cluster": cluster.state}
+    router = request.app.get(ROUTER)
+    if router is not None:
+        body["routing"] = {"records": len(router.directory), "queries": router.queries,
+                           "moved": router.moved}
     if cluster.error is not None:
         body["error"] = cluster.error
     return json_response(body)
+
+
+def _router(request: web.Request) -> Router:
+    router = request.app.get(ROUTER)
+    if router is None:
+        raise ApiError(404, "not_clustered", "this node is not part of a cluster")
+    return router
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+@routes.post("/api/cluster/claims")
+async def take_claims(request: web.Request) -> web.Response:
+    """From another node: the sessions it plays of lessons this node is home of. The
+    answer names those of them that lost to another session of their lesson (the
+    claimant closes them with reason ``moved``)."""
+    router = _router(request)
+    node, claims, lessons = parse_claims(await _json(request))
+    return claims_answer(await router.take_claims(node, claims, lessons))
+
+
+@routes.post("/api/cluster/moved")
+async def moved(request: web.Request) -> web.Response:
+    """From a lesson's home: these sessions of this node lost their lesson to another
+    session; they close with reason ``moved``."""
+    router = _router(request)
+    data = await _json(request)
+    ids = data.get("session_ids") if isinstance(data, dict) else None
+    if (not isinstance(ids, list) or len(ids) > 10_000
+            or not all(isinstance(i, str) for i in ids)):
+        raise ApiError(400, "invalid_session_ids", 'the body is {"session_ids": [id, ...]}')
+    return json_response({"closed": await router.move(ids)})

@@ -6,6 +6,8 @@ from aiohttp import web
 
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
+from rapido.http.forwarded import forwarded_host, forwarded_proto
+from rapido.http.routing import Router
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
@@ -19,11 +21,15 @@ WS_SECRET = web.AppKey("ws_secret", bytes)
 UPLOADS = web.AppKey("uploads", UploadSlots)
 #: Present on a clustered node only (``join`` set).
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Present with CLUSTER: where lessons and sessions are served (``routing.py``).
+ROUTER = web.AppKey("router", Router)
 
 
 def base_url(request: web.Request) -> str:
-    """The URL clients reach this node at: configured, or what the request came to."""
+    """The URL clients reach this node at: configured, or what the request came to (on
+    a request forwarded by another node of the cluster, what the client asked that one:
+    the URLs in an answer lead back through the node the client chose)."""
     configured = request.app[SETTINGS].public_url
     if configured:
         return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}"
+    return f"{forwarded_proto(request)}://{forwarded_host(request)}"
