@@ -24,6 +24,7 @@ from rapido.cluster.placement import (
     Claim,
     MemberView,
     choose_region,
+    home_order,
     hrw_score,
     make_session_id,
     mean_load,
@@ -587,3 +588,35 @@ def test_owners_do_not_depend_on_pythonhashseed() -> None:
     assert seen[0]["hash"] != seen[1]["hash"]  # the salts really differ
     assert seen[0]["owners"] == seen[1]["owners"] == here
     assert len(set(here)) > 3
+
+
+def test_home_ignores_free_slots_and_load_but_not_liveness_or_draining() -> None:
+    view = [member(f"n{i}") for i in range(5)]
+    lessons = [f"l{i}" for i in range(40)]
+    homes = {lesson: home_order(lesson, view, "eu")[0].node_id for lesson in lessons}
+    # Full and loaded members stay homes: the figures that change by the second do not
+    # move a lesson's home.
+    busy = [member(m.node_id, free=0, load=3.0) for m in view]
+    assert {lesson: home_order(lesson, busy, "eu")[0].node_id for lesson in lessons} == homes
+    # A failed or draining home hands its lessons to the next in rendezvous order only.
+    gone = homes["l0"]
+    for changed in ([member(m.node_id, status="failed") if m.node_id == gone else m
+                     for m in view],
+                    [member(m.node_id, draining=True) if m.node_id == gone else m
+                     for m in view]):
+        for lesson in lessons:
+            order = [m.node_id for m in home_order(lesson, view, "eu")]
+            new = home_order(lesson, changed, "eu")[0].node_id
+            assert new == (order[1] if order[0] == gone else order[0])
+
+
+def test_home_pool_is_the_region_or_everyone() -> None:
+    view = [member("e1"), member("e2"), member("u1", region="us"), member("x0", capacity=0)]
+    assert {m.node_id for m in home_order("l", view, "us")} == {"u1"}
+    assert {m.node_id for m in home_order("l", view, "eu")} == {"e1", "e2"}
+    # No member in the region (or none given): every alive member, zero capacity never.
+    assert {m.node_id for m in home_order("l", view, "ap")} == {"e1", "e2", "u1"}
+    assert {m.node_id for m in home_order("l", view, None)} == {"e1", "e2", "u1"}
+    assert home_order("l", [], "eu") == []
+    with pytest.raises(ValueError, match="lesson"):
+        home_order("", view, "eu")

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import NodeFactory, create_session
 from tests.test_cluster import ClusterNode, Starter, _cluster, _members, _until, start_nodes
 from tests.test_serf import write_keyring
 
@@ -114,3 +115,97 @@ async def test_a_killed_owners_lesson_gets_one_new_owner_seen_from_every_node(
     assert {b["node"] for _, b in answers} <= {n.node_id for n in others}, answers
     print(f"\nkill -9 seen failed by all after {seen_failed:.1f} s; "
           f"lesson answered again after {again:.1f} s")
+
+
+async def _events_until_closed(ws: aiohttp.ClientWebSocketResponse,
+                               timeout_s: float) -> str | None:
+    """The reason of the ``closed`` event the socket gets within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    ev = msg.json()
+                    if ev.get("type") == "closed":
+                        return str(ev["reason"])
+    except TimeoutError:
+        return None
+    return None
+
+
+@pytest.mark.slow
+async def test_a_double_session_resolves_to_one_when_the_view_changes(
+        start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two live sessions of one lesson, as a partition leaves them (made here by asking
+    two nodes to create it where they stand): the next change of membership has every
+    node claim its sessions with their homes, and the one home closes the loser with
+    reason ``moved``; its client reconnects through any node and lands on the winner."""
+    keyring = write_keyring(tmp_path / "k.json")
+    nodes = await start_nodes(["d1", "d2", "d3"], keyring, env=SAME_REGION)
+    await converge(http, nodes)
+    sessions = []
+    for n in nodes[:2]:
+        async with http.post(f"{n.url}/api/sessions", json={"lesson_id": "chem"},
+                             headers={"X-Rapido-Route": "here"}) as r:
+            assert r.status == 201, await r.text()
+            sessions.append(await r.json())
+    assert sessions[0]["session_id"] != sessions[1]["session_id"]
+    sockets = [await http.ws_connect(s["ws_url"]) for s in sessions]
+    joined = await start_nodes(["d4"], keyring, join=[nodes[0].bind], env=SAME_REGION)
+    await converge(http, [*nodes, *joined])
+    waits = [asyncio.create_task(_events_until_closed(ws, 15)) for ws in sockets]
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    loser = waits.index(done.pop())
+    assert waits[loser].result() == "moved"
+    winner = sessions[1 - loser]
+    assert not waits[1 - loser].done(), "the winner's client was closed too"
+    for n in [*nodes, *joined]:
+        status, body = await create(http, n, "chem")
+        assert status == 200 and body["session_id"] == winner["session_id"], body
+    moved = [(await _cluster(http, n))["routing"]["moved"] for n in [*nodes, *joined]]
+    assert sum(moved) == 1, moved
+    for ws in sockets:
+        await ws.close()
+    await asyncio.gather(*waits)
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ([], "the body is"),
+    ({"node": "a"}, "the body is"),
+    ({"node": "a", "claims": {}, "x": 1}, "the body is"),
+    ({"node": "a", "claims": "x"}, "a list"),
+    ({"node": "a", "claims": [1]}, r"claims\[0\]"),
+    ({"node": "a", "claims": [{"lesson_id": "l", "session_id": "b.%s" % ("0" * 32),
+                               "created_at": 1.0}]}, "claiming node's"),
+    ({"node": "a", "claims": [{"lesson_id": "", "session_id": "a.%s" % ("0" * 32),
+                               "created_at": 1.0}]}, "lesson_id"),
+    ({"node": "a", "claims": [{"lesson_id": "l", "session_id": "a.%s" % ("0" * 32),
+                               "created_at": "yesterday"}]}, "created_at"),
+    ({"node": "bad node", "claims": [{"lesson_id": "l", "session_id": "x",
+                                      "created_at": 1.0}]}, "node_id"),
+])
+def test_bad_claims_are_refused_by_field(body: Any, match: str) -> None:
+    from rapido.http.errors import ApiError
+    from rapido.http.routing import parse_claims
+    with pytest.raises(ApiError, match=match) as err:
+        parse_claims(body)
+    assert err.value.status == 400 and err.value.code == "invalid_claims"
+
+
+def test_good_claims_parse() -> None:
+    from rapido.http.routing import parse_claims
+    sid = "a." + "f" * 32
+    node, claims, lessons = parse_claims(
+        {"node": "a", "claims": [{"lesson_id": "l", "session_id": sid, "created_at": 5}]})
+    assert node == "a" and lessons == ["l"]
+    assert claims[0].session_id == sid and claims[0].created_at == 5
+
+
+async def test_a_single_node_has_no_routing_endpoints_and_ids_name_it(
+        make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    node = await make_node(node_id="solo")
+    for path, body in (("/api/cluster/claims", {"node": "solo", "claims": []}),
+                       ("/api/cluster/moved", {"session_ids": []})):
+        async with http.post(f"{node.url}{path}", json=body) as r:
+            assert r.status == 404 and (await r.json())["error"] == "not_clustered"
+    session = await create_session(http, node, "alone")
+    assert session["session_id"].startswith("solo.") and session["node"] == "solo"
