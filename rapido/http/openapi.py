@@ -176,7 +176,10 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                     "408": _error("the body did not arrive within http_read_timeout_s"),
                     "413": _error("body too large"),
                     "415": _error("without an api_key: the body is not application/json"),
-                    "503": _error("at capacity or draining; see Retry-After"),
+                    "503": _error("at capacity or draining (in a cluster: every node "
+                                  "that could take it); see Retry-After"),
+                    "508": _error("in a cluster: forwarded twice already (the nodes' "
+                                  "views disagree for a moment); retry"),
                     **errors,
                 },
             },
@@ -288,6 +291,46 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
             "get": {"summary": "This node, the cluster members it sees and their state",
                     "operationId": "getCluster", "security": secured,
                     "responses": {"200": _json(_ref("Cluster"), "the cluster"), **errors}},
+        },
+        "/api/cluster/claims": {
+            "post": {"summary": "Between nodes: the sessions a node plays of lessons this "
+                                "node is home of; the answer names those that lost to "
+                                "another session of their lesson (closed as 'moved')",
+                     "operationId": "takeClaims", "security": secured,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["node", "claims"],
+                                    "properties": {
+                                        "node": {"type": "string"},
+                                        "claims": {"type": "array", "items": {
+                                            "type": "object",
+                                            "required": ["lesson_id", "session_id",
+                                                         "created_at"],
+                                            "properties": {
+                                                "lesson_id": {"type": "string"},
+                                                "session_id": {"type": "string"},
+                                                "created_at": {"type": "number"}}}}}}}}},
+                     "responses": {
+                         "200": _json({"type": "object", "required": ["moved"],
+                                       "properties": {"moved": {
+                                           "type": "array", "items": {"type": "string"}}}},
+                                      "recorded"),
+                         "400": _error("malformed claims"),
+                         "404": _error("this node is not part of a cluster"), **errors}},
+        },
+        "/api/cluster/moved": {
+            "post": {"summary": "Between nodes: close these sessions of this node, which "
+                                "lost their lesson to another session, with reason 'moved'",
+                     "operationId": "moveSessions", "security": secured,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["session_ids"],
+                                    "properties": {"session_ids": {
+                                        "type": "array", "items": {"type": "string"}}}}}}},
+                     "responses": {
+                         "200": _json({"type": "object", "required": ["closed"],
+                                       "properties": {"closed": {"type": "integer"}}},
+                                      "how many were closed"),
+                         "400": _error("malformed body"),
+                         "404": _error("this node is not part of a cluster"), **errors}},
         },
         "/health": {"get": {"summary": "Liveness", "operationId": "health",
                             "responses": {"200": _json({"type": "object"}, "alive")}}},
