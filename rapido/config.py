@@ -66,6 +66,10 @@ class Config:
                                  "first encrypts); required with join")
     cluster_rpc_port: int = _opt(0, "port of the Serf agent's RPC on 127.0.0.1 (0 = the "
                                  "cluster_bind port + 1)", lo=0, hi=65535)
+    cluster_profile: str = _opt("lan", "Serf's timings: lan (one region: failures seen in "
+                                "~6 s) or wan (a pool across regions: slower to declare a "
+                                "node failed, tolerant of 100+ ms round trips)",
+                                choices=("lan", "wan"))
     node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
     placement_epsilon: float = _opt(0.25, "bounded loads: a node above (1 + this) x the "

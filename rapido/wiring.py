@@ -197,7 +197,7 @@ def cluster_settings(config: Config) -> ClusterSettings:
         join=config.join_addresses(), bind=config.cluster_bind, rpc_port=config.rpc_port(),
         keyring_file=Path(config.cluster_key_file) if config.cluster_key_file else None,
         region=config.region, location=config.location(), version=config.node_version,
-        capacity=config.max_streams)
+        capacity=config.max_streams, profile=config.cluster_profile)
 
 
 def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster | None:

@@ -209,3 +209,32 @@ async def test_a_single_node_has_no_routing_endpoints_and_ids_name_it(
             assert r.status == 404 and (await r.json())["error"] == "not_clustered"
     session = await create_session(http, node, "alone")
     assert session["session_id"].startswith("solo.") and session["node"] == "solo"
+
+
+@pytest.mark.slow
+async def test_regions_on_one_wan_pool_place_by_the_users_location(
+        start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two regions in one Serf pool on the wan profile (no latency can be injected on
+    loopback: this checks the function, not the timings): a user's coordinates pick the
+    nearer region's node, a region code picks that region, no location the asked node's
+    own region, whichever node is asked."""
+    keyring = write_keyring(tmp_path / "k.json")
+    eu = await start_nodes(["fra"], keyring, env={
+        "RAPIDO_REGION": "eu", "RAPIDO_NODE_LOCATION": "50.11,8.68",
+        "RAPIDO_CLUSTER_PROFILE": "wan", "RAPIDO_MAX_STREAMS": "16"})
+    us = await start_nodes(["iad"], keyring, join=[eu[0].bind], env={
+        "RAPIDO_REGION": "us", "RAPIDO_NODE_LOCATION": "38.95,-77.45",
+        "RAPIDO_CLUSTER_PROFILE": "wan", "RAPIDO_MAX_STREAMS": "16"})
+    nodes = [*eu, *us]
+    await converge(http, nodes)
+    berlin = {"lat": 52.52, "lon": 13.40}
+    boston = {"lat": 42.36, "lon": -71.06}
+    for i, front in enumerate(nodes):
+        for lesson, where, expect in ((f"b{i}", berlin, "fra"), (f"o{i}", boston, "iad"),
+                                      (f"r{i}", "us", "iad"), (f"c{i}", "eu", "fra"),
+                                      (f"n{i}", None, front.node_id)):
+            async with http.post(f"{front.url}/api/sessions",
+                                 json={"lesson_id": lesson, "user_location": where}) as r:
+                body = await r.json()
+                assert r.status == 201, body
+            assert body["node"] == expect, (front.node_id, where, body["node"])

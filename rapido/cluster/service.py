@@ -75,6 +75,7 @@ class ClusterSettings:
     location: tuple[float, float] | None
     version: str
     capacity: int
+    profile: str  # Serf's timing profile: "lan" within a region, "wan" across regions
     binary: str = "serf"
     tick_s: float = 1.0
     poll_s: float = 2.0
@@ -186,7 +187,7 @@ class Cluster:
         tags = encode(self.local_tags())
         agent = SerfAgent(SerfAgentSettings(
             node=self.node_id, bind=s.bind, rpc_port=s.rpc_port,
-            keyring_file=s.keyring_file, tags=tags, binary=s.binary))
+            keyring_file=s.keyring_file, tags=tags, binary=s.binary, profile=s.profile))
         self.agent = agent  # before start(): aclose() stops it whatever happens
         self.joined = False
         self._join_error = None

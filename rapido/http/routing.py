@@ -56,6 +56,7 @@ from rapido.cluster.placement import (
     choose_region,
     home_order,
     place,
+    rank,
     resolve_double,
     session_node,
     should_query,
@@ -230,6 +231,10 @@ class Router:
         except ValueError as exc:
             raise ApiError(400, "invalid_user_location", str(exc)) from None
         ranked = [m.node_id for m in placement.ranked] if placement is not None else []
+        # Past the region's own nodes (their free slots in the view may be seconds old),
+        # any other eligible node: a lesson served from afar beats a refusal.
+        ranked += [m.node_id for m in rank(lesson, view, epsilon=self.settings.epsilon)
+                   if m.node_id not in ranked]
         if first is not None:  # a live session needs no free slot: ask its node first
             ranked = [first, *(n for n in ranked if n != first)]
         if not ranked:
