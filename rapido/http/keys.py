@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from rapido.cluster.service import Cluster
@@ -9,6 +12,16 @@ from rapido.engine import Engine
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class DrainControl:
+    """How ``POST /api/admin/drain`` starts the node's drain: ``start()`` does what
+    SIGTERM does (idempotent; the node then drains for up to ``timeout_s`` and stops)."""
+
+    start: Callable[[], None]
+    timeout_s: float
+
 
 SETTINGS = web.AppKey("settings", HttpSettings)
 ENGINE = web.AppKey("engine", Engine)
@@ -19,6 +32,8 @@ WS_SECRET = web.AppKey("ws_secret", bytes)
 UPLOADS = web.AppKey("uploads", UploadSlots)
 #: Present on a clustered node only (``join`` set).
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Present when the app runs in a node that can be drained over HTTP.
+DRAIN = web.AppKey("drain", DrainControl)
 
 
 def base_url(request: web.Request) -> str:
