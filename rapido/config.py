@@ -21,6 +21,7 @@ from typing import Any
 
 from rapido import __version__
 from rapido.cluster.agent import SerfAgentConfigError, parse_host_port, read_keyring
+from rapido.cluster.external import check_rpc_addr, read_rpc_auth
 from rapido.cluster.placement import NODE_ID
 from rapido.livekit.limits import validate_queue_size_ms
 from rapido.pipeline.jitter import JitterConfig
@@ -70,6 +71,11 @@ class Config:
                                 "~6 s) or wan (a pool across regions: slower to declare a "
                                 "node failed, tolerant of 100+ ms round trips)",
                                 choices=("lan", "wan"))
+    serf_rpc: str = _opt("", "HOST:PORT (loopback) of the RPC of a Serf agent you run "
+                         "(e.g. rapido-serf@.service) for the node to use instead of "
+                         "starting its own; empty = the node starts its own with join")
+    serf_rpc_auth_file: str = _opt("", "file holding that agent's RPC auth token (or the "
+                                   "agent's JSON config file with its rpc_auth)")
     node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
     placement_epsilon: float = _opt(0.25, "bounded loads: a node above (1 + this) x the "
@@ -251,6 +257,7 @@ class Config:
 
     def _check_cluster(self) -> None:
         joins = self.join_addresses()
+        self._check_serf_rpc()
         try:
             for addr in joins:
                 parse_host_port(addr, "join")
@@ -270,19 +277,20 @@ class Config:
         if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,32}", self.node_version):
             raise ConfigError(f"node_version: {self.node_version!r} is not allowed; "
                               "1-32 of A-Z a-z 0-9 _ . + -")
-        if not joins:
+        if not self.clustered:
             return
-        if not self.cluster_key_file:
-            raise ConfigError("cluster_key_file: required with join (the gossip is "
-                              "encrypted with its keys; create one with "
-                              "python -c 'import base64,os; print(base64.b64encode("
-                              "os.urandom(32)).decode())', as a JSON list)")
-        try:
-            read_keyring(Path(self.cluster_key_file))
-        except SerfAgentConfigError as exc:
-            raise ConfigError(f"cluster_key_file: {exc}") from None
+        if not self.serf_rpc:  # (the operator's agent has its own keyring)
+            if not self.cluster_key_file:
+                raise ConfigError("cluster_key_file: required with join (the gossip is "
+                                  "encrypted with its keys; create one with "
+                                  "python -c 'import base64,os; print(base64.b64encode("
+                                  "os.urandom(32)).decode())', as a JSON list)")
+            try:
+                read_keyring(Path(self.cluster_key_file))
+            except SerfAgentConfigError as exc:
+                raise ConfigError(f"cluster_key_file: {exc}") from None
         if self.host in ("0.0.0.0", "::") and not self.public_url:
-            raise ConfigError(f"public_url: required with join when host is {self.host!r} "
+            raise ConfigError(f"public_url: required in a cluster when host is {self.host!r} "
                               "(the URL the other nodes reach this one at)")
         if self.node_id and not (NODE_ID.fullmatch(self.node_id)
                                  and self.node_id[0].isalnum()):
@@ -292,7 +300,50 @@ class Config:
             raise ConfigError(f"region: {self.region!r} is not allowed in a cluster; 1-64 "
                               "of A-Z a-z 0-9 _ . -")
 
+    def _check_serf_rpc(self) -> None:
+        if not self.serf_rpc:
+            if self.serf_rpc_auth_file:
+                raise ConfigError("serf_rpc_auth_file: only with serf_rpc (the agent the "
+                                  "node starts itself gets a fresh token every time)")
+            return
+        try:
+            check_rpc_addr(self.serf_rpc)
+        except SerfAgentConfigError as exc:
+            raise ConfigError(f"serf_rpc: {str(exc).removeprefix('serf_rpc').lstrip(' :')}"
+                              ) from None
+        # The agent's own settings are the operator's agent's: refuse ours rather than
+        # silently ignore them.
+        own = {"cluster_key_file": bool(self.cluster_key_file),
+               "cluster_rpc_port": bool(self.cluster_rpc_port),
+               "cluster_bind": self.cluster_bind != _FIELD_DEFAULTS["cluster_bind"]}
+        for key, set_ in own.items():
+            if set_:
+                raise ConfigError(
+                    f"{key}: not with serf_rpc: the node then uses the agent you run, "
+                    "which has its own gossip address, RPC port and keyring (set them in "
+                    f"its config file); unset {key}, or unset serf_rpc to have the node "
+                    "start its own agent")
+        if self.serf_rpc_auth_file:
+            try:
+                read_rpc_auth(Path(self.serf_rpc_auth_file))
+            except SerfAgentConfigError as exc:
+                raise ConfigError(f"serf_rpc_auth_file: {exc}") from None
+
     # -- derived ----------------------------------------------------------------------
+
+    @property
+    def clustered(self) -> bool:
+        """A member of a cluster: it joins others, or uses an agent the operator runs."""
+        return bool(self.join_addresses() or self.serf_rpc)
+
+    def serf_rpc_auth(self) -> str | None:
+        """The token in ``serf_rpc_auth_file`` (checked at load), or None."""
+        if not self.serf_rpc_auth_file:
+            return None
+        try:
+            return read_rpc_auth(Path(self.serf_rpc_auth_file))
+        except SerfAgentConfigError as exc:  # gone since the load
+            raise ConfigError(f"serf_rpc_auth_file: {exc}") from None
 
     def join_addresses(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.join.split(",") if a.strip())
@@ -367,6 +418,7 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Config)}
 
 
 def is_loopback(host: str) -> bool:

@@ -119,8 +119,7 @@ class Engine:
 
     async def aclose(self) -> None:
         self.ready = False
-        await asyncio.gather(*(self.close_session(sid, "shutdown")
-                               for sid in list(self.sessions)))
+        await self.close_all("shutdown")
         await self.renderer.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
@@ -132,10 +131,19 @@ class Engine:
         for provider in reversed(list(self._sinks.values())):
             await provider.aclose()
 
+    def stop_admitting(self) -> None:
+        """From now on creates are refused (``draining``) and ``/ready`` says 503; the
+        sessions it has play on. Idempotent; :meth:`drain` does it first."""
+        self.draining = True
+
+    async def close_all(self, reason: str) -> None:
+        """Close every session with ``reason`` (their listeners get ``closed``)."""
+        await asyncio.gather(*(self.close_session(sid, reason) for sid in list(self.sessions)))
+
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting; wait up to ``timeout_s`` for speech in flight to finish.
         Returns True if every session went quiet in time."""
-        self.draining = True
+        self.stop_admitting()
         deadline = time.monotonic() + timeout_s
         while any(s.busy for s in self.sessions.values()):
             if time.monotonic() >= deadline:

@@ -1,10 +1,15 @@
-"""One node: engine + HTTP (+ the cluster, when ``join`` is set) and its lifecycle.
+"""One node: engine + HTTP (+ the cluster, when ``join`` or ``serf_rpc`` is set) and its
+lifecycle.
 
-Shutdown order, as aiohttp would have it: stop admitting (``/ready`` goes 503) -> let
-speech in flight finish, up to the drain timeout -> close sessions (sinks finalise,
-clients get ``closed``) -> stop the listener and cancel what is left. The cluster starts
-once the listener is bound (its URL, with the real port, goes in its tags) and stops
-first: the node leaves the cluster (others see it ``left``), then its sessions close.
+A drain starts on SIGTERM, SIGINT or ``POST /api/admin/drain`` (:meth:`Node.request_drain`,
+idempotent): stop admitting at once (``/ready`` goes 503; in a cluster the node's tags say
+``draining`` right away, so no other node places a lesson on it) -> let speech in flight
+finish, up to ``drain_timeout_s``, still a member of the cluster -> close the sessions
+left (sinks finalise, WebSocket clients get ``closed``: reason ``moved`` in a cluster,
+where a client reconnects through any node and lands on another owner, ``shutdown`` on a
+single node) -> leave the cluster gracefully (others see it ``left``, not ``failed``) ->
+stop the listener and cancel what is left. The cluster starts once the listener is bound
+(its URL, with the real port, goes in its tags).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from rapido.cluster.agent import SerfAgentConfigError
-from rapido.cluster.placement import Affinity
+from rapido.cluster.placement import MOVED, Affinity
 from rapido.cluster.serf import SerfError
-from rapido.config import Config, is_loopback
+from rapido.config import Config, ConfigError, is_loopback
 from rapido.engine import Engine
-from rapido.http.app import make_app
+from rapido.http.app import make_app, websockets_done
+from rapido.http.keys import DrainControl
 from rapido.metrics import Metrics
 from rapido.wiring import (
     build_cluster,
@@ -49,21 +55,29 @@ class _ClientProtocolErrors(logging.Filter):
 
 
 _CLIENT_ERRORS = _ClientProtocolErrors()
+#: How long the node waits, after closing its sessions, for their WebSocket clients to
+#: have been told (``closed``) and to have closed, before it goes on stopping.
+WEBSOCKET_GOODBYE_S = 2.0
 
 
 class Node:
     def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        clustered = bool(config.join_addresses())
+        clustered = config.clustered
         affinity = Affinity()
         self.engine: Engine = build_engine(
             config, self.metrics, on_session=remember_lessons(affinity) if clustered else None)
         self.cluster = build_cluster(config, self.engine, self.metrics)
         self.router = (build_router(config, self.engine, self.cluster, affinity)
                        if self.cluster is not None else None)
+        #: Set by :meth:`request_drain`: whoever runs the node (``serve``) drains and
+        #: stops it then.
+        self.drain_requested = asyncio.Event()
         self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster,
-                            self.router)
+                            self.router,
+                            drain=DrainControl(start=self.request_drain,
+                                               timeout_s=config.drain_timeout_s))
         self.runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -109,8 +123,20 @@ class Node:
             log.warning("no api_key configured: listening on loopback %s only",
                         self.config.host)
 
+    def request_drain(self) -> None:
+        """SIGTERM, SIGINT and ``POST /api/admin/drain``: stop admitting now (and say so
+        in the cluster's tags at once), and ask the runner of this node to drain and stop
+        it (:attr:`drain_requested`). Idempotent."""
+        if not self.engine.draining:
+            log.info("drain requested: no new sessions from now on")
+        self.engine.stop_admitting()
+        if self.cluster is not None:
+            self.cluster.tags_changed()
+        self.drain_requested.set()
+
     async def drain(self, timeout_s: float | None = None) -> bool:
         timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        self.request_drain()
         log.info("draining: no new sessions; waiting up to %.0f s for speech in flight",
                  timeout)
         quiet = await self.engine.drain(timeout)
@@ -120,6 +146,14 @@ class Node:
         return quiet
 
     async def stop(self) -> None:
+        """Close the sessions (``moved`` in a cluster, ``shutdown`` alone), then leave
+        the cluster, then stop serving: a member, draining, until its lessons closed."""
+        if self.runner is not None and self.engine.sessions:
+            reason = MOVED if self.cluster is not None else "shutdown"
+            log.info("closing %d sessions (%s)", len(self.engine.sessions), reason)
+            self.engine.stop_admitting()
+            await self.engine.close_all(reason)
+            await websockets_done(self.app, WEBSOCKET_GOODBYE_S)
         if self.router is not None:
             await self.router.aclose()
         if self.cluster is not None:
@@ -130,21 +164,29 @@ class Node:
 
 
 async def serve(config: Config) -> int:
-    """Run a node until SIGTERM/SIGINT; drain, then exit 0."""
-    node = Node(config)
+    """Run a node until SIGTERM/SIGINT or ``POST /api/admin/drain``; drain, then exit 0.
+    Exit 1: the cluster's agent could not be started or reached; 2: a setting is wrong
+    (an external agent with another name, or refusing our RPC token)."""
+    try:
+        node = Node(config)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
     try:
         await node.start()
-    except (SerfError, SerfAgentConfigError) as exc:
+    except SerfAgentConfigError as exc:
+        log.error("cannot start the cluster: %s", exc)
+        return 2
+    except SerfError as exc:
         log.error("cannot start the cluster: %s", exc)
         return 1
     print(f"rapido serving at {node.url}/  (health {node.url}/health)", flush=True)
     if not is_loopback(config.host) and config.auth_required:
         log.info("listening on %s with API key auth", config.host)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, node.request_drain)
+    await node.drain_requested.wait()
     log.info("shutdown requested")
     try:
         await node.drain()

@@ -197,12 +197,14 @@ def cluster_settings(config: Config) -> ClusterSettings:
         join=config.join_addresses(), bind=config.cluster_bind, rpc_port=config.rpc_port(),
         keyring_file=Path(config.cluster_key_file) if config.cluster_key_file else None,
         region=config.region, location=config.location(), version=config.node_version,
-        capacity=config.max_streams, profile=config.cluster_profile)
+        capacity=config.max_streams, profile=config.cluster_profile,
+        serf_rpc=config.serf_rpc, serf_rpc_auth=config.serf_rpc_auth())
 
 
 def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster | None:
-    """The node's cluster service; None for a single node (no ``join``: no agent)."""
-    if not config.join_addresses():
+    """The node's cluster service; None for a single node (no ``join`` and no
+    ``serf_rpc``: no agent)."""
+    if not config.clustered:
         return None
 
     def local() -> LocalState:

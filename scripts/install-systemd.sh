@@ -7,14 +7,36 @@
 #   sudo scripts/install-systemd.sh --now        # ... and start what is not running
 #   scripts/install-systemd.sh --dry-run         # print what it would do, change nothing
 #   scripts/install-systemd.sh --root /tmp/stage --gpus 4   # into a staging root (tests)
+#   sudo scripts/install-systemd.sh --cluster-addr 10.0.0.5  # ... each instance in a cluster
 #
 # What it installs (ROOT is / unless --root; PREFIX is /opt/rapido unless --prefix):
 #   ROOT/etc/systemd/system/rapido@.service   the template (/opt/rapido replaced by PREFIX)
 #   ROOT/etc/systemd/system/rapido.target     all instances
 #   ROOT/etc/rapido/rapido.env                from systemd/rapido.env.example, if absent
 #   ROOT/PREFIX/bin/rapido-instance           the ExecStart wrapper (ports by index)
+#   ROOT/etc/systemd/system/rapido-serf@.service  a Serf agent per instance (cluster only)
+#   ROOT/etc/rapido/serf-keyring.json         the cluster's Serf keyring, if absent: a JSON
+#                                             list of one random base64 32-byte key, 0600,
+#                                             owned by rapido; never overwritten
 # and enables rapido@I.service for every GPU I (as `nvidia-smi -L` lists them, or
 # --gpus N) plus rapido.target; instances beyond the GPU count are disabled.
+#
+# Cluster (README.md, "Many nodes"): --cluster-addr IP (this machine's address the other
+# machines reach) gives every instance I a Serf agent of its own unit, rapido-serf@I, at a
+# higher CPU priority than the media work:
+#   ROOT/etc/rapido/serf@I.json               the agent's config, if absent (never
+#                                             overwritten): node_name NAME-I, bind
+#                                             IP:7946+I, rpc_addr 127.0.0.1:7373+I, a random
+#                                             rpc_auth, the keyring; 0640 root:rapido
+#   ROOT/etc/systemd/system/rapido@I.service.d/20-serf-agent.conf
+#                                             Wants=rapido-serf@I; RAPIDO_SERF_RPC,
+#                                             RAPIDO_SERF_RPC_AUTH_FILE, RAPIDO_NODE_ID=NAME-I
+# NAME is --node-name NAME, default this host's short name. The drop-in follows the agent
+# config (its node_name and rpc_addr): written while /etc/rapido/serf@I.json exists (later
+# runs need no --cluster-addr), removed once it is gone. Join the others with RAPIDO_JOIN
+# in /etc/rapido/rapido.env.
+# Every machine of a cluster needs the same keyring: --keyring FILE installs a copy of the
+# first machine's (where none is yet); a different one already there is an error.
 #
 # No GPU: exactly one instance, rapido@0, on the CPU (port RAPIDO_BASE_PORT+0). The drop-in
 # ROOT/etc/systemd/system/rapido@0.service.d/10-cpu-only.conf sets CUDA_VISIBLE_DEVICES=
@@ -36,7 +58,8 @@ src_units=$(cd "$here/../systemd" && pwd)
 
 usage() {
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
-    echo "options: --dry-run  --root DIR  --prefix DIR (default /opt/rapido)  --gpus N  --now  -h"
+    echo "options: --dry-run  --root DIR  --prefix DIR (default /opt/rapido)  --gpus N  --now"
+    echo "         --cluster-addr IP  --node-name NAME  --keyring FILE  -h"
 }
 
 die() {
@@ -49,6 +72,9 @@ root=""
 prefix=/opt/rapido
 gpus=""
 start_now=0
+cluster_addr=""
+node_name=""
+keyring_src=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --dry-run) dry_run=1 ;;
@@ -59,6 +85,12 @@ while [[ $# -gt 0 ]]; do
         --gpus) [[ $# -ge 2 ]] || die "--gpus needs a number"; gpus=$2; shift ;;
         --gpus=*) gpus=${1#*=} ;;
         --now) start_now=1 ;;
+        --cluster-addr) [[ $# -ge 2 ]] || die "--cluster-addr needs an IP address"; cluster_addr=$2; shift ;;
+        --cluster-addr=*) cluster_addr=${1#*=} ;;
+        --node-name) [[ $# -ge 2 ]] || die "--node-name needs a name"; node_name=$2; shift ;;
+        --node-name=*) node_name=${1#*=} ;;
+        --keyring) [[ $# -ge 2 ]] || die "--keyring needs a file"; keyring_src=$2; shift ;;
+        --keyring=*) keyring_src=${1#*=} ;;
         -h | --help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -77,6 +109,33 @@ if [[ -n $root ]]; then
     if [[ $start_now == 1 ]]; then die "--now cannot start services in a staging --root"; fi
 else
     if [[ $dry_run == 0 && $EUID -ne 0 ]]; then die "run as root (or use --dry-run / --root DIR)"; fi
+fi
+
+# The gossip address: an IP literal (Serf binds it; the other machines reach it).
+if [[ -n $cluster_addr ]]; then
+    if [[ $cluster_addr =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; then
+        gossip_host=$cluster_addr
+    elif [[ $cluster_addr =~ ^[0-9A-Fa-f:]+$ && $cluster_addr == *:* ]]; then
+        gossip_host="[$cluster_addr]"
+    else
+        die "--cluster-addr '$cluster_addr' must be this machine's IP address (not a name)"
+    fi
+    case $cluster_addr in
+        0.0.0.0 | :: | 127.* | ::1) die "--cluster-addr $cluster_addr: give the address the other machines reach" ;;
+    esac
+fi
+if [[ -z $node_name ]]; then
+    node_name=${HOSTNAME%%.*}  # the short host name (bash sets HOSTNAME)
+    node_name=${node_name//[^A-Za-z0-9_.-]/-}
+fi
+# Node ids are 1-64 of A-Z a-z 0-9 _ . - starting alphanumeric, and "-I" is appended.
+[[ $node_name =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$ ]] \
+    || die "--node-name '$node_name': 1-60 of A-Z a-z 0-9 _ . -, starting alphanumeric"
+if [[ -n $keyring_src ]]; then
+    [[ -r $keyring_src ]] || die "--keyring '$keyring_src' cannot be read"
+    # A JSON list of base64 keys, as serf-keyring.json holds (the node checks each key).
+    grep -Eqz '^[[:space:]]*\[[[:space:]]*"[A-Za-z0-9+/=]{22,}"([[:space:]]*,[[:space:]]*"[A-Za-z0-9+/=]{22,}")*[[:space:]]*\][[:space:]]*$' "$keyring_src" \
+        || die "--keyring '$keyring_src' is not a Serf keyring (a JSON list of base64 keys)"
 fi
 
 # Every change goes through run: printed always, executed unless --dry-run.
@@ -150,6 +209,117 @@ else
     run install -D -m 0600 "$src_units/rapido.env.example" "$conf_dir/rapido.env"
 fi
 
+# -- the cluster -------------------------------------------------------------------------
+serf_bin=$(command -v serf || true)
+if [[ -z $serf_bin ]]; then
+    serf_bin=/usr/bin/serf
+    if [[ -n $cluster_addr ]]; then
+        echo "$me: note: serf is not installed; rapido-serf@ runs $serf_bin (Debian: apt install serf)" >&2
+    fi
+fi
+sed "s|/usr/bin/serf|$serf_bin|g" "$src_units/rapido-serf@.service" >"$tmp/rapido-serf@.service"
+install_file "$tmp/rapido-serf@.service" "$unit_dir/rapido-serf@.service" 0644
+
+# chown_service FILE OWNER:GROUP: on the running system only (a staging root has no user).
+chown_service() {
+    if [[ -z $root ]]; then run chown "$2" "$1"; fi
+}
+
+keyring=$conf_dir/serf-keyring.json
+if [[ -e $keyring ]]; then
+    if [[ -n $keyring_src ]] && ! cmp -s "$keyring_src" "$keyring"; then
+        die "$keyring exists and differs from --keyring $keyring_src; it is never overwritten (remove it first to replace it, on every node at once)"
+    fi
+    echo "  kept: $keyring (never overwritten)"
+else
+    if [[ -n $keyring_src ]]; then
+        cp "$keyring_src" "$tmp/serf-keyring.json"
+    else
+        # 32 random bytes, base64: what `serf keygen` prints.
+        printf '["%s"]\n' "$(head -c 32 /dev/urandom | base64 -w 0)" >"$tmp/serf-keyring.json"
+    fi
+    run install -D -m 0600 "$tmp/serf-keyring.json" "$keyring"
+    chown_service "$keyring" rapido:rapido
+    if [[ -z $keyring_src && $dry_run == 0 ]]; then
+        echo "$me: made the cluster's Serf keyring $keyring. Every machine of the cluster needs"
+        echo "  this same file: copy it to the others before you install there, e.g."
+        echo "    scp $keyring other-host:/tmp/serf-keyring.json"
+        echo "    ssh other-host sudo $0 --keyring /tmp/serf-keyring.json --cluster-addr THEIR_IP"
+        echo "  (then delete the copy in /tmp). Keep it secret: it decrypts the gossip."
+    fi
+fi
+
+# json_string FILE KEY: the string value of KEY in the JSON file (as the installer wrote
+# it, or reformatted), empty if there is none.
+json_string() {
+    local match
+    match=$(grep -o "\"$2\"[[:space:]]*:[[:space:]]*\"[^\"]*\"" "$1" | head -n 1) || true
+    match=${match%\"}
+    printf '%s' "${match##*\"}"
+}
+
+agents=()
+for i in "${instances[@]}"; do
+    agent_conf=$conf_dir/serf@$i.json
+    dropin_dir=$unit_dir/rapido@$i.service.d
+    have_agent=0
+    if [[ -e $agent_conf ]]; then
+        echo "  kept: $agent_conf (never overwritten)"
+        # The drop-in follows the agent's config as it is, whatever this run was given.
+        agent_name=$(json_string "$agent_conf" node_name)
+        agent_rpc=$(json_string "$agent_conf" rpc_addr)
+        [[ -n $agent_name && -n $agent_rpc ]] \
+            || die "$agent_conf: no node_name or rpc_addr in it (fix it, or remove it to have it written again)"
+        have_agent=1
+    elif [[ -n $cluster_addr ]]; then
+        agent_name=$node_name-$i
+        agent_rpc=127.0.0.1:$((7373 + i))
+        token=$(head -c 24 /dev/urandom | base64 -w 0 | tr '+/' '-_')
+        cat >"$tmp/serf@$i.json" <<EOF
+{
+  "node_name": "$agent_name",
+  "bind": "$gossip_host:$((7946 + i))",
+  "rpc_addr": "$agent_rpc",
+  "rpc_auth": "$token",
+  "keyring_file": "/etc/rapido/serf-keyring.json",
+  "profile": "lan",
+  "leave_on_terminate": true,
+  "log_level": "warn"
+}
+EOF
+        # Read by the agent and by the node (its rpc_auth), both running as rapido.
+        run install -D -m 0640 "$tmp/serf@$i.json" "$agent_conf"
+        chown_service "$agent_conf" root:rapido
+        have_agent=1
+    fi
+    if [[ $have_agent == 1 ]]; then
+        agents+=("rapido-serf@$i.service")
+        cat >"$tmp/20-serf-agent.conf" <<EOF
+# Written by scripts/install-systemd.sh while /etc/rapido/serf@$i.json exists; removed by it
+# once that file is gone. rapido@$i uses the Serf agent of rapido-serf@$i.service (its
+# config: /etc/rapido/serf@$i.json, whose node_name and rpc_addr these are).
+[Unit]
+Wants=rapido-serf@$i.service
+
+[Service]
+Environment=RAPIDO_SERF_RPC=$agent_rpc
+Environment=RAPIDO_SERF_RPC_AUTH_FILE=/etc/rapido/serf@$i.json
+Environment=RAPIDO_NODE_ID=$agent_name
+EOF
+        install_file "$tmp/20-serf-agent.conf" "$dropin_dir/20-serf-agent.conf" 0644
+    else
+        if [[ -e $dropin_dir/20-serf-agent.conf ]]; then
+            run rm -f "$dropin_dir/20-serf-agent.conf"
+            run rmdir --ignore-fail-on-non-empty "$dropin_dir"
+            changed=1
+        fi
+        if compgen -G "$conf_dir/serf@*.json" >/dev/null; then
+            echo "$me: note: rapido@$i has no Serf agent config ($agent_conf): run again" \
+                "with --cluster-addr IP to make one" >&2
+        fi
+    fi
+done
+
 dropin=$unit_dir/rapido@0.service.d/10-cpu-only.conf
 if [[ $gpus == 0 ]]; then
     cat >"$tmp/10-cpu-only.conf" <<'EOF'
@@ -206,6 +376,10 @@ else
     fi
 fi
 
+if [[ ${#agents[@]} -gt 0 ]]; then
+    echo "$me: Serf agents: ${agents[*]} (started with their instance; join the cluster" \
+        "with RAPIDO_JOIN in $conf_dir/rapido.env)"
+fi
 if [[ $dry_run == 1 ]]; then
     echo "$me: dry run: nothing was changed"
 elif [[ -z $root ]]; then

@@ -9,6 +9,8 @@ package; in CI (RAPIDO_TEST_REQUIRE_SYSTEM_TOOLS=1) it fails.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import re
@@ -21,12 +23,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
+from rapido.cluster.agent import read_keyring
 from rapido.config import Config
 from rapido.metrics import Metrics
-from tests.conftest import INSTALL_TEST_DEPS, system_tool, system_tools
+from tests.conftest import INSTALL_TEST_DEPS, NodeFactory, system_tool, system_tools
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = REPO / "systemd"
@@ -37,9 +42,11 @@ GPU_BENCH = SCRIPTS / "gpu_bench.sh"
 NGINX_CONF = SCRIPTS / "nginx" / "rapido.conf"
 DASHBOARD = SCRIPTS / "grafana" / "rapido.json"
 
+SERF_UNIT = UNITS / "rapido-serf@.service"
+
 # Variables the wrapper reads or sets that are not server settings.
 WRAPPER_VARS = {"RAPIDO_BASE_PORT", "RAPIDO_BASE_GOSSIP_PORT", "RAPIDO_GOSSIP_PORT",
-                "RAPIDO_PYTHON"}
+                "RAPIDO_PYTHON", "RAPIDO_BASE_SERF_RPC_PORT", "RAPIDO_CLUSTER_ADDR"}
 CONFIG_VARS = {"RAPIDO_" + name.upper() for name in Config.__dataclass_fields__}
 
 
@@ -134,6 +141,26 @@ def test_service_unit_has_what_matters() -> None:
     assert values(target, "WantedBy", "Install") == ["multi-user.target"]
 
 
+def test_serf_unit_is_bound_to_its_node_and_above_the_media_work() -> None:
+    one = {k: v for s, k, v in directives(SERF_UNIT) if s == "Service"}
+    unit = {k: v for s, k, v in directives(SERF_UNIT) if s == "Unit"}
+    # Started before the node, stopped after it (the node asks it to leave, then it
+    # exits by itself); stopped and restarted with it.
+    assert unit["Before"] == unit["BindsTo"] == unit["PartOf"] == "rapido@%i.service"
+    assert one["ExecStart"] == "/usr/bin/serf agent -config-file=/etc/rapido/serf@%i.json"
+    assert (one["User"], one["Group"], one["Type"]) == ("rapido", "rapido", "simple")
+    assert one["Restart"] == "on-failure"
+    # A starved agent flaps: above the node (Nice=0, CPUWeight=100) and its encoders.
+    assert int(one["Nice"]) < 0 and int(one["CPUWeight"]) > 100
+    assert values(SERF_UNIT, "ReadWritePaths") == ["-/etc/rapido/serf-keyring.json"]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "PrivateDevices": "yes", "CapabilityBoundingSet": "",
+                       "MemoryDenyWriteExecute": "yes"}.items():
+        assert one.get(key) == value, f"{key}={one.get(key)!r}, want {value!r}"
+    node = {k: v for s, k, v in directives(UNITS / "rapido@.service") if s == "Service"}
+    assert "Nice" not in node and "CPUWeight" not in node
+
+
 def test_env_example_names_only_real_settings() -> None:
     text = (UNITS / "rapido.env.example").read_text()
     names = re.findall(r"^#?(RAPIDO_[A-Z0-9_]+)=", text, re.M)
@@ -201,7 +228,7 @@ def test_install_links_without_systemctl(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("bash", "sed", "install", "cmp", "stat", "mktemp", "grep", "ln", "mkdir",
-                 "rm", "rmdir", "dirname", "ls", "cat"):
+                 "rm", "rmdir", "dirname", "ls", "cat", "head", "base64", "tr", "cp"):
         found = shutil.which(name)
         assert found, name
         (bin_dir / name).symlink_to(found)
@@ -227,29 +254,165 @@ def test_install_prefix_dry_run_and_bad_arguments(tmp_path: Path) -> None:
     assert values(unit, "ExecStart") == ["/srv/rapido/bin/rapido-instance %i"]
     assert (tmp_path / "srv/rapido/bin/rapido-instance").is_file()
 
-    for bad in (["--gpus", "two"], ["--prefix", "relative"], ["--now"], ["--bogus"]):
+    for bad in (["--gpus", "two"], ["--prefix", "relative"], ["--now"], ["--bogus"],
+                ["--cluster-addr", "node-a.lan"], ["--cluster-addr", "127.0.0.1"],
+                ["--cluster-addr", "10.0.0.5", "--node-name", "-x"],
+                ["--keyring", str(tmp_path / "missing.json")]):
         proc = run("bash", INSTALL, "--root", tmp_path / "bad", *bad, ok=False)
         assert proc.returncode == 2, (bad, proc)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def _agent_config(root: Path, i: int) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((root / f"etc/rapido/serf@{i}.json").read_text())
+    return config
+
+
+def test_install_cluster_keyring_agent_configs_and_dropins(tmp_path: Path) -> None:
+    out = install(tmp_path, "--gpus", "2", "--cluster-addr", "10.0.0.5",
+                  "--node-name", "gpu-a").stdout
+    conf = tmp_path / "etc/rapido"
+    unit_dir = tmp_path / "etc/systemd/system"
+    keyring = conf / "serf-keyring.json"
+    (key,) = read_keyring(keyring)  # what the node and Serf accept: one 32-byte key
+    assert len(key) == 32
+    assert stat.S_IMODE(keyring.stat().st_mode) == 0o600
+    assert "copy it to the others" in out and "--keyring" in out  # how to share it
+    assert (unit_dir / "rapido-serf@.service").is_file()
+    tokens = set()
+    for i in (0, 1):
+        agent = _agent_config(tmp_path, i)
+        assert agent["node_name"] == f"gpu-a-{i}"
+        assert agent["bind"] == f"10.0.0.5:{7946 + i}"
+        assert agent["rpc_addr"] == f"127.0.0.1:{7373 + i}"
+        assert agent["keyring_file"] == "/etc/rapido/serf-keyring.json"
+        assert agent["leave_on_terminate"] is True and agent["profile"] == "lan"
+        tokens.add(agent["rpc_auth"])
+        assert stat.S_IMODE((conf / f"serf@{i}.json").stat().st_mode) == 0o640
+        dropin = unit_dir / f"rapido@{i}.service.d/20-serf-agent.conf"
+        assert values(dropin, "Wants", "Unit") == [f"rapido-serf@{i}.service"]
+        env = dict(e.split("=", 1) for e in values(dropin, "Environment"))
+        assert env == {"RAPIDO_SERF_RPC": agent["rpc_addr"],
+                       "RAPIDO_SERF_RPC_AUTH_FILE": f"/etc/rapido/serf@{i}.json",
+                       "RAPIDO_NODE_ID": agent["node_name"]}
+        # What the node makes of it (the auth file as staged).
+        staged = {**env, "RAPIDO_SERF_RPC_AUTH_FILE": str(conf / f"serf@{i}.json"),
+                  "RAPIDO_JOIN": "10.0.0.6:7946"}
+        c = Config.load(env=staged)
+        assert c.clustered and c.serf_rpc_auth() == agent["rpc_auth"]
+    assert len(tokens) == 2, "a token per agent"
+    assert len(tokens.pop()) >= 32
+
+    # Again, without the flag: nothing rewritten, the keyring and the tokens kept, the
+    # drop-ins follow the agent configs that exist.
+    before = {p.name: p.read_bytes() for p in conf.iterdir()}
+    again = install(tmp_path, "--gpus", "2").stdout
+    assert "+ install" not in again, again
+    assert {p.name: p.read_bytes() for p in conf.iterdir()} == before
+    # A third GPU: its instance has no agent config until the flag is given again.
+    third = install(tmp_path, "--gpus", "3")
+    assert "rapido@2 has no Serf agent config" in third.stderr
+    assert not (unit_dir / "rapido@2.service.d").exists()
+    install(tmp_path, "--gpus", "3", "--cluster-addr", "10.0.0.5", "--node-name", "gpu-a")
+    assert _agent_config(tmp_path, 2)["node_name"] == "gpu-a-2"
+    assert {p.name: p.read_bytes() for p in conf.iterdir() if p.name in before} == before
+    # The agent config gone: its drop-in goes too (the node starts its own agent or none).
+    (conf / "serf@1.json").unlink()
+    install(tmp_path, "--gpus", "3")
+    assert not (unit_dir / "rapido@1.service.d").exists()
+    assert (unit_dir / "rapido@0.service.d/20-serf-agent.conf").is_file()
+
+
+def test_install_takes_the_first_machines_keyring_and_never_overwrites(
+        tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    install(first, "--gpus", "1")
+    shared = first / "etc/rapido/serf-keyring.json"
+    out = install(second, "--gpus", "1", "--keyring", str(shared),
+                  "--cluster-addr", "10.0.0.6").stdout
+    copy = second / "etc/rapido/serf-keyring.json"
+    assert copy.read_bytes() == shared.read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert "copy it to the others" not in out
+    install(second, "--gpus", "1", "--keyring", str(shared))  # the same: fine
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([base64.b64encode(os.urandom(32)).decode()]))
+    proc = run("bash", INSTALL, "--root", second, "--gpus", "1", "--keyring", other, ok=False)
+    assert proc.returncode == 2 and "never overwritten" in proc.stderr, proc
+    assert copy.read_bytes() == shared.read_bytes()
+    not_a_keyring = tmp_path / "bad.json"
+    not_a_keyring.write_text('{"keys": "nope"}')
+    proc = run("bash", INSTALL, "--root", tmp_path / "third", "--keyring", not_a_keyring,
+               ok=False)
+    assert proc.returncode == 2 and "not a Serf keyring" in proc.stderr, proc
+    assert not (tmp_path / "third").exists()
+
+
+async def test_the_installed_agent_config_runs_serf_for_a_node(
+        tmp_path: Path, make_node: NodeFactory, http: aiohttp.ClientSession) -> None:
+    """The agent config the installer writes, run by a real `serf agent` as
+    rapido-serf@0 runs it, and the node the drop-in configures: it joins through that
+    agent, and its graceful stop makes the agent leave and exit 0."""
+    from tests.test_serf import free_port
+
+    serf = tool("serf")
+    root = tmp_path / "root"
+    await asyncio.to_thread(install, root, "--gpus", "1", "--cluster-addr", "10.0.0.5",
+                            "--node-name", "n")
+    config_file = root / "etc/rapido/serf@0.json"
+    agent = _agent_config(root, 0)
+    # Loopback ports of this test instead of 10.0.0.5:7946, the keyring as staged.
+    rpc = f"127.0.0.1:{free_port()}"
+    agent.update(bind=f"127.0.0.1:{free_port()}", rpc_addr=rpc,
+                 keyring_file=str(root / "etc/rapido/serf-keyring.json"))
+    config_file.write_text(json.dumps(agent))
+    dropin = root / "etc/systemd/system/rapido@0.service.d/20-serf-agent.conf"
+    env = dict(e.split("=", 1) for e in values(dropin, "Environment"))
+    proc = await asyncio.create_subprocess_exec(
+        serf, "agent", f"-config-file={config_file}", stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = await make_node(model="none", node_id=env["RAPIDO_NODE_ID"], serf_rpc=rpc,
+                               serf_rpc_auth_file=str(config_file))
+        async with http.get(f"{node.url}/api/cluster") as r:
+            body = await r.json()
+        assert body["cluster"] == "ok", body
+        assert [m["node_id"] for m in body["members"]] == ["n-0"]
+        await node.stop()
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0  # it left and exited by itself
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.mark.parametrize("gpus", [0, 1, 4])
 def test_systemd_analyze_verifies_the_installed_units(tmp_path: Path, gpus: int) -> None:
     analyze = tool("systemd-analyze")
-    install(tmp_path, "--gpus", str(gpus))
+    install(tmp_path, "--gpus", str(gpus), "--cluster-addr", "10.0.0.5")
     # The staging root needs the distribution's units (sysinit.target, ...) to verify
     # dependencies against; ExecStart= is resolved inside the root (the wrapper).
     system = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
                    if (p / "sysinit.target").exists()), None)
     assert system, "no systemd unit directory (/usr/lib/systemd/system): install systemd"
     shutil.copytree(system, tmp_path / "usr/lib/systemd/system", symlinks=True)
-    names = [f"rapido@{i}.service" for i in range(max(gpus, 1))] + ["rapido.target"]
+    # ExecStart= of the agents, resolved inside the root.
+    serf = Path(tool("serf"))
+    (tmp_path / serf.relative_to("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(serf, tmp_path / serf.relative_to("/"))
+    n = max(gpus, 1)
+    names = ([f"rapido@{i}.service" for i in range(n)] + ["rapido.target"]
+             + [f"rapido-serf@{i}.service" for i in range(n)])
     proc = run(analyze, "verify", f"--root={tmp_path}", *names, ok=False)
     complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if "rapido" in line]
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
     # The hardening keeps the exposure score "OK" (systemd-analyze security, 0..10).
     sec = run(analyze, "security", "--offline=yes", f"--root={tmp_path}", "--threshold=40",
               "rapido@0.service", ok=False)
+    assert sec.returncode == 0, sec.stdout[-2000:] + sec.stderr
+    sec = run(analyze, "security", "--offline=yes", f"--root={tmp_path}", "--threshold=20",
+              "rapido-serf@0.service", ok=False)
     assert sec.returncode == 0, sec.stdout[-2000:] + sec.stderr
 
 
@@ -258,20 +421,35 @@ def test_systemd_analyze_verifies_the_installed_units(tmp_path: Path, gpus: int)
 
 def test_wrapper_offsets_the_ports_by_instance(tmp_path: Path) -> None:
     stub = tmp_path / "python"
-    stub.write_text('#!/bin/sh\necho "$RAPIDO_PORT $RAPIDO_GOSSIP_PORT $*"\n')
+    stub.write_text('#!/bin/sh\necho "$RAPIDO_PORT $RAPIDO_GOSSIP_PORT $*"\n'
+                    'echo "bind=${RAPIDO_CLUSTER_BIND:-} rpc=${RAPIDO_CLUSTER_RPC_PORT:-}"\n')
     stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAPIDO_")}
     env["RAPIDO_PYTHON"] = str(stub)
-    assert run("sh", WRAPPER, "3", env=env).stdout == "8083 7949 -m rapido serve\n"
+    assert run("sh", WRAPPER, "3", env=env).stdout == "8083 7949 -m rapido serve\n" \
+        "bind= rpc=7376\n"
     custom = {**env, "RAPIDO_BASE_PORT": "9000", "RAPIDO_BASE_GOSSIP_PORT": "9500",
-              "RAPIDO_PORT": "1234"}
+              "RAPIDO_PORT": "1234", "RAPIDO_CLUSTER_ADDR": "10.0.0.5",
+              "RAPIDO_BASE_SERF_RPC_PORT": "9600"}
     proc = run("sh", WRAPPER, "0", "--log-level", "debug", env=custom)
-    assert proc.stdout == "9000 9500 -m rapido serve --log-level debug\n"
+    assert proc.stdout == "9000 9500 -m rapido serve --log-level debug\n" \
+        "bind=10.0.0.5:9500 rpc=9600\n"
+    # Each instance of a cluster host gossips and answers RPC on ports of its own ...
+    assert run("sh", WRAPPER, "2", env={**env, "RAPIDO_CLUSTER_ADDR": "fd00::5"}
+               ).stdout.splitlines()[1] == "bind=[fd00::5]:7948 rpc=7375"
+    # ... what is set already wins, and an agent of rapido-serf@ takes none of them.
+    mine = {**env, "RAPIDO_CLUSTER_ADDR": "10.0.0.5", "RAPIDO_CLUSTER_BIND": "10.0.0.9:1",
+            "RAPIDO_CLUSTER_RPC_PORT": "2"}
+    assert run("sh", WRAPPER, "1", env=mine).stdout.splitlines()[1] == "bind=10.0.0.9:1 rpc=2"
+    external = {**env, "RAPIDO_CLUSTER_ADDR": "10.0.0.5", "RAPIDO_SERF_RPC": "127.0.0.1:7373"}
+    assert run("sh", WRAPPER, "1", env=external).stdout.splitlines()[1] == "bind= rpc="
     assert "ignoring RAPIDO_PORT=1234" in proc.stderr
     for bad in ("", "cpu", "01", "-1"):
         proc = run("sh", WRAPPER, bad, env=env, ok=False)
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (bad, proc)
     proc = run("sh", WRAPPER, "1", env={**env, "RAPIDO_BASE_PORT": "65535"}, ok=False)
+    assert proc.returncode == 2
+    proc = run("sh", WRAPPER, "1", env={**env, "RAPIDO_BASE_SERF_RPC_PORT": "x"}, ok=False)
     assert proc.returncode == 2
 
 

@@ -143,3 +143,21 @@ def test_writer_writes_real_changes_at_most_every_2_s() -> None:
     assert d == c and w.due(d, now=10.0) is None
     with pytest.raises(ValueError):
         TagWriter(min_interval_s=float("nan"))
+
+
+def test_tag_writer_writes_a_drain_at_once() -> None:
+    w = TagWriter(min_interval_s=2.0)
+    a = encode(NODE)
+    w.wrote(a, now=0.0)
+    busier = encode(NodeTags(**{**_fields(NODE), "free_slots": 20}))
+    assert w.due(busier, now=0.5) is None  # an ordinary change waits for the interval
+    draining = encode(NodeTags(**{**_fields(NODE), "free_slots": 20, "draining": True}))
+    assert w.due(draining, now=0.5) == draining  # with whatever else changed
+    w.wrote(draining, now=0.5)
+    assert w.due(draining, now=0.6) is None
+    # Back out of draining (a drain that never happens twice, but the rule is symmetric).
+    assert w.due(busier, now=0.7) == busier
+    # Not urgent: no exception to the interval at all.
+    plain = TagWriter(min_interval_s=2.0, urgent=())
+    plain.wrote(a, now=0.0)
+    assert plain.due(draining, now=0.5) is None

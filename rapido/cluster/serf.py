@@ -574,6 +574,11 @@ class SerfClient:
     def closed(self) -> bool:
         return self._closed is not None
 
+    async def wait_closed(self) -> None:
+        """Until the connection is gone, however (the agent closed it, it broke, or
+        :meth:`aclose`)."""
+        await asyncio.wait([self._task])
+
     async def aclose(self) -> None:
         """Close the connection; pending calls and streams fail with SerfConnectionError."""
         self._fail_all(SerfConnectionError(f"serf RPC {self.addr}: the client was closed"))

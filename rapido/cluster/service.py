@@ -16,13 +16,23 @@ gossip):
   slow readers); each member's tags are checked (:func:`tags.decode`): a member with bad
   tags is left out of the view, counted (``on_bad_tags``) and logged once.
 
-A fourth task, ``agent``, watches the agent: when its process exits or one of its RPC
+With ``serf_rpc`` set the agent is one the operator runs (:mod:`external`): the node
+connects to it instead of starting one, checks its name, writes its tags and joins as
+above; it never starts, restarts or stops that agent, and on close asks it to leave (the
+agent then exits by itself).
+
+``tags_changed()`` runs the tags task at once (the node started draining), and
+:class:`TagWriter` writes a change of the draining tag without waiting out its interval:
+no other node places a lesson on a draining one for longer than the gossip takes.
+
+A fifth task, ``agent``, watches the agent: when its process exits or one of its RPC
 connections breaks, the node keeps serving its own lessons, shows ``degraded`` with the
 reason, and the agent is stopped and started again (same settings and node name, a fresh
 RPC token) with backoff (1 s doubling to 30 s, back to 1 s once an agent lived 30 s),
 counted (``on_restart``); the new agent gets fresh connections and tasks, joins the
 ``join`` addresses again and has its tags written at once; the state is ``ok`` again once
-joined. Meanwhile the view is the last one read.
+joined. Meanwhile the view is the last one read. An agent the operator runs is not
+restarted but reconnected to, with the same backoff, until it answers again.
 """
 
 from __future__ import annotations
@@ -32,12 +42,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from rapido.aio import cancel_and_wait
-from rapido.cluster.agent import SerfAgent, SerfAgentSettings
+from rapido.cluster.agent import SerfAgent, SerfAgentConfigError, SerfAgentSettings
+from rapido.cluster.external import ExternalAgentSettings, ExternalSerfAgent
 from rapido.cluster.serf import (
     QueryEvent,
     QueryResponse,
@@ -76,6 +87,9 @@ class ClusterSettings:
     version: str
     capacity: int
     profile: str  # Serf's timing profile: "lan" within a region, "wan" across regions
+    #: host:port of the RPC of an agent the operator runs; empty: start our own.
+    serf_rpc: str = ""
+    serf_rpc_auth: str | None = field(default=None, repr=False)
     binary: str = "serf"
     tick_s: float = 1.0
     poll_s: float = 2.0
@@ -96,7 +110,7 @@ class Cluster:
         self._on_restart = on_restart
         self.node_id = ""
         self.url = ""
-        self.agent: SerfAgent | None = None
+        self.agent: SerfAgent | ExternalSerfAgent | None = None
         self.joined = False
         self._join_error: str | None = None
         self._rpc_error: str | None = None
@@ -104,6 +118,7 @@ class Cluster:
         self._bad: set[str] = set()  # members whose bad tags were logged
         self._writer = TagWriter()
         self._refresh = asyncio.Event()
+        self._tags_now = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._clients: list[SerfClient] = []
         self._trouble = asyncio.Event()  # the agent exited or an RPC connection broke
@@ -165,6 +180,16 @@ class Cluster:
             return "degraded"
         return "ok"
 
+    @property
+    def external(self) -> bool:
+        """Whether the agent is one the operator runs (``serf_rpc``)."""
+        return bool(self.settings.serf_rpc)
+
+    def tags_changed(self) -> None:
+        """This node's state changed in a way the others must see now (it started
+        draining): its tags are looked at now rather than at the next tick."""
+        self._tags_now.set()
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self, node_id: str, url: str) -> None:
@@ -185,16 +210,23 @@ class Cluster:
         the tasks; on any failure (or cancellation) nothing of it is left running."""
         s = self.settings
         tags = encode(self.local_tags())
-        agent = SerfAgent(SerfAgentSettings(
-            node=self.node_id, bind=s.bind, rpc_port=s.rpc_port,
-            keyring_file=s.keyring_file, tags=tags, binary=s.binary, profile=s.profile))
+        agent: SerfAgent | ExternalSerfAgent
+        if self.external:
+            agent = ExternalSerfAgent(ExternalAgentSettings(
+                node=self.node_id, rpc_addr=s.serf_rpc, rpc_auth=s.serf_rpc_auth,
+                tags=tags, owned_tags=KEYS))
+        else:
+            agent = SerfAgent(SerfAgentSettings(
+                node=self.node_id, bind=s.bind, rpc_port=s.rpc_port,
+                keyring_file=s.keyring_file, tags=tags, binary=s.binary,
+                profile=s.profile))
         self.agent = agent  # before start(): aclose() stops it whatever happens
         self.joined = False
         self._join_error = None
         self._trouble.clear()
         self._writer = TagWriter()  # after a restart: the tags are written at once
         try:
-            await agent.start()
+            await agent.start()  # an external agent gets the tags here, ours from its config
             self._agent_started = time.monotonic()
             if first:
                 self._writer.wrote(tags, self._agent_started)
@@ -235,8 +267,10 @@ class Cluster:
             if time.monotonic() - self._agent_started >= most:
                 delay = first
             await self._stop_agent(leave=False)
+            redo = (f"reconnecting to the serf agent at {self.settings.serf_rpc}"
+                    if self.external else "restarting the agent")
             while True:
-                self._rpc_error = f"{why}; restarting the agent in {delay:g} s"
+                self._rpc_error = f"{why}; {redo} in {delay:g} s"
                 log.warning("cluster: %s", self._rpc_error)
                 await asyncio.sleep(delay)
                 delay = min(most, delay * 2)
@@ -244,18 +278,24 @@ class Cluster:
                 self._on_restart()
                 try:
                     await self._start_agent()
-                except (SerfError, OSError) as exc:
-                    why = f"restarting the serf agent: {exc}"
+                except (SerfError, SerfAgentConfigError, OSError) as exc:
+                    why = f"{redo}: {exc}"
                     continue
                 break
             self._rpc_error = None
-            log.warning("cluster: serf agent restarted (pid %s), joining again",
-                        self.agent.pid if self.agent is not None else None)
+            if self.external:
+                log.warning("cluster: reconnected to the serf agent at %s, joining again",
+                            self.settings.serf_rpc)
+            else:
+                log.warning("cluster: serf agent restarted (pid %s), joining again",
+                            self.agent.pid if self.agent is not None else None)
 
     # -- the tasks --------------------------------------------------------------------
 
     async def _join_loop(self, client: SerfClient) -> None:
-        addrs = [a for a in self.settings.join if a != self.settings.bind]
+        own = self.agent.bind if isinstance(self.agent, ExternalSerfAgent) \
+            else self.settings.bind
+        addrs = [a for a in self.settings.join if a != own]
         if not addrs:  # only our own address: the first node of a cluster
             self.joined = True
             return
@@ -280,7 +320,10 @@ class Cluster:
 
     async def _tags_loop(self, client: SerfClient) -> None:
         while True:
-            await asyncio.sleep(self.settings.tick_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.tick_s):
+                    await self._tags_now.wait()
+            self._tags_now.clear()
             try:
                 tags = encode(self.local_tags())
             except ValueError as exc:  # pragma: no cover - checked at start
@@ -367,9 +410,13 @@ class Cluster:
                 except Exception:
                     log.exception("cluster: a view listener failed")
 
-    async def _watch(self, agent: SerfAgent) -> None:
+    async def _watch(self, agent: SerfAgent | ExternalSerfAgent) -> None:
         await agent.wait()
-        self._agent_trouble("the serf agent exited")
+        if isinstance(agent, ExternalSerfAgent):
+            self._agent_trouble(f"the serf agent at {agent.rpc_addr} closed its RPC "
+                                "connection")
+        else:
+            self._agent_trouble("the serf agent exited")
 
     def _agent_trouble(self, what: str) -> None:
         """Degraded for ``what``; a restart when the agent exited or a connection broke

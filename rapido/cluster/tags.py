@@ -196,15 +196,23 @@ def _location(name: str, value: str | None) -> tuple[float, float] | None:
     return (lat, lon)
 
 
+#: Tags whose change is written at once, however soon after the last write: a node
+#: that starts draining must stop getting lessons now, not two seconds later.
+URGENT: Final = ("dr",)
+
+
 class TagWriter:
     """When to write the node's tags: on a real change only, at most every
     ``min_interval_s``; a change made meanwhile is written when the interval is up (the
-    newest one: intermediate states are never written)."""
+    newest one: intermediate states are never written). A change of an ``urgent`` tag
+    (draining) is written at once, with whatever else changed."""
 
-    def __init__(self, min_interval_s: float = 2.0) -> None:
+    def __init__(self, min_interval_s: float = 2.0,
+                 urgent: tuple[str, ...] = URGENT) -> None:
         if not min_interval_s >= 0:
             raise ValueError(f"min_interval_s must be >= 0, got {min_interval_s}")
         self.min_interval_s = min_interval_s
+        self.urgent = urgent
         self.written: dict[str, str] | None = None
         self._written_at = -math.inf
         self.writes = 0
@@ -212,7 +220,13 @@ class TagWriter:
     def due(self, tags: Mapping[str, str], now: float) -> dict[str, str] | None:
         """The tags to write now, or None (unchanged, or too soon after the last)."""
         current = dict(tags)
-        if current == self.written or now - self._written_at < self.min_interval_s:
+        written = self.written
+        if current == written:
+            return None
+        if written is not None and any(current.get(k) != written.get(k)
+                                       for k in self.urgent):
+            return current
+        if now - self._written_at < self.min_interval_s:
             return None
         return current
 

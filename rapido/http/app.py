@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,13 +23,14 @@ from aiohttp import WSCloseCode, web
 from rapido import __version__
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
-from rapido.http import api, demo, whep, ws
+from rapido.http import admin, api, demo, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.cluster import cluster_summary
 from rapido.http.cluster import routes as cluster_routes
 from rapido.http.errors import ApiError, json_response
 from rapido.http.keys import (
     CLUSTER,
+    DRAIN,
     ENGINE,
     METRICS,
     ROUTER,
@@ -36,6 +38,7 @@ from rapido.http.keys import (
     UPLOADS,
     WEBSOCKETS,
     WS_SECRET,
+    DrainControl,
 )
 from rapido.http.openapi import openapi_document
 from rapido.http.routing import Router
@@ -212,7 +215,8 @@ def _static_dir() -> Path:
 
 def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
              cluster: Cluster | None = None,
-             router: Router | None = None) -> web.Application:
+             router: Router | None = None, *,
+             drain: DrainControl | None = None) -> web.Application:
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
@@ -227,6 +231,8 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
         app[CLUSTER] = cluster  # started by the node once its URL is known
     if router is not None:
         app[ROUTER] = router
+    if drain is not None:
+        app[DRAIN] = drain  # POST /api/admin/drain
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),
@@ -237,6 +243,7 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
     ])
     app.add_routes(api.routes)
     app.add_routes(cluster_routes)
+    app.add_routes(admin.routes)
     app.add_routes(ws.routes)
     demo.setup(app)  # POST /api/demo: the viewer page's Demo button
     # /whep is outside the API-key middleware (auth.needs_auth): viewers present a
@@ -252,6 +259,20 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     yield
     await engine.aclose()
+
+
+async def websockets_done(app: web.Application, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for every WebSocket to be closed and gone (after their
+    sessions closed: their last event, ``closed``, is then on the wire). True if none is
+    left."""
+    # Polled: a socket leaves the set in its handler's own cleanup (ws.py), which says
+    # nothing to anyone; a few checks over at most a couple of seconds, once per stop.
+    step = 0.02
+    for _ in range(max(1, math.ceil(timeout_s / step))):
+        if not app[WEBSOCKETS]:
+            return True
+        await asyncio.sleep(step)
+    return not app[WEBSOCKETS]
 
 
 async def _close_websockets(app: web.Application) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from aiohttp import web
 
 from rapido.cluster.service import Cluster
@@ -11,6 +14,16 @@ from rapido.http.routing import Router
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class DrainControl:
+    """How ``POST /api/admin/drain`` starts the node's drain: ``start()`` does what
+    SIGTERM does (idempotent; the node then drains for up to ``timeout_s`` and stops)."""
+
+    start: Callable[[], None]
+    timeout_s: float
+
 
 SETTINGS = web.AppKey("settings", HttpSettings)
 ENGINE = web.AppKey("engine", Engine)
@@ -23,6 +36,8 @@ UPLOADS = web.AppKey("uploads", UploadSlots)
 CLUSTER = web.AppKey("cluster", Cluster)
 #: Present with CLUSTER: where lessons and sessions are served (``routing.py``).
 ROUTER = web.AppKey("router", Router)
+#: Present when the app runs in a node that can be drained over HTTP.
+DRAIN = web.AppKey("drain", DrainControl)
 
 
 def base_url(request: web.Request) -> str:

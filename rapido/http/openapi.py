@@ -332,6 +332,18 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                          "400": _error("malformed body"),
                          "404": _error("this node is not part of a cluster"), **errors}},
         },
+        "/api/admin/drain": {
+            "post": {"summary": "Drain this node as SIGTERM does: no new sessions, speech "
+                                "in flight plays out for up to drain_timeout_s, the rest "
+                                "close (reason moved in a cluster), the node leaves the "
+                                "cluster and exits 0. Idempotent.",
+                     "operationId": "drainNode", "security": secured,
+                     "responses": {"202": _json({
+                         "type": "object", "required": ["draining", "drain_timeout_s"],
+                         "properties": {"draining": {"type": "boolean", "const": True},
+                                        "drain_timeout_s": {"type": "number"}}},
+                         "the drain has started (or had already)"), **errors}},
+        },
         "/health": {"get": {"summary": "Liveness", "operationId": "health",
                             "responses": {"200": _json({"type": "object"}, "alive")}}},
         "/ready": {"get": {"summary": "Readiness: 503 while starting or draining",
