@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rapido import __version__
 from rapido.cluster.agent import SerfAgentConfigError, parse_host_port, read_keyring
@@ -71,6 +72,8 @@ class Config:
                                 "~6 s) or wan (a pool across regions: slower to declare a "
                                 "node failed, tolerant of 100+ ms round trips)",
                                 choices=("lan", "wan"))
+    cluster_url: str = _opt("", "URL the other nodes reach this node's HTTP at (e.g. "
+                            "http://10.0.0.5:8080); default: public_url, else host:port")
     serf_rpc: str = _opt("", "HOST:PORT (loopback) of the RPC of a Serf agent you run "
                          "(e.g. rapido-serf@.service) for the node to use instead of "
                          "starting its own; empty = the node starts its own with join")
@@ -289,8 +292,15 @@ class Config:
                 read_keyring(Path(self.cluster_key_file))
             except SerfAgentConfigError as exc:
                 raise ConfigError(f"cluster_key_file: {exc}") from None
-        if self.host in ("0.0.0.0", "::") and not self.public_url:
-            raise ConfigError(f"public_url: required in a cluster when host is {self.host!r} "
+        if self.cluster_url:
+            parts = urlsplit(self.cluster_url)
+            if (parts.scheme not in ("http", "https") or not parts.hostname
+                    or parts.path.strip("/") or parts.query or parts.fragment
+                    or parts.username or len(self.cluster_url) > 100):
+                raise ConfigError(f"cluster_url: {self.cluster_url!r} is not an http(s) "
+                                  "URL of a host (and port), at most 100 characters")
+        if self.host in ("0.0.0.0", "::") and not (self.public_url or self.cluster_url):
+            raise ConfigError(f"cluster_url: required in a cluster when host is {self.host!r} "
                               "(the URL the other nodes reach this one at)")
         if self.node_id and not (NODE_ID.fullmatch(self.node_id)
                                  and self.node_id[0].isalnum()):

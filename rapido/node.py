@@ -92,6 +92,11 @@ class Node:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
+    @property
+    def cluster_url(self) -> str:
+        """Where the other nodes of the cluster reach this one (its tags carry it)."""
+        return self.config.cluster_url.rstrip("/") or self.url
+
     async def start(self) -> None:
         # Once per process however many nodes it runs (a filter is added only once).
         logging.getLogger("aiohttp.server").addFilter(_CLIENT_ERRORS)
@@ -113,7 +118,7 @@ class Node:
             self.engine.node_id = f"{socket.gethostname()}-{self.port}"
         if self.cluster is not None:
             try:
-                await self.cluster.start(self.engine.node_id, self.url)
+                await self.cluster.start(self.engine.node_id, self.cluster_url)
                 if self.router is not None:
                     await self.router.start()
             except BaseException:

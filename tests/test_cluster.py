@@ -392,3 +392,22 @@ def test_cli_refuses_a_bad_join_address_with_exit_2(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2, run.stdout + run.stderr
     assert "join:" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize(("settings", "key"), [
+    ({"cluster_url": "ftp://10.0.0.5:8080"}, "cluster_url"),
+    ({"cluster_url": "http://10.0.0.5:8080/api"}, "cluster_url"),
+    ({"cluster_url": "http://user@10.0.0.5"}, "cluster_url"),
+    ({"cluster_url": "http://"}, "cluster_url"),
+    ({"host": "0.0.0.0", "api_key": "k" * 32}, "cluster_url"),
+])
+def test_bad_cluster_urls_are_refused(settings: dict[str, str], key: str,
+                                      tmp_path: Path) -> None:
+    keyring = write_keyring(tmp_path / "k.json")
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        Config.load(env={}, overrides={"join": "10.0.0.1:7946",
+                                       "cluster_key_file": str(keyring), **settings})
+    ok = Config.load(env={}, overrides={"join": "10.0.0.1:7946", "host": "0.0.0.0",
+                                        "api_key": "k" * 32, "cluster_key_file": str(keyring),
+                                        "cluster_url": "http://10.0.0.5:8080/"})
+    assert ok.cluster_url == "http://10.0.0.5:8080/"

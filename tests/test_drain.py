@@ -145,11 +145,14 @@ async def test_drain_in_a_cluster_tags_moves_leaves_and_exits_0(
         seen_after = time.monotonic() - t0
         assert member, await _cluster(http, b)
         assert member["state"] == "alive", member  # still a member while it drains
-        # Draining, A still serves its lesson but takes no new one.
+        # Draining, A still serves its lesson but takes no new one: a new lesson asked
+        # of either node is placed on B.
         async with http.get(f"{a.url}/api/sessions/{session['session_id']}") as r:
             assert r.status == 200 and (await r.json())["state"] == "speaking"
-        async with http.post(f"{a.url}/api/sessions", json={"lesson_id": "d2"}) as r:
-            assert r.status == 503 and (await r.json())["error"] == "draining"
+        for front in (a, b):
+            async with http.post(f"{front.url}/api/sessions",
+                                 json={"lesson_id": f"d2-{front.node_id}"}) as r:
+                assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
         status, again = await _drain(http, a.url)
         assert (status, again) == (202, body)
 
@@ -157,6 +160,9 @@ async def test_drain_in_a_cluster_tags_moves_leaves_and_exits_0(
         played_s = time.monotonic() - t0
     assert closed == {"type": "closed", "reason": "moved"}, closed
     assert played_s > 4.0, "the speech in flight played out before the session closed"
+    # The moved client comes back through the node it knows of and lands on B.
+    async with http.post(f"{b.url}/api/sessions", json={"lesson_id": "d1"}) as r:
+        assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
     loop = asyncio.get_running_loop()
     rc = await loop.run_in_executor(None, lambda: a.proc.wait(timeout=30))
     assert rc == 0, "".join(a.output)
