@@ -67,6 +67,9 @@ class Config:
     cluster_rpc_port: int = _opt(0, "port of the Serf agent's RPC on 127.0.0.1 (0 = the "
                                  "cluster_bind port + 1)", lo=0, hi=65535)
     node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
+    cluster_redirect: bool = _opt(False, "answer REST and WHEP requests for a session on "
+                                  "another node with a 307 to that node instead of proxying "
+                                  "them (WebSockets are always proxied)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
     log_level: str = _opt("info", "logging level",
                           choices=("debug", "info", "warning", "error"))

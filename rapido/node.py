@@ -22,6 +22,7 @@ from rapido.cluster.serf import SerfError
 from rapido.config import Config, is_loopback
 from rapido.engine import Engine
 from rapido.http.app import make_app
+from rapido.http.locate import Locate
 from rapido.metrics import Metrics
 from rapido.wiring import build_cluster, build_engine, http_settings
 
@@ -45,12 +46,16 @@ _CLIENT_ERRORS = _ClientProtocolErrors()
 
 
 class Node:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None, *,
+                 locate: Locate | None = None) -> None:
+        """``locate``: where each session lives, for a node that relays requests for
+        sessions on other nodes (``rapido.http.proxy``); None serves every one here."""
         self.config = config
         self.metrics = metrics or Metrics()
         self.engine: Engine = build_engine(config, self.metrics)
         self.cluster = build_cluster(config, self.engine, self.metrics)
-        self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster)
+        self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster,
+                            locate=locate)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 

@@ -3,7 +3,9 @@
 Middlewares, outermost first: metrics (every request counted by route and status) ->
 errors (everything becomes ``{"error", "message"}`` JSON) -> auth (with a key: ``/api``,
 ``/ws``; ``/whep`` takes viewer tokens, see ``whep.py``; without one: Host and Origin,
-see ``auth.py``) -> body (the request body read within ``http_read_timeout_s``).
+see ``auth.py``) -> proxy (in a cluster, a session on another node is relayed there,
+its body streamed: see ``proxy.py``) -> body (the request body read within
+``http_read_timeout_s``).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from aiohttp import WSCloseCode, web
 from rapido import __version__
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
-from rapido.http import api, demo, whep, ws
+from rapido.http import api, demo, proxy, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.cluster import cluster_summary
 from rapido.http.cluster import routes as cluster_routes
 from rapido.http.errors import ApiError, json_response
 from rapido.http.keys import CLUSTER, ENGINE, METRICS, SETTINGS, UPLOADS, WEBSOCKETS, WS_SECRET
+from rapido.http.locate import Locate
 from rapido.http.openapi import openapi_document
 from rapido.http.settings import HttpSettings
 from rapido.http.tokens import WS_PURPOSE, derive_secret
@@ -201,9 +204,15 @@ def _static_dir() -> Path:
 # -- the app ------------------------------------------------------------------------------
 
 def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
-             cluster: Cluster | None = None) -> web.Application:
+             cluster: Cluster | None = None, *,
+             locate: Locate | None = None) -> web.Application:
+    """The node's app. ``locate`` says where each session lives (a cluster); without it
+    every session URL is served here."""
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
+        # proxy after auth (only authenticated requests are relayed) and before body
+        # (a relayed body is streamed to its node, not read here).
+        middlewares=[metrics_middleware, error_middleware, auth_middleware,
+                     proxy.proxy_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -230,6 +239,8 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
     # per-session viewer token instead, checked in whep.py.
     whep.setup(app)
     app.cleanup_ctx.append(_engine_ctx)
+    if locate is not None:
+        proxy.setup(app, locate)  # its client session closes before the engine
     app.on_shutdown.append(_close_websockets)
     return app
 

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
+from rapido.http.locate import Locate
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
 from rapido.metrics import Metrics
@@ -19,6 +20,9 @@ WS_SECRET = web.AppKey("ws_secret", bytes)
 UPLOADS = web.AppKey("uploads", UploadSlots)
 #: Present on a clustered node only (``join`` set).
 CLUSTER = web.AppKey("cluster", Cluster)
+#: Where each session lives (``rapido.http.proxy``); absent on a single node, where
+#: every session is served here.
+LOCATE: web.AppKey[Locate] = web.AppKey("locate")
 
 
 def base_url(request: web.Request) -> str:
