@@ -486,6 +486,11 @@ async def test_redirect_mode_sends_rest_and_whep_to_the_owner_and_relays_websock
             assert r.headers["Location"] == f"{pair.owner.url}{path}"
     async with http.ws_connect(f"{pair.front.url}/ws/sessions/{sid}", headers=AUTH) as ws:
         assert (await next_event(ws, "ready"))["node"] == "owner"
+    async with http.get(f"{pair.front.url}/api/openapi.json") as r:
+        paths = (await r.json())["paths"]
+    assert "307" in paths["/api/sessions/{session_id}"]["get"]["responses"]
+    assert "307" in paths["/whep/{session_id}"]["post"]["responses"]
+    assert "307" not in paths["/ws/sessions/{session_id}"]["get"]["responses"]
     pair.steer.where[sid] = Lost("owner")
     async with http.get(f"{pair.front.url}/api/sessions/{sid}", headers=AUTH,
                         allow_redirects=False) as r:

@@ -58,6 +58,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 #: The one client session a node relays with (created only when it has a ``Locate``).
 CLIENT = web.AppKey("proxy_client", aiohttp.ClientSession)
 
@@ -124,9 +126,6 @@ async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 # -- routing ------------------------------------------------------------------------------
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @web.middleware
 async def proxy_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -337,9 +336,10 @@ async def proxy_ws(request: web.Request, remote: Remote, sid: str) -> web.Stream
         raise
     app[WEBSOCKETS].add(ws)  # closed at shutdown like the node's own
     metrics.proxy_websockets.inc()
-    up = asyncio.ensure_future(_client_to_owner(ws, upstream))
-    down = asyncio.ensure_future(_owner_to_client(upstream, ws))
-    watch = asyncio.ensure_future(_until_lost(app[LOCATE], sid))
+    loop = asyncio.get_running_loop()
+    up = loop.create_task(_client_to_owner(ws, upstream), name=f"relay-up-{sid}")
+    down = loop.create_task(_owner_to_client(upstream, ws), name=f"relay-down-{sid}")
+    watch = loop.create_task(_until_lost(app[LOCATE], sid), name=f"relay-watch-{sid}")
     outcome = "ok"
     try:
         await asyncio.wait((up, down, watch), return_when=asyncio.FIRST_COMPLETED)
