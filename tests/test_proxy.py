@@ -211,6 +211,14 @@ class Echo:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mode = request.query.get("mode", "echo")
+        if mode == "drop":  # a WebSocket whose node dies: no close frame, no closed event
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.send_str('{"type":"ready"}')
+            await self.go_on.wait()
+            assert request.transport is not None
+            request.transport.close()
+            return ws
         if mode == "echo":
             body = await request.read()
             return web.json_response({
@@ -372,6 +380,19 @@ async def test_a_client_closing_its_socket_closes_the_owners(
     assert not session.closed  # the session outlives its socket, as it does directly
 
 
+async def test_a_front_that_stops_closes_its_relayed_sockets(
+        pair: Pair, http: aiohttp.ClientSession) -> None:
+    s = await pair.create(http, "ws-front-stop")
+    session = pair.owner.engine.sessions[s["session_id"]]
+    async with http.ws_connect(s["ws_url"], headers=AUTH) as ws:
+        await next_event(ws, "ready")
+        await asyncio.wait_for(pair.front.stop(), 10)
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+    await wait_for(lambda: session.listeners == 0, timeout=5)
+    assert not session.closed  # the session is the owner's: it goes on
+
+
 async def test_a_refused_upgrade_is_the_owners_http_answer(
         pair: Pair, http: aiohttp.ClientSession) -> None:
     sid = "owner." + "ab" * 16  # a cluster id the owner does not have
@@ -411,6 +432,19 @@ async def test_a_lost_node_ends_the_relayed_socket_with_node_lost(
         assert (r.status, body["error"]) == (404, "node_lost")
         assert "'owner'" in body["message"] and "create the lesson's session again" \
             in body["message"]
+
+
+async def test_a_socket_to_the_owner_that_drops_ends_with_node_lost(
+        pair: Pair, echo: Echo, http: aiohttp.ClientSession) -> None:
+    sid = "echo." + "ab" * 16
+    pair.steer.where[sid] = Remote("echo", echo.url)
+    async with http.ws_connect(f"{pair.front.url}/ws/sessions/{sid}?mode=drop",
+                               headers=AUTH) as ws:
+        assert await ws.receive_json(timeout=5) == {"type": "ready"}
+        echo.go_on.set()
+        assert await ws.receive_json(timeout=5) == {"type": "closed", "reason": "node_lost"}
+        msg = await ws.receive(timeout=5)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
 
 
 async def test_an_owner_that_stops_ends_the_socket_with_node_lost_then_502(
