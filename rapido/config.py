@@ -80,6 +80,9 @@ class Config:
     serf_rpc_auth_file: str = _opt("", "file holding that agent's RPC auth token (or the "
                                    "agent's JSON config file with its rpc_auth)")
     node_location: str = _opt("", "this node's location, 'lat,lon' in degrees (empty: none)")
+    cluster_redirect: bool = _opt(False, "answer REST and WHEP requests for a session on "
+                                  "another node with a 307 to that node instead of proxying "
+                                  "them (WebSockets are always proxied)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
     placement_epsilon: float = _opt(0.25, "bounded loads: a node above (1 + this) x the "
                                     "mean load passes a new lesson to its next choice",

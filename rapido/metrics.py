@@ -100,6 +100,18 @@ class Metrics:
             buckets=_HTTP_BUCKETS, registry=r)
         self.ws_connections = Gauge(
             "websocket_connections", "Open WebSocket connections", registry=r)
+        # -- cluster: sessions on other nodes -------------------------------------------
+        self.proxy_requests = Counter(
+            "proxy_requests", "Requests for a session on another node, once each, by how "
+            "this node answered (kind: http, ws, redirect) and how it ended (outcome: ok, "
+            "unreachable, lost, loop)", ["kind", "outcome"], registry=r)
+        self.proxy_first_byte = Histogram(
+            "proxy_first_byte_seconds", "From forwarding a request to the session's node "
+            "to its response headers (http) or its accepted upgrade (ws): the time the hop "
+            "adds before the first byte", ["kind"], buckets=_HTTP_BUCKETS, registry=r)
+        self.proxy_websockets = Gauge(
+            "proxy_websockets", "Open WebSockets this node relays to their session's node",
+            registry=r)
         # -- sinks -----------------------------------------------------------------------
         # Read at scrape time from the sessions (the webrtc layer sets its function).
         self.webrtc_encoders = Gauge(

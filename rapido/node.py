@@ -29,6 +29,7 @@ from rapido.config import Config, ConfigError, is_loopback
 from rapido.engine import Engine
 from rapido.http.app import make_app, websockets_done
 from rapido.http.keys import DrainControl
+from rapido.http.locate import Locate
 from rapido.metrics import Metrics
 from rapido.wiring import (
     build_cluster,
@@ -61,7 +62,10 @@ WEBSOCKET_GOODBYE_S = 2.0
 
 
 class Node:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: Metrics | None = None, *,
+                 locate: Locate | None = None) -> None:
+        """``locate``: where each session lives, for a node that relays requests for
+        sessions on other nodes (``rapido.http.proxy``); None serves every one here."""
         self.config = config
         self.metrics = metrics or Metrics()
         clustered = config.clustered
@@ -77,7 +81,8 @@ class Node:
         self.app = make_app(http_settings(config), self.metrics, self.engine, self.cluster,
                             self.router,
                             drain=DrainControl(start=self.request_drain,
-                                               timeout_s=config.drain_timeout_s))
+                                               timeout_s=config.drain_timeout_s),
+                            locate=locate)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 

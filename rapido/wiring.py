@@ -62,6 +62,7 @@ def http_settings(config: Config) -> HttpSettings:
         max_concurrent_uploads=config.max_concurrent_uploads, default_sink=config.default_sink,
         webrtc_token_ttl_s=config.webrtc_token_ttl_s, ws_token_ttl_s=config.ws_token_ttl_s,
         http_read_timeout_s=config.http_read_timeout_s, demo_grace_s=config.demo_grace_s,
+        cluster_redirect=config.cluster_redirect,
         region=config.region, node_version=config.node_version,
         width=config.width, height=config.height, fps=config.fps)
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rapido.config import Config
+from rapido.http.locate import Locate
 from rapido.node import Node
 from rapido.pipeline.speech import speech_like
 
@@ -58,13 +59,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def make_node(tmp_path: Path, model_dir: Path) -> AsyncIterator[NodeFactory]:
     """Start real nodes on 127.0.0.1 with a free port; all are stopped after the test.
-    They run the real lip-sync model (rapido-lite) unless a test says otherwise."""
+    They run the real lip-sync model (rapido-lite) unless a test says otherwise.
+    ``locate`` makes a node relay sessions elsewhere (``rapido.http.proxy``)."""
     nodes: list[Node] = []
 
-    async def factory(**overrides: Any) -> Node:
+    async def factory(*, locate: Locate | None = None, **overrides: Any) -> Node:
         base = Config(port=0, recordings_dir=str(tmp_path / "rec"), log_level="warning",
                       model_dir=str(model_dir), avatars_dir=str(tmp_path / "avatars"))
-        node = Node(dataclasses.replace(base, **overrides))
+        node = Node(dataclasses.replace(base, **overrides), locate=locate)
         await node.start()
         nodes.append(node)
         return node

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from rapido.config import Config, ConfigError
+from rapido.config import Config, ConfigError, add_flags, flag_overrides
 
 
 def test_defaults_are_the_plans() -> None:
@@ -47,12 +48,26 @@ def test_layering(tmp_path: Path) -> None:
     ({"RAPIDO_MIN_FPS": "0"}, "min_fps", "1"),
     ({"RAPIDO_WEBRTC_MIN_BITRATE": "2000000"}, "webrtc_min_bitrate", "above"),
     ({"RAPIDO_LIVEKIT_MIN_BITRATE": "2000000"}, "livekit_min_bitrate", "above"),
+    ({"RAPIDO_CLUSTER_REDIRECT": "maybe"}, "cluster_redirect", "not a valid bool"),
 ])
 def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         Config.load(env=source)
     assert str(info.value).startswith(key)
     assert fragment in str(info.value)
+
+
+def test_cluster_redirect_is_a_flag_an_env_var_and_a_toml_key(tmp_path: Path) -> None:
+    assert Config().cluster_redirect is False
+    assert Config.load(env={"RAPIDO_CLUSTER_REDIRECT": "true"}).cluster_redirect is True
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    flags = flag_overrides(parser.parse_args(["--cluster-redirect", "1"]))
+    assert Config.load(env={}, overrides=flags).cluster_redirect is True
+    toml = tmp_path / "rapido.toml"
+    toml.write_text("cluster_redirect = true\n")
+    assert Config.load(toml_path=toml, env={"RAPIDO_CLUSTER_REDIRECT": "off"}) \
+        .cluster_redirect is False  # the environment beats the file
 
 
 def test_non_loopback_with_key_is_allowed() -> None:

@@ -41,6 +41,7 @@ def test_settings_carry_the_configured_values() -> None:
     assert e.jitter.frame_samples == 48_000 // 20  # the frame follows the fps
     h = http_settings(cfg)
     assert h.auth_required and h.public_url == "https://x.example" and h.region == "eu"
+    assert not h.cluster_redirect and http_settings(Config(cluster_redirect=True)).cluster_redirect
     assert batch_settings(cfg).max_batch == 4
     assert model_settings(cfg).model_dir == Path("/m")
     # Every field of the defaults' settings comes from the Config's defaults.

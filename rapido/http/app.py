@@ -3,7 +3,9 @@
 Middlewares, outermost first: metrics (every request counted by route and status) ->
 errors (everything becomes ``{"error", "message"}`` JSON) -> auth (with a key: ``/api``,
 ``/ws``; ``/whep`` takes viewer tokens, see ``whep.py``; without one: Host and Origin,
-see ``auth.py``) -> body (the request body read within ``http_read_timeout_s``).
+see ``auth.py``) -> proxy (in a cluster, a session on another node is relayed there,
+its body streamed: see ``proxy.py``) -> body (the request body read within
+``http_read_timeout_s``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from aiohttp import WSCloseCode, web
 from rapido import __version__
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
-from rapido.http import admin, api, demo, whep, ws
+from rapido.http import admin, api, demo, proxy, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.cluster import cluster_summary
 from rapido.http.cluster import routes as cluster_routes
@@ -40,6 +42,7 @@ from rapido.http.keys import (
     WS_SECRET,
     DrainControl,
 )
+from rapido.http.locate import Locate
 from rapido.http.openapi import openapi_document
 from rapido.http.routing import Router
 from rapido.http.settings import HttpSettings
@@ -216,9 +219,15 @@ def _static_dir() -> Path:
 def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
              cluster: Cluster | None = None,
              router: Router | None = None, *,
-             drain: DrainControl | None = None) -> web.Application:
+             drain: DrainControl | None = None,
+             locate: Locate | None = None) -> web.Application:
+    """The node's app. ``locate`` says where each session lives (a cluster: the
+    router's, unless given); without either every session URL is served here."""
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware, body_middleware],
+        # proxy after auth (only authenticated requests are relayed) and before body
+        # (a relayed body is streamed to its node, not read here).
+        middlewares=[metrics_middleware, error_middleware, auth_middleware,
+                     proxy.proxy_middleware, body_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -250,6 +259,10 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
     # per-session viewer token instead, checked in whep.py.
     whep.setup(app)
     app.cleanup_ctx.append(_engine_ctx)
+    if locate is None and router is not None:
+        locate = router.locate
+    if locate is not None:
+        proxy.setup(app, locate)  # its client session closes before the engine
     app.on_shutdown.append(_close_websockets)
     return app
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
 from rapido.http.forwarded import forwarded_host, forwarded_proto
+from rapido.http.locate import Locate
 from rapido.http.routing import Router
 from rapido.http.settings import HttpSettings
 from rapido.http.uploads import UploadSlots
@@ -38,6 +39,9 @@ CLUSTER = web.AppKey("cluster", Cluster)
 ROUTER = web.AppKey("router", Router)
 #: Present when the app runs in a node that can be drained over HTTP.
 DRAIN = web.AppKey("drain", DrainControl)
+#: Where each session lives (``rapido.http.proxy``); absent on a single node, where
+#: every session is served here.
+LOCATE: web.AppKey[Locate] = web.AppKey("locate")
 
 
 def base_url(request: web.Request) -> str:

@@ -33,7 +33,22 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
     errors = ({"401": _error("missing or wrong API key")} if config.auth_required else
               {"403": _error("keyless node: Host is not this node on a loopback name, or "
                              "Origin is not this node's own")})
-    session_errors = {**errors, "404": _error("unknown session")}
+    # In a cluster a session may live on another node: its requests are relayed there
+    # (the answers are that node's) or, with cluster_redirect, redirected; these are the
+    # relay's own answers.
+    lost = ("or its node has failed or left the cluster (node_lost: create the lesson's "
+            "session again)")
+    relay: dict[str, Any] = {
+        "502": _error("the node that holds the session could not be reached "
+                      "(node_unreachable)"),
+        "508": _error("nodes disagree on where the session lives (loop_detected)"),
+    }
+    if config.cluster_redirect:
+        relay["307"] = {"description": "the session lives on another node: repeat the "
+                                       "request at Location",
+                        "headers": {"Location": {"schema": {"type": "string"}}}}
+    session_errors = {**errors, "404": _error(f"unknown session (session_not_found), {lost}"),
+                      **relay}
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object", "required": ["error", "message"],
@@ -244,11 +259,14 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "summary": "WebSocket: PCM s16le mono in (binary), JSON control in "
                            "(start, end, interrupt, ping); events out (ready, "
                            "playback_started, playback_finished, underrun, refill, error, "
-                           "pong, closed)",
+                           "pong, closed; closed with reason node_lost when the session's "
+                           "node is gone)",
                 "operationId": "sessionSocket",
                 "security": [*secured, {"wsToken": []}] if secured else [],
                 "responses": {"101": {"description": "switching to WebSocket"},
-                              "400": _error("not a WebSocket request"), **session_errors},
+                              "400": _error("not a WebSocket request"),
+                              # relayed, never redirected
+                              **{k: v for k, v in session_errors.items() if k != "307"}},
             },
         },
         "/whep/{session_id}": {
@@ -266,12 +284,13 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                             "content": {"application/sdp": {"schema": {"type": "string"}}}},
                     "400": _error("malformed or unusable SDP offer"),
                     "401": _error("missing, wrong or expired viewer token"),
-                    "404": _error("unknown session"),
+                    "404": _error(f"unknown session, {lost}"),
                     "409": _error("the session's sink is not webrtc (not_webrtc), or the "
                                   "session is closing (session_closing)"),
                     "413": _error("the SDP offer is over 64 KiB"),
                     "415": _error("the body is not application/sdp"),
                     "503": _error("the stream has its limit of viewers (webrtc_max_viewers)"),
+                    **relay,
                 },
             },
         },
@@ -283,8 +302,8 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "security": [{"viewerToken": []}],
                 "responses": {"200": {"description": "the viewer is gone"},
                               "401": _error("missing, wrong or expired viewer token"),
-                              "404": _error("unknown session or viewer"),
-                              "409": _error("the session's sink is not webrtc")},
+                              "404": _error(f"unknown session or viewer, {lost}"),
+                              "409": _error("the session's sink is not webrtc"), **relay},
             },
         },
         "/api/cluster": {

@@ -67,6 +67,7 @@ from rapido.cluster.tags import Peer
 from rapido.engine import Engine
 from rapido.http.errors import ApiError, json_response
 from rapido.http.forwarded import HOP_HEADER, forwarded_host, forwarded_proto
+from rapido.http.locate import Lost, Remote, Where
 from rapido.pipeline.session import SessionSpec, StreamSession
 
 log = logging.getLogger(__name__)
@@ -75,30 +76,13 @@ ROUTE_HEADER: Final = "X-Rapido-Route"
 REGION_HEADER: Final = "X-Rapido-Region"
 #: The Serf query: who plays (or played within the hour) this lesson?
 LESSON_QUERY: Final = "rapido-lesson"
-#: Headers of the client's create request that travel with it.
-_PASSED: Final = ("Authorization", "Content-Type", "Origin", "User-Agent", "X-Request-Id")
+#: Headers of the client's create request that travel with it (not Origin: this node
+#: checked it against itself; a keyless owner would refuse one that is not its own).
+_PASSED: Final = ("Authorization", "Content-Type", "User-Agent", "X-Request-Id")
 #: Headers of the answer that travel back.
 _RETURNED: Final = ("Content-Type", "Location", "Retry-After")
 #: How many candidates a front (homes) and a home (nodes to play on) try.
 TRIES: Final = 3
-
-
-@dataclass(frozen=True)
-class Remote:
-    """The session plays on another live node, reached at ``url``."""
-
-    node_id: str
-    url: str
-
-
-@dataclass(frozen=True)
-class Lost:
-    """The session's node is failed, gone, or not a member this node knows."""
-
-    node_id: str
-
-
-Where = Remote | Lost | None  # None: this node serves it
 
 
 @dataclass(frozen=True)

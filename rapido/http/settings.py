@@ -19,6 +19,8 @@ class HttpSettings:
     ws_token_ttl_s: float  # a session's WebSocket token (browsers connect with it)
     http_read_timeout_s: float  # a request's headers and its body must arrive within it
     demo_grace_s: float  # a demo session ends this long after its script played out
+    # A session on another node: REST and WHEP answered 307 to it rather than proxied.
+    cluster_redirect: bool
     # Reported in every session's JSON.
     region: str
     node_version: str  # what this node announces as its version (GET /api/cluster)

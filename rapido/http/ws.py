@@ -40,6 +40,14 @@ routes = web.RouteTableDef()
 
 CONTROL_TYPES = ("start", "end", "interrupt", "ping")
 EVENT_QUEUE = 256  # events a client may fall behind before it is cut off
+HEARTBEAT_S = 30.0  # pings that find a dead peer (the proxy's relays use it too)
+
+
+def max_message_bytes(limit: int) -> int:
+    """What aiohttp may read of one message for a ``max_ws_message_bytes`` of ``limit``:
+    twice it (closed 1009 above). Between the two the handler answers an error event and
+    keeps the connection, so one bad message costs one message."""
+    return 2 * limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +112,7 @@ async def session_socket(request: web.Request) -> web.WebSocketResponse:
     session = get_session(request)  # 404 before the upgrade, as JSON
     limit = request.app[SETTINGS].max_ws_message_bytes
     metrics = request.app[METRICS]
-    # aiohttp itself closes (1009) above twice the limit; between the two we answer
-    # with an error event and keep the connection, so one bad message costs one message.
-    ws = web.WebSocketResponse(max_msg_size=2 * limit, heartbeat=30.0)
+    ws = web.WebSocketResponse(max_msg_size=max_message_bytes(limit), heartbeat=HEARTBEAT_S)
     await ws.prepare(request)
     request.app[WEBSOCKETS].add(ws)
     metrics.ws_connections.inc()
