@@ -66,6 +66,13 @@ async def test_a_lesson_asked_of_every_node_ends_at_one_session(
             # The URLs name the node the client asked, which routes them to the owner.
             assert body["ws_url"].startswith(front.url.replace("http://", "ws://")), body
             assert body["audio_url"].startswith(front.url), body
+        if lesson in lessons[:2]:
+            # Over the WebSocket too, through every node: the one owner answers.
+            for _, body in answers:
+                async with http.ws_connect(body["ws_url"]) as ws:
+                    ready = await ws.receive_json(timeout=10)
+                    assert ready["type"] == "ready" and ready["node"] == owners[lesson]
+                    assert ready["session_id"] == sid
     # Asked again later, through each node: the same session, no new one.
     for lesson in lessons[:3]:
         for n in nodes:
@@ -96,8 +103,16 @@ async def test_a_killed_owners_lesson_gets_one_new_owner_seen_from_every_node(
     assert status == 201, body
     owner = next(n for n in nodes if n.node_id == body["node"])
     others = [n for n in nodes if n is not owner]
+    # A client of the lesson through another node: its socket is relayed to the owner.
+    status, via = await create(http, others[0], "physics")
+    assert status == 200 and via["session_id"] == body["session_id"], via
+    ws = await http.ws_connect(via["ws_url"])
+    assert (await ws.receive_json(timeout=10))["type"] == "ready"
     owner.proc.kill()  # kill -9: its agent goes with it (PDEATHSIG)
     killed = time.monotonic()
+    # The relay tells the client at once (its connection to the owner broke).
+    assert await _events_until_closed(ws, 15) == "node_lost"
+    await ws.close()
 
     async def failed_everywhere() -> bool:
         for n in others:
@@ -108,6 +123,10 @@ async def test_a_killed_owners_lesson_gets_one_new_owner_seen_from_every_node(
 
     assert await _until(failed_everywhere, 20), "the killed node was never seen failed"
     seen_failed = time.monotonic() - killed
+    # The old session's URLs, asked of any node, say its node is lost.
+    for n in others:
+        async with http.get(f"{n.url}/api/sessions/{body['session_id']}") as r:
+            assert r.status == 404 and (await r.json())["error"] == "node_lost"
     answers = await asyncio.gather(*(create(http, n, "physics") for n in others))
     again = time.monotonic() - killed
     assert all(s in (200, 201) for s, _ in answers), answers

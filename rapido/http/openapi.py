@@ -24,7 +24,8 @@ def _error(description: str) -> dict[str, Any]:
 
 _SESSION_ID = {
     "name": "session_id", "in": "path", "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+    # {node id (1-64)}.{32 hex}; older and single-node-fallback ids are 32 hex.
+    "schema": {"type": "string", "minLength": 1, "maxLength": 129},
 }
 
 
