@@ -101,8 +101,9 @@ async def test_a_partition_is_seen_on_both_sides_and_heals() -> None:
 
     Bounds: detection is memberlist's suspicion timeout, 4 s (4 x max(1, log10 5)) to
     6 x that, shrinking with confirmations from other members: the side of 3 has two
-    confirmers (~10 s seen here), the side of 2 only one, and its probes are slowed by
-    Lifeguard's awareness as its indirect probes fail (~26 s seen here): 45 s allowed.
+    confirmers (6-14 s seen here in 5 runs), the side of 2 only one, and its probes
+    slow down (Lifeguard's awareness: its indirect probes fail, up to 8 x the 1 s
+    interval) before it even suspects (17-34 s seen): 60 s allowed.
     Healing does not come from probes (memberlist probes live members only) but from
     Serf's reconnect: every reconnect_interval (2 s here, 30 s by default) each agent
     joins a failed member with probability failed/alive (the side of 2: 3/2, always),
@@ -110,7 +111,7 @@ async def test_a_partition_is_seen_on_both_sides_and_heals() -> None:
     gossip to all within a second or two. Two intervals and the gossip: 15 s allowed.
     """
     out = await in_netns("partition", timeout_s=180, agents=5, split=2,
-                         reconnect_interval_s=2.0, detect_timeout_s=45, heal_timeout_s=15)
+                         reconnect_interval_s=2.0, detect_timeout_s=60, heal_timeout_s=15)
     assert out["not_converged"] == [], out
     assert out["split_missing"] == [], out["views_split"]
     left, right = set(out["left"]), set(out["right"])
@@ -136,7 +137,7 @@ async def test_bench_cluster_runs_its_phases_and_writes_json(tmp_path: Path,
     doc = json.loads(out.read_text())
     run, = doc["runs"]
     assert run["agents"] == 3 and run["join_all_s"] is not None
-    assert run["tag_all_s"] is not None and len(run["trials"]) == 5
+    assert run["tag_all_s"] is not None and len(run["trials"]) == 10
     assert doc["machine"]["cores"] >= 1
     table = capsys.readouterr().out
     assert "tag write seen everywhere" in table and "3 agents" in table

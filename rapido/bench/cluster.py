@@ -10,8 +10,12 @@ rapido nodes comes later, with session routing):
 * ``join``: N agents started, then all join agent-000 at once: until every agent's
   members lists N alive;
 * ``tags``: a tag written on one agent (``tags`` RPC): until every agent lists it;
-* ``bytes_idle`` / ``bytes_churn``: gossip bytes per node per second, idle, then with every
-  node changing a tag every 2 s (rapido's TagWriter writes at most that often);
+* ``bytes_idle`` / ``bytes_churn``: gossip bytes per node per second (nftables counters
+  on the agents' ports: 2 x all bytes / N, each packet has a sender and a receiver),
+  idle, then with every node changing a tag every 2 s whether or not its last write
+  returned (the offered load; rapido's TagWriter writes at most that often);
+* ``churn_serial``: the same churn the way rapido writes it, each write awaited: how
+  many writes get through and how many fail (Serf's 5 s broadcast timeout);
 * ``join_one``: one more agent joins the settled cluster: until every member lists it;
 * ``loss``: 10 % random UDP loss on every agent's port for ``--loss-s``: every member ever
   seen not alive by any agent (reads of a sample of agents in turn, plus every agent's
@@ -32,6 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +53,7 @@ from rapido.bench.fleet import (
     FleetAgent,
     cpu_seconds,
     lists,
+    not_alive,
     rapido_tags,
     until_all,
     watch_not_alive,
@@ -102,7 +108,7 @@ class Params:
     loss_percent: float = 10.0
     bytes_s: float = 60.0
     churn_every_s: float = 2.0
-    tag_trials: int = 5
+    tag_trials: int = 10
     poll_every_s: float = 0.5
     #: Agents read per poll round while watching for false positives (all when fewer).
     sample: int = 50
@@ -143,14 +149,25 @@ async def phase_join(run: Run) -> dict[str, Any]:
     await run.fleet.join(agents)
     joined_rpc = time.monotonic() - t0
 
+    names = {a.name for a in agents}
+    #: What an agent still short of N after 5 s lists (once per agent): why it lags.
+    laggards: dict[str, dict[str, Any]] = {}
+
     async def all_alive(a: FleetAgent) -> bool:
-        return len(await a.client.members_filtered(status="alive")) == n
+        alive = {m.name for m in await a.client.members_filtered(status="alive")}
+        if alive != names and time.monotonic() - t0 > 5 and a.name not in laggards:
+            laggards[a.name] = {"at_s": round(time.monotonic() - t0, 1),
+                                "alive": len(alive), "not_listed": sorted(names - alive),
+                                "not_alive": await not_alive(a)}
+        return alive == names
 
     spread = await until_all(agents, all_alive, t0=t0, timeout_s=60 + n * 0.5,
                              every_s=0.2)
+    slow = sorted(spread.seen_s.items(), key=lambda kv: -kv[1])[:5]
     return {"start_s": started, "join_rpcs_s": joined_rpc, "join_all_s": spread.all_s,
             "join_median_s": spread.median_s, "join_missing": spread.missing,
-            "read_round_s": spread.round_s}
+            "join_slowest": slow, "join_laggards": dict(list(laggards.items())[:10]),
+            "join_laggard_count": len(laggards), "read_round_s": spread.round_s}
 
 
 async def phase_tags(run: Run) -> dict[str, Any]:
@@ -489,7 +506,10 @@ def cluster_main(args: argparse.Namespace) -> int:
             interrupted = True
             print("rapido: bench cluster: interrupted", file=sys.stderr)
             break
-    doc: dict[str, Any] = {"command": "rapido bench cluster " + " ".join(sys.argv[3:]),
+    command = (f"python -m rapido bench cluster --agents {args.agents} --loss-s {args.loss_s:g} "
+               f"--bytes-s {args.bytes_s:g} --sample {args.sample}"
+               + (f" --phases {args.phases}" if args.phases else ""))
+    doc: dict[str, Any] = {"command": command, "date": time.strftime("%Y-%m-%d"),
            "machine": _machine(), "targets": {k: t for k, (t, _) in TARGETS.items()},
            "runs": [runs[n] for n in counts if n in runs], "interrupted": interrupted}
     if args.json_file == "-":
@@ -544,8 +564,6 @@ def print_table(runs: Sequence[dict[str, Any]], file: Any = None) -> None:
 
 
 def _has_serf() -> bool:
-    import shutil
-
     return shutil.which("serf") is not None
 
 
