@@ -51,6 +51,7 @@ from rapido.bench.args import CLUSTER_PHASES, parse_counts, validate_cluster
 from rapido.bench.fleet import (
     Fleet,
     FleetAgent,
+    Watch,
     cpu_seconds,
     lists,
     not_alive,
@@ -87,15 +88,18 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("idle_kbps_per_node", "gossip idle, KB/s per node (sent+received)"),
     ("churn_kbps_per_node", "gossip, tag change every 2 s, KB/s per node"),
     ("churn_kbps_max_port", "  same, busiest agent's port, KB/s"),
+    ("churn_not_alive", "  not-alive observations meanwhile"),
     ("churn_writes_per_s", "  tag writes issued per s (all agents)"),
     ("churn_writes_failed", "  of which the tags RPC failed (in the window)"),
     ("churn_write_rpc_p50_s", "  tags RPC time, median of those that returned, s"),
     ("serial_kbps_per_node", "gossip, rapido's serial writer, KB/s per node"),
     ("serial_writes_per_s", "  tag writes done per s (all agents)"),
+    ("serial_not_alive", "  not-alive observations meanwhile"),
     ("serial_writes_failed", "  of which the tags RPC failed"),
     ("serial_write_rpc_p50_s", "  tags RPC time, median of those that returned, s"),
     ("agents_cpu_idle_pct", "agents' CPU idle, % of a core"),
     ("agents_cpu_churn_pct", "agents' CPU under tag churn, % of a core"),
+    ("bytes_churn_load1", "  load average (1 min) at its end"),
     ("loss_agents_cpu_pct", "agents' CPU while watching loss, % of a core"),
     ("driver_cpu_loss_pct", "driver's CPU while watching loss, % of a core"),
 )
@@ -275,9 +279,11 @@ async def phase_bytes_churn(run: Run) -> dict[str, Any]:
         await asyncio.sleep(p.churn_every_s * 3)  # the queues fill
         measuring = True
         cpu0, t0 = cpu_seconds(run.fleet.pids()), time.monotonic()
+        watch = asyncio.create_task(_watch_quietly(agents, p.bytes_s))
         out = await _bytes(run, p.bytes_s)
         cpu = (cpu_seconds(run.fleet.pids()) - cpu0) / (time.monotonic() - t0)
         measuring = False
+        seen = await watch
     finally:
         await cancel_and_wait(tasks)
         await cancel_and_wait(list(pending))
@@ -294,7 +300,14 @@ async def phase_bytes_churn(run: Run) -> dict[str, Any]:
             "churn_errors": errors,
             "churn_write_rpc_p50_s": rpc_times[len(rpc_times) // 2] if rpc_times else None,
             "churn_write_rpc_max_s": rpc_times[-1] if rpc_times else None,
-            "agents_cpu_churn_pct": 100 * cpu, "churn": out}
+            "agents_cpu_churn_pct": 100 * cpu, "churn_not_alive": seen.not_alive,
+            "churn_watch": seen.json(), "churn": out}
+
+
+async def _watch_quietly(agents: Sequence[FleetAgent], seconds: float) -> Watch:
+    """False positives while something else is measured: every agent's member events,
+    and 10 agents read in turn every second (few reads: the agents need the CPU)."""
+    return await watch_not_alive(agents, seconds, every_s=1.0, sample=10)
 
 
 async def phase_churn_serial(run: Run) -> dict[str, Any]:
@@ -333,8 +346,10 @@ async def phase_churn_serial(run: Run) -> dict[str, Any]:
     try:
         await asyncio.sleep(p.churn_every_s * 3)
         measuring = True
+        watch = asyncio.create_task(_watch_quietly(agents, window))
         out = await _bytes(run, window)
         measuring = False
+        seen = await watch
     finally:
         await cancel_and_wait(tasks)
     rpc_times.sort()
@@ -345,7 +360,7 @@ async def phase_churn_serial(run: Run) -> dict[str, Any]:
             "serial_errors": errors,
             "serial_write_rpc_p50_s": rpc_times[len(rpc_times) // 2] if rpc_times else None,
             "serial_write_rpc_max_s": rpc_times[-1] if rpc_times else None,
-            "serial": out}
+            "serial_not_alive": seen.not_alive, "serial_watch": seen.json(), "serial": out}
 
 
 async def phase_join_one(run: Run) -> dict[str, Any]:
