@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rapido import __version__
+from rapido.bench.args import add_cluster_parser
 from rapido.config import Config, ConfigError, add_flags, flag_overrides
 
 
@@ -25,10 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML file (flat, or a [rapido] table)")
     add_flags(serve)
 
-    bench = sub.add_parser("bench", help="measure how many real-time streams a process holds",
+    bench = sub.add_parser("bench", help="measure how many real-time streams a process holds "
+                           "(or, bench cluster, the gossip layer)",
                            description="Run N synthetic streams through the real pipeline "
                            "in-process (or against a running server with --http) and report "
-                           "delivered fps, lateness, speech onset, batching and CPU.")
+                           "delivered fps, lateness, speech onset, batching and CPU. "
+                           "`rapido bench cluster --help`: the cluster's Serf agents.")
     bench.add_argument("--config", metavar="FILE", help="TOML file for the node settings")
     bench.add_argument("--streams", type=int, default=8, help="concurrent streams (default 8)")
     bench.add_argument("--duration", type=float, default=10.0,
@@ -78,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="seconds over which the streams are started (default 2)")
     http.add_argument("--allow-remote", action="store_true",
                       help="allow a --http URL that is not a loopback address")
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="[cluster]")
+    add_cluster_parser(kinds)
 
     model = sub.add_parser("model", help="build or check lip-sync models",
                            description="Build the built-in models (deterministic ONNX "
@@ -103,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench" and args.bench_kind == "cluster":
+        logging.basicConfig(level="WARNING",
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from rapido.bench.cluster import cluster_main
+
+        return cluster_main(args)
     try:
         if args.command == "serve":
             config = Config.load(toml_path=args.config, overrides=flag_overrides(args))

@@ -19,7 +19,9 @@ TOOLS=(
   "shellcheck:shellcheck"     # tests/test_deploy.py: the deployment scripts
   "chromium:chromium"         # tests/test_viewer.py: the viewer page in a real browser
   "serf:serf"                 # tests/test_serf.py: the gossip agent the cluster runs on
-  "nft:nftables"              # cluster fault tests: packet loss and partitions in a netns
+  "nft:nftables"              # tests/test_cluster_faults.py: loss, partitions, counters
+  "unshare:util-linux"        # tests/test_cluster_faults.py: a network namespace per test
+  "setpriv:util-linux"        # tests/test_cluster_faults.py: a group id per partitioned agent
 )
 
 check_only=0

@@ -369,11 +369,28 @@ def test_keyring_of_every_key_size(tmp_path: Path) -> None:
 @pytest.mark.parametrize("overrides", [
     {"node": ""}, {"node": "has space"}, {"rpc_port": 0}, {"profile": "fast"},
     {"tags": {"k": "v" * 600}}, {"rpc_auth": ""}, {"snapshot": Path("/nonexistent/dir/s")},
+    {"reconnect_interval_s": 0}, {"reconnect_interval_s": True},
+    {"reconnect_interval_s": "5s"}, {"reconnect_interval_s": 7200},
 ])
 def test_bad_settings(overrides: dict[str, Any]) -> None:
     base: dict[str, Any] = {"node": "n", "bind": "127.0.0.1:7946", "rpc_port": 7373}
     with pytest.raises(SerfAgentConfigError):
         SerfAgent(SerfAgentSettings(**{**base, **overrides}))
+
+
+async def test_reconnect_interval_goes_to_the_config_file(make_agent: AgentFactory) -> None:
+    """Serf's reconnect_interval (a Go duration) is written only when set; the agent
+    accepts it (its effect: tests/test_cluster_faults.py, a partition heals)."""
+    base = SerfAgentSettings(node="n", bind="127.0.0.1:7946", rpc_port=7373)
+    for seconds, expected in ((None, None), (2.5, "2500ms"), (30, "30000ms")):
+        agent = SerfAgent(dataclasses.replace(base, reconnect_interval_s=seconds))
+        try:
+            config = json.loads(agent._write_config().read_text())
+        finally:
+            agent._remove_dir()
+        assert config.get("reconnect_interval") == expected
+    agent = await make_agent("quick", reconnect_interval_s=0.5)
+    assert agent.returncode is None
 
 
 async def test_secrets_stay_off_the_command_line(make_agent: AgentFactory,

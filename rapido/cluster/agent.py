@@ -103,6 +103,10 @@ class SerfAgentSettings:
     log_level: str = "warn"
     binary: str = "serf"
     priority_boost: int = 5
+    #: How often Serf tries to reach a failed member again (it picks one at random,
+    #: more often the more members failed); None: Serf's 30 s. A partition heals only
+    #: through this (memberlist probes and pushes/pulls with live members only).
+    reconnect_interval_s: float | None = None
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 10.0
 
@@ -183,6 +187,10 @@ def check_settings(s: SerfAgentSettings) -> None:
         raise SerfAgentConfigError(f"log level {s.log_level!r} not in {sorted(LOG_LEVELS)}")
     if not 0 <= s.priority_boost <= 20:
         raise SerfAgentConfigError(f"priority_boost {s.priority_boost} is not in 0..20")
+    r = s.reconnect_interval_s
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int | float)
+                          or not 0.1 <= r <= 3600):
+        raise SerfAgentConfigError(f"reconnect_interval_s {r!r} is not in 0.1..3600")
 
 
 class SerfAgent:
@@ -237,6 +245,8 @@ class SerfAgent:
         config: dict[str, Any] = {"rpc_auth": self.rpc_auth, "tags": dict(s.tags)}
         if s.keyring_file is not None:
             config["keyring_file"] = str(Path(s.keyring_file).resolve())
+        if s.reconnect_interval_s is not None:
+            config["reconnect_interval"] = f"{round(s.reconnect_interval_s * 1000)}ms"
         path = self._dir / "agent.json"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
