@@ -24,6 +24,7 @@ from rapido.cluster.placement import (
     Claim,
     MemberView,
     choose_region,
+    home_moved,
     home_order,
     hrw_score,
     make_session_id,
@@ -620,3 +621,18 @@ def test_home_pool_is_the_region_or_everyone() -> None:
     assert home_order("l", [], "eu") == []
     with pytest.raises(ValueError, match="lesson"):
         home_order("", view, "eu")
+
+
+def test_home_moved_only_when_a_view_of_the_hour_had_another_home() -> None:
+    view = [member(f"n{i}") for i in range(4)]
+    lesson = "algebra"
+    home = home_order(lesson, view, "eu")[0].node_id
+    other = next(m for m in view if m.node_id != home)
+    without_other = [m for m in view if m is not other]
+    without_home = [m for m in view if m.node_id != home]
+    # Another node came and went: this lesson's home stayed; no need to ask anyone.
+    assert not home_moved(lesson, [view, without_other, view], "eu", home)
+    # The home was away for a while: someone else may have placed it.
+    assert home_moved(lesson, [view, without_home, view], "eu", home)
+    assert home_moved(lesson, [[]], "eu", home)  # nobody at all: moved
+    assert not home_moved(lesson, [], "eu", home)

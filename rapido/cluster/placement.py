@@ -58,6 +58,7 @@ __all__ = [
     "Resolution",
     "choose_region",
     "haversine_km",
+    "home_moved",
     "home_order",
     "hrw_score",
     "make_session_id",
@@ -327,6 +328,18 @@ def home_order(lesson: str, members: Iterable[MemberView],
              if m.status == "alive" and not m.draining and m.capacity > 0]
     pool = [m for m in alive if region is not None and m.region == region] or alive
     return rendezvous_order(lesson, pool)
+
+
+def home_moved(lesson: str, views: Iterable[Iterable[MemberView]], region: str | None,
+               node_id: str) -> bool:
+    """Whether, in any of ``views`` (those in effect over the last hour), the lesson's
+    home was not ``node_id``: then another node may have placed it, and ``node_id``'s
+    records of it are not the whole truth. A view with no home counts as moved."""
+    for view in views:
+        homes = home_order(lesson, view, region)
+        if not homes or homes[0].node_id != node_id:
+            return True
+    return False
 
 
 def should_query(lesson: str, view_changed_at: float | None, now: float, has_record: bool,

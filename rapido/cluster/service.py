@@ -38,6 +38,7 @@ restarted but reconnected to, with the same backoff, until it answers again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -49,6 +50,7 @@ from typing import Final
 from rapido.aio import cancel_and_wait
 from rapido.cluster.agent import SerfAgent, SerfAgentConfigError, SerfAgentSettings
 from rapido.cluster.external import ExternalAgentSettings, ExternalSerfAgent
+from rapido.cluster.placement import MemberView
 from rapido.cluster.serf import (
     QueryEvent,
     QueryResponse,
@@ -60,6 +62,9 @@ from rapido.cluster.tags import KEYS, NodeTags, Peer, TagError, TagWriter, decod
 
 log = logging.getLogger(__name__)
 
+#: How far back the views are kept (a lesson's records live as long), and how many.
+HISTORY_S: Final = 3600.0
+HISTORY_MAX: Final = 256
 #: Answers a query's payload with a response payload, or ``None`` to stay silent.
 Responder = Callable[[bytes], bytes | None]
 
@@ -128,6 +133,12 @@ class Cluster:
         #: When the set of alive members last changed (monotonic s; a node that just
         #: started counts as a change: it has no records of anyone's lessons yet).
         self.view_changed_at: float | None = None
+        #: When this node first read the members (monotonic s): before, it knew nothing.
+        self.started_at: float | None = None
+        #: The views (alive, non-draining members) in effect over the last hour, oldest
+        #: first, each with the time it began: who was a lesson's home meanwhile.
+        self.history: collections.deque[tuple[float, tuple[MemberView, ...]]] = \
+            collections.deque()
         self._alive: frozenset[str] = frozenset()
         self._listeners: list[Callable[[], None]] = []
         self._responders: dict[str, Responder] = {}
@@ -403,7 +414,14 @@ class Cluster:
                           and not p.view.draining)
         if alive != self._alive or self.view_changed_at is None:
             self._alive = alive
-            self.view_changed_at = time.monotonic()
+            now = time.monotonic()
+            self.view_changed_at = now
+            if self.started_at is None:
+                self.started_at = now
+            self.history.append((now, tuple(p.view for p in peers)))
+            while len(self.history) > 1 and (self.history[1][0] <= now - HISTORY_S
+                                             or len(self.history) > HISTORY_MAX):
+                self.history.popleft()
             for listener in self._listeners:
                 try:
                     listener()

@@ -49,11 +49,13 @@ from aiohttp import web
 from rapido.aio import cancel_and_wait
 from rapido.cluster.directory import Directory
 from rapido.cluster.placement import (
+    AFFINITY_TTL_S,
     MOVED,
     Affinity,
     Claim,
     MemberView,
     choose_region,
+    home_moved,
     home_order,
     place,
     rank,
@@ -205,8 +207,7 @@ class Router:
             first = record.claim.node_id
         elif record is None and self.affinity.holds(lesson, now):
             sticky = self.node_id
-        elif record is None and should_query(lesson, self.cluster.view_changed_at, now,
-                                             has_record=False):
+        elif record is None and self._must_ask(lesson, region, now):
             first, sticky = await self._ask(lesson)
         try:
             placement = place(lesson, view, user_location=spec.user_location,
@@ -241,6 +242,18 @@ class Router:
         if last is not None:
             return last
         raise _unavailable(f"no node could take lesson {lesson!r}")
+
+    def _must_ask(self, lesson: str, region: str | None, now: float) -> bool:
+        """No record here: ask the cluster only when the membership changed within the
+        hour (``should_query``) and either this node joined within it (it knows nothing
+        older) or, in a view of that hour, the lesson's home was another node."""
+        if not should_query(lesson, self.cluster.view_changed_at, now, has_record=False):
+            return False
+        started = self.cluster.started_at
+        if started is None or now - started < AFFINITY_TTL_S:
+            return True
+        return home_moved(lesson, (v for _, v in self.cluster.history), region,
+                          self.node_id)
 
     def _record(self, lesson: str, answer: web.Response, now: float) -> None:
         try:
