@@ -171,7 +171,7 @@ async def phase_join(run: Run) -> dict[str, Any]:
     return {"start_s": started, "join_rpcs_s": joined_rpc, "join_all_s": spread.all_s,
             "join_median_s": spread.median_s, "join_missing": spread.missing,
             "join_slowest": slow, "join_laggards": dict(list(laggards.items())[:10]),
-            "join_laggard_count": len(laggards), "read_round_s": spread.round_s}
+            "join_laggard_count": len(laggards), "join_read_round_s": spread.round_s}
 
 
 async def phase_tags(run: Run) -> dict[str, Any]:
@@ -380,7 +380,7 @@ async def phase_join_one(run: Run) -> dict[str, Any]:
     await join
     return {"join_one_s": spread.all_s, "join_one_median_s": spread.median_s,
             "join_one_missing": spread.missing, "join_one_self_s": itself.all_s,
-            "read_round_s": spread.round_s}
+            "join_one_read_round_s": spread.round_s}
 
 
 async def phase_loss(run: Run) -> dict[str, Any]:
@@ -427,7 +427,7 @@ async def phase_kill(run: Run) -> dict[str, Any]:
     return {"kill_victim": victim.name, "kill_failed_s": spread.all_s,
             "kill_first_s": min(spread.seen_s.values(), default=None),
             "kill_median_s": spread.median_s, "kill_missing": spread.missing,
-            "read_round_s": spread.round_s}
+            "kill_read_round_s": spread.round_s}
 
 
 #: The phases, in the order they run (each may rely on the ones before it).
