@@ -45,9 +45,10 @@ async def converge(http: aiohttp.ClientSession, nodes: list[ClusterNode],
 @pytest.mark.slow
 async def test_a_lesson_asked_of_every_node_ends_at_one_session(
         start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    nodes = await start_nodes(["a1", "a2", "a3"], write_keyring(tmp_path / "k.json"),
-                              env=SAME_REGION)
-    await converge(http, nodes)
+    # Five nodes converge, then every lesson is asked of all five at once.
+    nodes = await start_nodes([f"a{i}" for i in range(1, 6)],
+                              write_keyring(tmp_path / "k.json"), env=SAME_REGION)
+    await converge(http, nodes, timeout_s=30)
     lessons = [f"lesson-{i}" for i in range(8)]
     owners: dict[str, str] = {}
     for lesson in lessons:

@@ -161,3 +161,14 @@ def test_tag_writer_writes_a_drain_at_once() -> None:
     plain = TagWriter(min_interval_s=2.0, urgent=())
     plain.wrote(a, now=0.0)
     assert plain.due(draining, now=0.5) is None
+
+
+def test_tag_interval_grows_with_the_cluster() -> None:
+    from rapido.cluster.tags import CLUSTER_TAG_WRITES_PER_S, tag_interval
+    assert tag_interval(0) == tag_interval(1) == tag_interval(4) == 2.0
+    assert tag_interval(100) == 50.0
+    # The whole cluster's writes per second stay at the budget from 5 members on.
+    for n in (10, 50, 100, 1000):
+        assert n / tag_interval(n) <= CLUSTER_TAG_WRITES_PER_S + 1e-9
+    with pytest.raises(ValueError):
+        tag_interval(-1)

@@ -58,7 +58,16 @@ from rapido.cluster.serf import (
     SerfError,
     SerfStreamOverflow,
 )
-from rapido.cluster.tags import KEYS, NodeTags, Peer, TagError, TagWriter, decode, encode
+from rapido.cluster.tags import (
+    KEYS,
+    NodeTags,
+    Peer,
+    TagError,
+    TagWriter,
+    decode,
+    encode,
+    tag_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +351,7 @@ class Cluster:
                 log.error("cluster: this node's tags: %s", exc)
                 continue
             now = time.monotonic()
+            self._writer.min_interval_s = tag_interval(len(self._alive))
             due = self._writer.due(tags, now)
             if due is None:
                 continue

@@ -5,7 +5,8 @@ byte, in at most 512 bytes all told (memberlist's node-meta limit), so the keys 
 and the figures coarse: free slots in steps of a sixteenth of the capacity and load in
 steps of 0.05. Coarse figures also change less often, and a tag change costs a gossip
 round on every node: :class:`TagWriter` writes on a real change only, at most once every
-``min_interval_s`` (2 s), the newest state winning. Pure: time is an argument.
+``min_interval_s`` (2 s; :func:`tag_interval` stretches it in a big cluster so the
+gossip stays within budget), the newest state winning. Pure: time is an argument.
 
 What arrives from other nodes is input from outside: :func:`decode` checks every field
 and raises :class:`TagError` (the caller drops that member from its view and counts it).
@@ -199,6 +200,23 @@ def _location(name: str, value: str | None) -> tuple[float, float] | None:
 #: Tags whose change is written at once, however soon after the last write: a node
 #: that starts draining must stop getting lessons now, not two seconds later.
 URGENT: Final = ("dr",)
+
+
+#: Tag writes per second the whole cluster may make. Measured (bench cluster, BENCHMARKS):
+#: idle gossip is ~0.7 KB/s per node, and every node writing every 2 s (50 writes/s at
+#: 100 agents) costs ~27 KB/s per node, ~0.5-1 KB per node per write/s; 2 writes/s keeps
+#: a node near the 2 KB/s budget at any size.
+CLUSTER_TAG_WRITES_PER_S: Final = 2.0
+
+
+def tag_interval(members: int, floor_s: float = 2.0) -> float:
+    """How long a node waits between tag writes in a cluster of ``members`` alive
+    members: ``floor_s`` (2 s) up to 4 members, then growing with the cluster so that
+    all of them together write about :data:`CLUSTER_TAG_WRITES_PER_S` times a second
+    (50 s at 100 members). Draining is written at once regardless (``urgent``)."""
+    if isinstance(members, bool) or not isinstance(members, int) or members < 0:
+        raise ValueError(f"members must be an integer >= 0, got {members!r}")
+    return max(floor_s, members / CLUSTER_TAG_WRITES_PER_S)
 
 
 class TagWriter:
