@@ -4,8 +4,8 @@ with real agents (:mod:`rapido.bench.fleet`) in a network namespace of their own
 nftables in the namespace injects loss and counts the gossip bytes.
 
 One run per agent count (``--agents 5,50,100``: side by side, one fresh namespace each),
-in phases, each a function ``async def phase_x(run) -> dict`` (a ``nodes`` phase for
-rapido nodes comes later, with session routing):
+in phases, each a function ``async def phase_x(run) -> dict`` (with ``--nodes M``
+instead: M rapido nodes, phases ``proxy_rest``, ``proxy_ws``, ``node_kill``, below):
 
 * ``join``: N agents started, then all join agent-000 at once: until every agent's
   members lists N alive;
