@@ -72,6 +72,10 @@ class Config:
                                 "~6 s) or wan (a pool across regions: slower to declare a "
                                 "node failed, tolerant of 100+ ms round trips)",
                                 choices=("lan", "wan"))
+    cluster_reconnect_s: float = _opt(30.0, "how often the Serf agent tries to reach a "
+                                      "failed member again (Serf's reconnect_interval): a "
+                                      "healed partition rejoins within about twice this",
+                                      lo=0.1, hi=3600)
     cluster_url: str = _opt("", "URL the other nodes reach this node's HTTP at (e.g. "
                             "http://10.0.0.5:8080); default: public_url, else host:port")
     serf_rpc: str = _opt("", "HOST:PORT (loopback) of the RPC of a Serf agent you run "
@@ -328,7 +332,9 @@ class Config:
         # silently ignore them.
         own = {"cluster_key_file": bool(self.cluster_key_file),
                "cluster_rpc_port": bool(self.cluster_rpc_port),
-               "cluster_bind": self.cluster_bind != _FIELD_DEFAULTS["cluster_bind"]}
+               "cluster_bind": self.cluster_bind != _FIELD_DEFAULTS["cluster_bind"],
+               "cluster_reconnect_s":
+                   self.cluster_reconnect_s != _FIELD_DEFAULTS["cluster_reconnect_s"]}
         for key, set_ in own.items():
             if set_:
                 raise ConfigError(

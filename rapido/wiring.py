@@ -199,6 +199,7 @@ def cluster_settings(config: Config) -> ClusterSettings:
         keyring_file=Path(config.cluster_key_file) if config.cluster_key_file else None,
         region=config.region, location=config.location(), version=config.node_version,
         capacity=config.max_streams, profile=config.cluster_profile,
+        reconnect_interval_s=config.cluster_reconnect_s,
         serf_rpc=config.serf_rpc, serf_rpc_auth=config.serf_rpc_auth())
 
 

@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from rapido.bench.fleet import Fleet, FleetAgent, lists, until_all, watch_not_alive
 from rapido.bench.netns import Endpoint, Firewall, Snapshot, group_argv
+from rapido.bench.nodes import Node, NodeFleet, create, lists_all, local_sessions, members, until
 
 
 async def _converged(fleet: Fleet, n: int, timeout_s: float = 30) -> dict[str, Any]:
@@ -191,3 +194,106 @@ async def harness(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
         for server in listeners:
             server.close()
     return out
+
+
+# ------------------------------------------------------------------------ rapido nodes
+
+
+async def _closed_reason(ws: aiohttp.ClientWebSocketResponse, timeout_s: float
+                         ) -> str | None:
+    """The reason of the ``closed`` event ``ws`` gets within ``timeout_s`` (None: none)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    ev = msg.json()
+                    if ev.get("type") == "closed":
+                        return str(ev.get("reason"))
+    except TimeoutError:
+        return None
+    return "socket closed without a closed event"
+
+
+async def node_partition(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
+    """4 rapido nodes (one region), cut 2 | 2 (each node with its agent and its own
+    HTTP requests under the side's group): each side creates the lesson on its side, a
+    WebSocket client on each session; healed, the double resolves to one session."""
+    lesson = "geo"
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="rapido-faults-") as tmp:
+        fleet = NodeFleet(Path(tmp), firewall=firewall, reconnect_s=params["reconnect_s"])
+        t_start = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            sockets: list[aiohttp.ClientWebSocketResponse] = []
+            try:
+                nodes = await fleet.start(4, http)
+                ids = [n.node_id for n in nodes]
+                out["started_s"] = time.monotonic() - t_start
+                out["converged_s"] = await until(lambda: _all_list(
+                    http, nodes, dict.fromkeys(ids, "alive")), 30)
+                left, right = nodes[:2], nodes[2:]
+                out["left"] = [n.node_id for n in left]
+                out["right"] = [n.node_id for n in right]
+                fault = await firewall.partition([n.endpoint for n in left],
+                                                 [n.endpoint for n in right])
+                # The nodes' own HTTP to the other side is cut too (what a create would
+                # forward): asked from inside a left node's group, a right node is silent.
+                out["http_across"] = await _connect_as(left[0].gid, right[0].http_port)
+                out["http_within"] = await _connect_as(left[0].gid, left[1].http_port)
+
+                async def split_seen() -> bool:
+                    for side, other in ((left, right), (right, left)):
+                        want = {n.node_id: "failed" for n in other}
+                        if not await _all_list(http, side, want):
+                            return False
+                    return True
+
+                out["split_s"] = await until(split_seen, params["detect_timeout_s"], 0.5)
+                out["views_split"] = {n.node_id: await members(http, n) for n in nodes}
+                created = []
+                for front in (left[0], right[0]):
+                    created.append(await create(http, front, lesson))
+                out["created"] = [[s, b.get("session_id"), b.get("node")]
+                                  for s, b in created]
+                for _, body in created:
+                    ws = await http.ws_connect(body["ws_url"])
+                    sockets.append(ws)
+                    ready = await ws.receive_json(timeout=10)
+                    assert ready["type"] == "ready", ready
+                out["dropped"] = (await firewall.snapshot()).dropped(fault).packets
+                await firewall.heal(fault)
+                t_heal = time.monotonic()
+                waits = [asyncio.create_task(_closed_reason(ws, params["resolve_timeout_s"]))
+                         for ws in sockets]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                out["resolved_s"] = time.monotonic() - t_heal
+                out["reasons"] = [w.result() if w.done() else None for w in waits]
+                # The winner's socket must stay open: give it a moment to (wrongly) close.
+                await asyncio.sleep(1.0)
+                out["reasons_later"] = [w.result() if w.done() else None for w in waits]
+                out["healed_s"] = await until(lambda: _all_list(
+                    http, nodes, dict.fromkeys(ids, "alive")), 20)
+                out["sessions"] = {n.node_id: [s["session_id"]
+                                               for s in await local_sessions(http, n)
+                                               if s["lesson_id"] == lesson]
+                                   for n in nodes}
+                again = []
+                for n in nodes:
+                    s, b = await create(http, n, lesson)
+                    again.append([n.node_id, s, b.get("session_id")])
+                out["again"] = again
+                for w in waits:
+                    w.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+            finally:
+                for ws in sockets:
+                    await ws.close()
+                await fleet.aclose()
+        out["total_s"] = time.monotonic() - t_start
+    return out
+
+
+async def _all_list(http: aiohttp.ClientSession, observers: list[Node],
+                    states: dict[str, str]) -> bool:
+    answers = await asyncio.gather(*(lists_all(http, n, states) for n in observers))
+    return all(answers)

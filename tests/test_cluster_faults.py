@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from rapido.bench.args import parse_counts
-from rapido.bench.cluster import print_table, verdicts
+from rapido.bench.cluster import (
+    latency_summary,
+    node_verdicts,
+    percentile,
+    print_node_table,
+    print_table,
+    stream_totals,
+    verdicts,
+)
 from rapido.bench.netns import (
     Counter,
     Endpoint,
@@ -124,6 +132,49 @@ async def test_a_partition_is_seen_on_both_sides_and_heals() -> None:
     assert max(out["healed_s"].values()) <= 15
     for observer, view in out["views_healed"].items():
         assert set(view.values()) == {"alive"} and len(view) == 5, (observer, view)
+
+
+@pytest.mark.slow
+async def test_a_partition_of_rapido_nodes_heals_and_its_double_session_resolves() -> None:
+    """4 rapido nodes, cut 2 | 2 (each node, its Serf agent and its own HTTP requests
+    under its side's group): each side places the lesson on its own side (two live
+    sessions, a WebSocket client on each); healed, exactly one session is left, the
+    other's client got ``closed``/``moved``, and every node answers the survivor.
+
+    Bounds: the split is seen when memberlist's suspicion runs out on a side of 2 with
+    one confirmer (17-34 s in the agent-level test above): 60 s allowed. Healing comes
+    from Serf's reconnect (``cluster_reconnect_s``, 2 s here): every interval each agent
+    joins a failed member with probability failed/alive = 2/2, so within one or two
+    intervals (4 s) plus a second or two of gossip every agent lists all alive; the node
+    reads its agent's events, or polls every 2 s (ClusterSettings.poll_s), and a changed
+    membership sends its claims to the lessons' homes at once, where the double meets
+    and the loser's node is told ``moved`` (two HTTP round trips): 4 + 2 + 2 + 1 s, so
+    15 s allowed.
+    """
+    out = await in_netns("node_partition", timeout_s=170, reconnect_s=2.0,
+                         detect_timeout_s=60, resolve_timeout_s=15)
+    print(f"\nnode partition: {json.dumps(out)}")
+    assert out["converged_s"] is not None, out
+    # The nodes' own HTTP is cut across, not within a side.
+    assert out["http_across"].startswith("failed"), out
+    assert out["http_within"] == "connected", out
+    assert out["split_s"] is not None, out["views_split"]
+    left, right = set(out["left"]), set(out["right"])
+    (s1, sid1, node1), (s2, sid2, node2) = out["created"]
+    assert s1 == s2 == 201, out["created"]  # each side made its own session
+    assert node1 in left and node2 in right, out["created"]
+    assert sid1 != sid2
+    assert out["dropped"] > 0
+    # Resolved: the loser's client was told moved, the winner's stays open.
+    reasons = out["reasons_later"]
+    assert sorted(reasons, key=str) == [None, "moved"], out  # (str: "None" < "moved")
+    assert out["resolved_s"] <= 15, out
+    winner = sid2 if reasons[0] == "moved" else sid1
+    everywhere = [sid for sids in out["sessions"].values() for sid in sids]
+    assert everywhere == [winner], out["sessions"]
+    for node_id, status, sid in out["again"]:
+        assert status == 200 and sid == winner, (node_id, status, sid)
+    assert out["total_s"] < 120, out
 
 
 async def test_bench_cluster_runs_its_phases_and_writes_json(tmp_path: Path,
@@ -283,8 +334,17 @@ def test_bench_cluster_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     for bad in ("1", "x", "5,,6", "1001"):
         with pytest.raises(ValueError, match="--agents"):
             parse_counts(bad)
-    assert main(["bench", "cluster", "--agents", "5", "--nodes", "2"]) == 2
-    assert "--nodes: not yet: needs session routing" in capsys.readouterr().err
+    assert main(["bench", "cluster", "--agents", "5", "--nodes", "3"]) == 2
+    assert "--nodes and --agents are separate runs" in capsys.readouterr().err
+    assert main(["bench", "cluster"]) == 2
+    assert "--agents or --nodes is required" in capsys.readouterr().err
+    assert main(["bench", "cluster", "--nodes", "2"]) == 2
+    assert "node_kill needs at least 3" in capsys.readouterr().err
+    assert main(["bench", "cluster", "--nodes", "3", "--phases", "kill"]) == 2
+    assert "known with --nodes: proxy_rest,proxy_ws" in capsys.readouterr().err.replace(
+        ", ", ",")
+    assert main(["bench", "cluster", "--nodes", "3", "--stream-s", "0"]) == 2
+    assert "--stream-s" in capsys.readouterr().err
     assert main(["bench", "cluster", "--agents", "5", "--phases", "tags,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
     assert main(["bench", "cluster", "--agents", "5", "--loss-s", "0"]) == 2
@@ -308,3 +368,51 @@ def test_bench_cluster_table_marks_missed_targets() -> None:
     assert "6.90" in kill and "12.50 (missed)" in kill
     churn = next(line for line in lines if line.startswith("gossip, tag change"))
     assert "5.10 (missed)" in churn and "26.70 (missed)" in churn
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([], 50) is None
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5  # unsorted input
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 100) == 5.0
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 50) == pytest.approx(50.5)
+    for bad in (-1, 101):
+        with pytest.raises(ValueError, match=r"0\.\.100"):
+            percentile(values, bad)
+
+
+def test_latency_summary_is_in_ms_and_subtracts_the_direct_path() -> None:
+    out = latency_summary([0.001, 0.002, 0.003], [0.0025, 0.0035, 0.0045])
+    assert out["rest_direct_p50_ms"] == pytest.approx(2.0)
+    assert out["rest_relayed_p50_ms"] == pytest.approx(3.5)
+    assert out["rest_added_p50_ms"] == pytest.approx(1.5)
+    assert out["rest_added_p99_ms"] == pytest.approx(4.48 - 2.98)
+    empty = latency_summary([], [0.001])
+    assert empty["rest_direct_p50_ms"] is None and empty["rest_added_p99_ms"] is None
+    assert empty["rest_relayed_p50_ms"] == pytest.approx(1.0)
+
+
+def test_stream_totals_and_node_table() -> None:
+    stats = [{"underruns": 1, "late_frames": 3, "frames_out": 250, "utterances": 4},
+             {"underruns": 0, "late_frames": 0, "frames_out": 249}]
+    assert stream_totals(stats) == {"underruns": 1, "late_frames": 3, "frames_out": 499,
+                                    "utterances": 4}
+    run = {"nodes": 3, "again_s": 16.2, "rest_added_p50_ms": 0.8, "ws_added_underruns": 0,
+           "failed_s": 6.0}
+    assert node_verdicts(run) == {"again_s": False, "rest_added_p50_ms": True,
+                                  "ws_added_underruns": True}
+    import io
+
+    buf = io.StringIO()
+    print_node_table(run, file=buf)
+    lines = buf.getvalue().splitlines()
+    assert "3 nodes" in lines[0]
+    again = next(line for line in lines if "answered again" in line)
+    assert "16.20 (missed)" in again and "≤ 15 s" in again
+    assert "0.80" in next(line for line in lines if "added by the relay, p50" in line)
+    buf = io.StringIO()
+    print_node_table({"nodes": 3, "error": "boom"}, file=buf)
+    assert buf.getvalue() == "3 nodes: boom\n"

@@ -49,6 +49,8 @@ def test_layering(tmp_path: Path) -> None:
     ({"RAPIDO_WEBRTC_MIN_BITRATE": "2000000"}, "webrtc_min_bitrate", "above"),
     ({"RAPIDO_LIVEKIT_MIN_BITRATE": "2000000"}, "livekit_min_bitrate", "above"),
     ({"RAPIDO_CLUSTER_REDIRECT": "maybe"}, "cluster_redirect", "not a valid bool"),
+    ({"RAPIDO_CLUSTER_RECONNECT_S": "0"}, "cluster_reconnect_s", "0.1..3600"),
+    ({"RAPIDO_CLUSTER_RECONNECT_S": "soon"}, "cluster_reconnect_s", "not a valid float"),
 ])
 def test_bad_values_name_the_key(source: dict[str, str], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -117,3 +119,14 @@ def test_cli_help(cmd: list[str]) -> None:
     assert r.returncode == 0 and "usage: rapido" in r.stdout
     if cmd == ["serve"]:
         assert "--max-streams" in r.stdout and "RAPIDO_MAX_STREAMS" in r.stdout
+
+
+def test_cluster_reconnect_s_reaches_the_serf_agent() -> None:
+    from rapido.wiring import cluster_settings
+    assert Config().cluster_reconnect_s == 30.0  # Serf's own reconnect_interval
+    c = Config.load(env={"RAPIDO_CLUSTER_RECONNECT_S": "2.5"})
+    assert c.cluster_reconnect_s == 2.5
+    assert cluster_settings(c).reconnect_interval_s == 2.5
+    with pytest.raises(ConfigError, match=r"^cluster_reconnect_s: not with serf_rpc"):
+        Config.load(env={"RAPIDO_SERF_RPC": "127.0.0.1:7373",
+                         "RAPIDO_CLUSTER_RECONNECT_S": "5"})

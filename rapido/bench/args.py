@@ -70,6 +70,8 @@ def validate(args: argparse.Namespace) -> str | None:
 #: The phases of ``bench cluster``, in order (rapido.bench.cluster.PHASES runs them).
 CLUSTER_PHASES = ("join", "tags", "bytes_idle", "bytes_churn", "churn_serial", "join_one",
                   "loss", "kill")
+#: The phases of ``bench cluster --nodes`` (rapido.bench.cluster.NODE_PHASES runs them).
+NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "node_kill")
 
 
 def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
@@ -81,10 +83,19 @@ def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
         "network namespace of their own (unshare --net; needs root) and measure join "
         "convergence, tag propagation, kill -9 detection, false positives under random "
         "UDP loss (nftables) and gossip bytes per node.")
-    c.add_argument("--agents", required=True, metavar="N[,N...]",
+    c.add_argument("--agents", metavar="N[,N...]",
                    help="agent counts, one namespace each, side by side (e.g. 5,50,100)")
     c.add_argument("--nodes", type=int, metavar="M",
-                   help="rapido nodes (lesson re-answer time, proxy cost): not yet")
+                   help="instead of agents: M rapido nodes (--model none) in a namespace: "
+                   "proxy cost (REST, WebSocket streams) and a kill -9 of a lesson's "
+                   "owner until every survivor answers the lesson again (M >= 3 for the "
+                   "kill)")
+    c.add_argument("--streams", type=int, default=32, metavar="K",
+                   help="--nodes: WebSocket speakers per proxy_ws run (default 32)")
+    c.add_argument("--stream-s", type=float, default=10.0, metavar="S",
+                   help="--nodes: seconds each speaker streams (default 10)")
+    c.add_argument("--rest-requests", type=int, default=300, metavar="K",
+                   help="--nodes: GETs per path in proxy_rest (default 300)")
     c.add_argument("--loss-s", type=float, default=60.0, metavar="S",
                    help="seconds of 10 %% UDP loss while counting false positives "
                    "(default 60)")
@@ -96,7 +107,8 @@ def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
                    "(default 50: every agent every 0.5 s up to 50 agents, every 1 s at "
                    "100); every agent's member events are watched besides")
     c.add_argument("--phases", metavar="LIST",
-                   help=f"only these phases (join always runs): {','.join(CLUSTER_PHASES)}")
+                   help=f"only these phases (join always runs): {','.join(CLUSTER_PHASES)}; "
+                   f"with --nodes: {','.join(NODE_PHASE_NAMES)}")
     c.add_argument("--json", dest="json_file", metavar="FILE",
                    help="also write the results as JSON to FILE ('-': stdout, no table)")
     return c
@@ -116,8 +128,9 @@ def parse_counts(text: str) -> list[int]:
 def validate_cluster(args: argparse.Namespace) -> str | None:
     """The first problem with the ``bench cluster`` arguments, as one line, or None."""
     if args.nodes is not None:
-        return ("--nodes: not yet: needs session routing (rapido nodes answering for "
-                "each other's lessons); only the agents part is measured for now")
+        return _validate_nodes(args)
+    if not args.agents:
+        return "--agents or --nodes is required"
     try:
         parse_counts(args.agents)
     except ValueError as e:
@@ -133,4 +146,25 @@ def validate_cluster(args: argparse.Namespace) -> str | None:
         if unknown:
             return (f"--phases: unknown {', '.join(sorted(unknown))}; "
                     f"known: {', '.join(CLUSTER_PHASES)}")
+    return None
+
+
+def _validate_nodes(args: argparse.Namespace) -> str | None:
+    if args.agents:
+        return "--nodes and --agents are separate runs: give one"
+    if not 2 <= args.nodes <= 16:
+        return "--nodes must be within 2..16"
+    if not 1 <= args.streams <= 200:
+        return "--streams must be within 1..200"
+    if not (math.isfinite(args.stream_s) and 1 <= args.stream_s <= 600):
+        return "--stream-s must be within 1..600"
+    if not 10 <= args.rest_requests <= 100_000:
+        return "--rest-requests must be within 10..100000"
+    phases = args.phases.split(",") if args.phases else list(NODE_PHASE_NAMES)
+    unknown = set(phases) - set(NODE_PHASE_NAMES)
+    if unknown:
+        return (f"--phases: unknown {', '.join(sorted(unknown))}; known with --nodes: "
+                f"{', '.join(NODE_PHASE_NAMES)}")
+    if "node_kill" in phases and args.nodes < 3:
+        return "--nodes: node_kill needs at least 3 (a kill leaves 2 to agree)"
     return None

@@ -4,8 +4,8 @@ with real agents (:mod:`rapido.bench.fleet`) in a network namespace of their own
 nftables in the namespace injects loss and counts the gossip bytes.
 
 One run per agent count (``--agents 5,50,100``: side by side, one fresh namespace each),
-in phases, each a function ``async def phase_x(run) -> dict`` (a ``nodes`` phase for
-rapido nodes comes later, with session routing):
+in phases, each a function ``async def phase_x(run) -> dict`` (with ``--nodes M``
+instead: M rapido nodes, phases ``proxy_rest``, ``proxy_ws``, ``node_kill``, below):
 
 * ``join``: N agents started, then all join agent-000 at once: until every agent's
   members lists N alive;
@@ -36,6 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -45,9 +46,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from rapido.aio import cancel_and_wait
 from rapido.bench import report
-from rapido.bench.args import CLUSTER_PHASES, parse_counts, validate_cluster
+from rapido.bench.args import (
+    CLUSTER_PHASES,
+    NODE_PHASE_NAMES,
+    parse_counts,
+    validate_cluster,
+)
 from rapido.bench.fleet import (
     Fleet,
     FleetAgent,
@@ -60,7 +68,9 @@ from rapido.bench.fleet import (
     watch_not_alive,
 )
 from rapido.bench.netns import Firewall, NetnsError, netns_problem, run_in_netns
+from rapido.bench.nodes import Node, NodeFleet, create, lists_all, until
 from rapido.cluster.serf import SerfClient, SerfError
+from rapido.pipeline.speech import speech_like
 
 #: The targets the issue sets for the gossip layer, by agent count.
 TARGETS: dict[str, tuple[str, Callable[[int], float]]] = {
@@ -444,6 +454,339 @@ PHASES: dict[str, Phase] = {
 assert tuple(PHASES) == CLUSTER_PHASES, "rapido.bench.args lists the phases for the CLI"
 
 
+# ------------------------------------------------------------- rapido nodes (--nodes)
+
+#: The targets the issue sets for rapido nodes.
+NODE_TARGETS: dict[str, tuple[str, float]] = {
+    "again_s": ("≤ 15 s", 15.0),
+    "rest_added_p50_ms": ("≤ 2 ms", 2.0),
+    "ws_added_underruns": ("0", 0.0),
+}
+
+NODE_ROWS: tuple[tuple[str, str], ...] = (
+    ("start_s", "start M nodes (until each answers), s"),
+    ("converged_s", "all list all alive, s"),
+    ("rest_direct_p50_ms", "GET /api/sessions/{id} to the owner, p50 ms"),
+    ("rest_direct_p99_ms", "  same, p99 ms"),
+    ("rest_relayed_p50_ms", "  through another node (relayed), p50 ms"),
+    ("rest_relayed_p99_ms", "  same, p99 ms"),
+    ("rest_added_p50_ms", "  added by the relay, p50 ms"),
+    ("rest_added_p99_ms", "  added by the relay, p99 ms"),
+    ("ws_direct_underruns", "streams to the owner: underruns (all sessions)"),
+    ("ws_direct_late_frames", "  late frames"),
+    ("ws_direct_frames_out", "  frames out"),
+    ("ws_direct_send_lag_p99_ms", "  the client's send lag (chunk sent after due), p99 ms"),
+    ("ws_direct_send_lag_max_ms", "  same, worst, ms"),
+    ("ws_direct_owner_cpu_pct", "  owner's CPU, % of a core"),
+    ("ws_relayed_underruns", "streams through a relay: underruns"),
+    ("ws_relayed_late_frames", "  late frames"),
+    ("ws_relayed_frames_out", "  frames out"),
+    ("ws_relayed_send_lag_p99_ms", "  the client's send lag, p99 ms"),
+    ("ws_relayed_send_lag_max_ms", "  same, worst, ms"),
+    ("ws_relayed_owner_cpu_pct", "  owner's CPU, % of a core"),
+    ("ws_relayed_relay_cpu_pct", "  relay's CPU, % of a core"),
+    ("ws_added_underruns", "underruns added by the relay"),
+    ("ws_added_late_frames", "late frames added by the relay"),
+    ("failed_s", "kill -9 of a lesson's owner: all survivors list it failed, s"),
+    ("again_s", "  the lesson answered again by every survivor, one session, s"),
+)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q`` (0..100) percentile of ``values``, linear between the closest ranks
+    (numpy's default); None for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q!r} is not in 0..100")
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = (len(ordered) - 1) * q / 100
+    lo = int(rank)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
+
+
+def latency_summary(direct_s: Sequence[float], relayed_s: Sequence[float]
+                    ) -> dict[str, float | None]:
+    """p50/p99 in ms of both paths and what the relay added (relayed - direct)."""
+    out: dict[str, float | None] = {}
+    for q in (50, 99):
+        d, r = percentile(direct_s, q), percentile(relayed_s, q)
+        out[f"rest_direct_p{q}_ms"] = None if d is None else 1000 * d
+        out[f"rest_relayed_p{q}_ms"] = None if r is None else 1000 * r
+        out[f"rest_added_p{q}_ms"] = None if d is None or r is None else 1000 * (r - d)
+    return out
+
+
+def stream_totals(stats: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Sessions' ``stats`` summed: underruns, late frames, frames out, utterances."""
+    keys = ("underruns", "late_frames", "frames_out", "utterances")
+    return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+
+
+@dataclass(frozen=True)
+class NodeParams:
+    nodes: int = 3
+    rest_requests: int = 300
+    streams: int = 32
+    stream_s: float = 10.0
+    phases: tuple[str, ...] = ()  # empty: all, in order
+
+
+@dataclass
+class NodeRun:
+    params: NodeParams
+    firewall: Firewall
+    fleet: NodeFleet
+    http: aiohttp.ClientSession
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def say(self, text: str) -> None:
+        print(f"[{self.params.nodes} nodes] {text}", file=sys.stderr, flush=True)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return self.fleet.live()
+
+    def node(self, node_id: str) -> Node:
+        return next(n for n in self.fleet.nodes if n.node_id == node_id)
+
+
+async def _created(run: NodeRun, front: Node, lesson: str, here: bool = False
+                   ) -> dict[str, Any]:
+    headers = {"X-Rapido-Route": "here"} if here else None
+    status, body = await create(run.http, front, lesson, headers=headers)
+    if status != 201:
+        raise RuntimeError(f"create {lesson} through {front.node_id}: {status} {body}")
+    return body
+
+
+async def phase_proxy_rest(run: NodeRun) -> dict[str, Any]:
+    """``GET /api/sessions/{id}`` straight to the owner and through another node, one
+    after the other in turn (which goes first alternates), keep-alive connections."""
+    n = run.params.rest_requests
+    body = await _created(run, run.nodes[0], "bench-rest")
+    owner = run.node(body["node"])
+    relay = next(x for x in run.nodes if x is not owner)
+    run.say(f"proxy rest: {n} GETs straight to {owner.node_id} and {n} through "
+            f"{relay.node_id}, interleaved")
+    path = f"/api/sessions/{body['session_id']}"
+    times: dict[str, list[float]] = {"direct": [], "relayed": []}
+    failures = 0
+
+    async def get(url: str) -> float:
+        nonlocal failures
+        t0 = time.perf_counter()
+        async with run.http.get(url) as r:
+            await r.read()
+            if r.status != 200:
+                failures += 1
+        return time.perf_counter() - t0
+
+    urls = {"direct": owner.url + path, "relayed": relay.url + path}
+    for _ in range(20):  # warm: connections open, the relay's own pool too
+        for url in urls.values():
+            await get(url)
+    for i in range(n):
+        order = ("direct", "relayed") if i % 2 == 0 else ("relayed", "direct")
+        for kind in order:
+            times[kind].append(await get(urls[kind]))
+    out: dict[str, Any] = {"rest_owner": owner.node_id, "rest_relay": relay.node_id,
+                           "rest_requests": n, "rest_failures": failures}
+    out.update(latency_summary(times["direct"], times["relayed"]))
+    return out
+
+
+async def _stream(run: NodeRun, ws_url: str, seed: int, seconds: float,
+                  lag: list[float]) -> None:
+    """One honest speaker: 16 kHz PCM in real time, 20 ms chunks, utterances of 1.5-3 s
+    with 0.3-0.8 s pauses (``start``/``end`` around each), for ``seconds``."""
+    rng = random.Random(seed)
+    chunk = 320  # 20 ms at 16 kHz
+    loop = asyncio.get_running_loop()
+    async with run.http.ws_connect(ws_url) as ws:
+        ready = await ws.receive_json(timeout=15)
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"not ready: {ready}")
+        await asyncio.sleep(rng.uniform(0, 0.5))  # the streams do not tick together
+        t = t_start = loop.time()
+        while loop.time() - t_start < seconds:
+            audio = speech_like(rng.uniform(1.5, 3.0), seed=rng.randrange(1 << 30))
+            await ws.send_json({"type": "start"})
+            for i in range(0, len(audio), chunk):
+                lag.append(max(0.0, loop.time() - t))  # this chunk was due at t
+                await ws.send_bytes(audio[i:i + chunk].astype("<i2").tobytes())
+                t += 0.02
+                await asyncio.sleep(max(0.0, t - loop.time()))
+            await ws.send_json({"type": "end"})
+            t += rng.uniform(0.3, 0.8)
+            await asyncio.sleep(max(0.0, t - loop.time()))
+        await asyncio.sleep(2.0)  # the last utterance plays out
+
+
+async def _stream_run(run: NodeRun, owner: Node, relay: Node | None, tag: str
+                      ) -> dict[str, Any]:
+    p = run.params
+    sessions = [await _created(run, owner, f"bench-ws-{tag}-{i}", here=True)
+                for i in range(p.streams)]
+    urls = [s["ws_url"] for s in sessions]
+    if relay is not None:
+        urls = [u.replace(f"127.0.0.1:{owner.http_port}", f"127.0.0.1:{relay.http_port}")
+                for u in urls]
+    lag: list[float] = []
+    pids = {"owner": [owner.proc.pid], "relay": [relay.proc.pid] if relay else []}
+    cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+    t0 = time.monotonic()
+    await asyncio.gather(*(_stream(run, u, seed=i, seconds=p.stream_s, lag=lag)
+                           for i, u in enumerate(urls)))
+    wall = time.monotonic() - t0
+    stats = []
+    for s in sessions:
+        async with run.http.get(f"{owner.url}/api/sessions/{s['session_id']}") as r:
+            stats.append((await r.json())["stats"])
+    for s in sessions:
+        async with run.http.delete(f"{owner.url}/api/sessions/{s['session_id']}") as r:
+            await r.read()
+    totals = stream_totals(stats)
+    out: dict[str, Any] = {f"ws_{tag}_{k}": v for k, v in totals.items()}
+    out[f"ws_{tag}_send_lag_max_ms"] = 1000 * max(lag, default=0.0)
+    out[f"ws_{tag}_send_lag_p99_ms"] = 1000 * (percentile(lag, 99) or 0.0)
+    out[f"ws_{tag}_owner_cpu_pct"] = 100 * (cpu_seconds(pids["owner"]) - cpu0["owner"]) / wall
+    if relay is not None:
+        out[f"ws_{tag}_relay_cpu_pct"] = \
+            100 * (cpu_seconds(pids["relay"]) - cpu0["relay"]) / wall
+    return out
+
+
+async def phase_proxy_ws(run: NodeRun) -> dict[str, Any]:
+    """``streams`` WebSocket speakers for ``stream_s``, all to one owner: once straight
+    to it, then (fresh sessions) each relayed by another node; the sessions' underruns
+    and late frames compared."""
+    p = run.params
+    owner, relay = run.nodes[0], run.nodes[1]
+    out: dict[str, Any] = {"ws_owner": owner.node_id, "ws_relay": relay.node_id,
+                           "ws_streams": p.streams, "ws_stream_s": p.stream_s}
+    run.say(f"proxy ws: {p.streams} streams for {p.stream_s:g} s straight to "
+            f"{owner.node_id}")
+    out.update(await _stream_run(run, owner, None, "direct"))
+    run.say(f"proxy ws: {p.streams} streams for {p.stream_s:g} s to {owner.node_id} "
+            f"through {relay.node_id}")
+    out.update(await _stream_run(run, owner, relay, "relayed"))
+    out["ws_added_underruns"] = out["ws_relayed_underruns"] - out["ws_direct_underruns"]
+    out["ws_added_late_frames"] = out["ws_relayed_late_frames"] - out["ws_direct_late_frames"]
+    return out
+
+
+async def phase_node_kill(run: NodeRun) -> dict[str, Any]:
+    """kill -9 of a lesson's owner; a create of the lesson through every survivor, in
+    rounds, until all answer 200/201 with one session, on a survivor; and until every
+    survivor lists the owner failed."""
+    lesson = "bench-kill"
+    body = await _created(run, run.nodes[0], lesson)
+    owner = run.node(body["node"])
+    survivors = [n for n in run.nodes if n is not owner]
+    ids = {n.node_id for n in survivors}
+    run.say(f"node kill: kill -9 {owner.node_id} (owner of {lesson}); until every "
+            f"survivor answers the lesson with one session")
+    t0 = time.monotonic()
+    run.fleet.kill(owner)
+    rounds: list[dict[str, Any]] = []
+
+    async def answered() -> bool:
+        answers = await asyncio.gather(*(create(run.http, n, lesson, timeout_s=5)
+                                         for n in survivors))
+        sids = {b.get("session_id") for _, b in answers}
+        nodes = {b.get("node") for _, b in answers}
+        ok = (all(s in (200, 201) for s, _ in answers) and len(sids) == 1
+              and nodes <= ids)
+        if len(rounds) < 200:
+            rounds.append({"at_s": round(time.monotonic() - t0, 2),
+                           "answers": [[s, b.get("node") or b.get("error")]
+                                       for s, b in answers]})
+        return ok
+
+    async def failed() -> bool:
+        return all(await asyncio.gather(*(lists_all(run.http, n, {owner.node_id: "failed"})
+                                          for n in survivors)))
+
+    again, failed_s = await asyncio.gather(until(answered, 60, every_s=0.25),
+                                           until(failed, 60, every_s=0.25))
+    again_s = None if again is None else again
+    return {"kill_owner": owner.node_id, "again_s": again_s, "failed_s": failed_s,
+            "kill_rounds": rounds[:40]}
+
+
+#: The phases of a --nodes run, in the order they run (the kill last: it takes a node).
+NODE_PHASES: dict[str, Callable[[NodeRun], Awaitable[dict[str, Any]]]] = {
+    "proxy_rest": phase_proxy_rest,
+    "proxy_ws": phase_proxy_ws,
+    "node_kill": phase_node_kill,
+}
+assert tuple(NODE_PHASES) == NODE_PHASE_NAMES, "rapido.bench.args lists them for the CLI"
+
+
+async def nodes_scenario(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
+    """The whole --nodes run, inside the namespace (run_in_netns target)."""
+    p = NodeParams(**{**params, "phases": tuple(params.get("phases", ()))})
+    wanted = p.phases or tuple(NODE_PHASES)
+    with tempfile.TemporaryDirectory(prefix="rapido-bench-nodes-") as tmp:
+        fleet = NodeFleet(Path(tmp), firewall=firewall, max_streams=2 * p.streams + 8)
+        async with aiohttp.ClientSession() as http:
+            run = NodeRun(p, firewall, fleet, http)
+            run.results["nodes"] = p.nodes
+            try:
+                run.say(f"starting {p.nodes} rapido nodes (--model none)")
+                t0 = time.monotonic()
+                nodes = await fleet.start(p.nodes, http)
+                run.results["start_s"] = time.monotonic() - t0
+                alive = dict.fromkeys((n.node_id for n in nodes), "alive")
+
+                async def converged() -> bool:
+                    return all(await asyncio.gather(*(lists_all(http, n, alive)
+                                                      for n in nodes)))
+
+                run.results["converged_s"] = await until(converged, 30)
+                for name, phase in NODE_PHASES.items():
+                    if name not in wanted:
+                        continue
+                    t0 = time.monotonic()
+                    out = await phase(run)
+                    out[f"{name}_wall_s"] = time.monotonic() - t0
+                    run.results.update(out)
+                    keys = [k for k, _ in NODE_ROWS if k in out]
+                    run.say(f"{name}: done ("
+                            + ", ".join(f"{k} {_fmt(out[k])}" for k in keys) + ")")
+            finally:
+                await fleet.aclose()
+    return run.results
+
+
+def node_verdicts(run: dict[str, Any]) -> dict[str, bool | None]:
+    out: dict[str, bool | None] = {}
+    for key, (_, limit) in NODE_TARGETS.items():
+        value = run.get(key)
+        out[key] = None if value is None else value <= limit
+    return out
+
+
+def print_node_table(run: dict[str, Any], file: Any = None) -> None:
+    out = file or sys.stdout
+    if "error" in run:
+        print(f"{run.get('nodes')} nodes: {run['error']}", file=out)
+        return
+    checks = node_verdicts(run)
+    lines = [["", "target", f"{run.get('nodes')} nodes"]]
+    for key, label in NODE_ROWS:
+        if key not in run:
+            continue
+        cell = _fmt(run[key]) + (" (missed)" if checks.get(key) is False else "")
+        lines.append([label, NODE_TARGETS.get(key, ("", 0.0))[0], cell])
+    widths = [max(len(row[i]) for row in lines) for i in range(3)]
+    for row in lines:
+        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  "
+              f"{row[2].rjust(widths[2])}", file=out)
+
+
 def _own_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -504,6 +847,8 @@ def cluster_main(args: argparse.Namespace) -> int:
     if problem:
         print(f"rapido: bench cluster: {problem}", file=sys.stderr)
         return 2
+    if args.nodes is not None:
+        return _nodes_main(args)
     counts = parse_counts(args.agents)
     runs: dict[int, dict[str, Any]] = {}
     interrupted = False
@@ -588,3 +933,36 @@ def _machine() -> dict[str, Any]:
         with open("/proc/meminfo") as f:
             info["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
     return info
+
+
+def _nodes_main(args: argparse.Namespace) -> int:
+    params = dataclasses.asdict(NodeParams(
+        nodes=args.nodes, rest_requests=args.rest_requests, streams=args.streams,
+        stream_s=args.stream_s,
+        phases=tuple(args.phases.split(",")) if args.phases else ()))
+    budget = 240 + 4 * args.stream_s + args.rest_requests / 20
+    interrupted = False
+    try:
+        run = run_in_netns("rapido.bench.cluster:nodes_scenario", params, timeout_s=budget)
+    except NetnsError as e:
+        print(f"rapido: bench cluster: {args.nodes} nodes: {e}", file=sys.stderr)
+        run = {"nodes": args.nodes, "error": str(e)}
+    except KeyboardInterrupt:
+        print("rapido: bench cluster: interrupted", file=sys.stderr)
+        run = {"nodes": args.nodes, "error": "interrupted"}
+        interrupted = True
+    command = (f"python -m rapido bench cluster --nodes {args.nodes} --streams "
+               f"{args.streams} --stream-s {args.stream_s:g} --rest-requests "
+               f"{args.rest_requests}" + (f" --phases {args.phases}" if args.phases else ""))
+    doc: dict[str, Any] = {"command": command, "date": time.strftime("%Y-%m-%d"),
+                           "machine": _machine(),
+                           "targets": {k: t for k, (t, _) in NODE_TARGETS.items()},
+                           "runs": [run], "interrupted": interrupted}
+    if args.json_file == "-":
+        print(json.dumps(doc, indent=2))
+    else:
+        print_node_table(run)
+        if args.json_file:
+            Path(args.json_file).write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"json: {args.json_file}")
+    return 130 if interrupted else (1 if "error" in run else 0)

@@ -101,6 +101,9 @@ class ClusterSettings:
     version: str
     capacity: int
     profile: str  # Serf's timing profile: "lan" within a region, "wan" across regions
+    #: Serf's reconnect interval (a healed partition rejoins only through it); None:
+    #: Serf's own 30 s.
+    reconnect_interval_s: float | None = None
     #: host:port of the RPC of an agent the operator runs; empty: start our own.
     serf_rpc: str = ""
     serf_rpc_auth: str | None = field(default=None, repr=False)
@@ -240,7 +243,7 @@ class Cluster:
             agent = SerfAgent(SerfAgentSettings(
                 node=self.node_id, bind=s.bind, rpc_port=s.rpc_port,
                 keyring_file=s.keyring_file, tags=tags, binary=s.binary,
-                profile=s.profile))
+                profile=s.profile, reconnect_interval_s=s.reconnect_interval_s))
         self.agent = agent  # before start(): aclose() stops it whatever happens
         self.joined = False
         self._join_error = None
