@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from rapido.bench.fleet import Fleet, FleetAgent, lists, until_all, watch_not_alive
+from rapido.bench.fleet import Fleet, FleetAgent, until_all, watch_not_alive
 from rapido.bench.netns import Endpoint, Firewall, Snapshot, group_argv
 from rapido.bench.nodes import Node, NodeFleet, create, lists_all, local_sessions, members, until
 
@@ -67,52 +67,6 @@ async def loss(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
         finally:
             await fleet.aclose()
 
-
-async def partition(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
-    """N agents converge; the first ``split`` are cut off from the others until every
-    agent lists the other side failed; then healed until every agent lists all alive."""
-    n, split = params["agents"], params["split"]
-    with tempfile.TemporaryDirectory(prefix="rapido-faults-") as tmp:
-        fleet = Fleet(Path(tmp), firewall=firewall,
-                      reconnect_interval_s=params["reconnect_interval_s"])
-        try:
-            out = await _converged(fleet, n)
-            agents = fleet.live()
-            left, right = agents[:split], agents[split:]
-            fault = await firewall.partition([a.endpoint for a in left],
-                                             [a.endpoint for a in right])
-            t0 = time.monotonic()
-
-            async def sees_split(a: FleetAgent) -> bool:
-                others = right if a in left else left
-                for o in others:
-                    if not await lists(a, o.name, "failed"):
-                        return False
-                return True
-
-            split_seen = await until_all(agents, sees_split, t0=t0,
-                                         timeout_s=params["detect_timeout_s"], every_s=0.25)
-            views_split = await _views(agents)
-            dropped = (await firewall.snapshot()).dropped(fault)
-            await firewall.heal(fault)
-            t0 = time.monotonic()
-
-            async def all_alive(a: FleetAgent) -> bool:
-                return len(await a.client.members_filtered(status="alive")) == n
-
-            healed = await until_all(agents, all_alive, t0=t0,
-                                     timeout_s=params["heal_timeout_s"], every_s=0.25)
-            out.update(left=[a.name for a in left], right=[a.name for a in right],
-                       split_s=split_seen.seen_s, split_missing=split_seen.missing,
-                       views_split=views_split, dropped=dropped.packets,
-                       healed_s=healed.seen_s, heal_missing=healed.missing,
-                       views_healed=await _views(agents))
-            return out
-        finally:
-            await fleet.aclose()
-
-
-# ------------------------------------------------------------- the harness on raw sockets
 
 _CONNECT = """
 import socket, sys

@@ -152,42 +152,6 @@ async def _events_until_closed(ws: aiohttp.ClientWebSocketResponse,
     return None
 
 
-@pytest.mark.slow
-async def test_a_double_session_resolves_to_one_when_the_view_changes(
-        start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """Two live sessions of one lesson, as a partition leaves them (made here by asking
-    two nodes to create it where they stand): the next change of membership has every
-    node claim its sessions with their homes, and the one home closes the loser with
-    reason ``moved``; its client reconnects through any node and lands on the winner."""
-    keyring = write_keyring(tmp_path / "k.json")
-    nodes = await start_nodes(["d1", "d2", "d3"], keyring, env=SAME_REGION)
-    await converge(http, nodes)
-    sessions = []
-    for n in nodes[:2]:
-        async with http.post(f"{n.url}/api/sessions", json={"lesson_id": "chem"},
-                             headers={"X-Rapido-Route": "here"}) as r:
-            assert r.status == 201, await r.text()
-            sessions.append(await r.json())
-    assert sessions[0]["session_id"] != sessions[1]["session_id"]
-    sockets = [await http.ws_connect(s["ws_url"]) for s in sessions]
-    joined = await start_nodes(["d4"], keyring, join=[nodes[0].bind], env=SAME_REGION)
-    await converge(http, [*nodes, *joined])
-    waits = [asyncio.create_task(_events_until_closed(ws, 15)) for ws in sockets]
-    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    loser = waits.index(done.pop())
-    assert waits[loser].result() == "moved"
-    winner = sessions[1 - loser]
-    assert not waits[1 - loser].done(), "the winner's client was closed too"
-    for n in [*nodes, *joined]:
-        status, body = await create(http, n, "chem")
-        assert status == 200 and body["session_id"] == winner["session_id"], body
-    moved = [(await _cluster(http, n))["routing"]["moved"] for n in [*nodes, *joined]]
-    assert sum(moved) == 1, moved
-    for ws in sockets:
-        await ws.close()
-    await asyncio.gather(*waits)
-
-
 @pytest.mark.parametrize(("body", "match"), [
     ([], "the body is"),
     ({"node": "a"}, "the body is"),
