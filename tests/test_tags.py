@@ -163,12 +163,14 @@ def test_tag_writer_writes_a_drain_at_once() -> None:
     assert plain.due(draining, now=0.5) is None
 
 
-def test_tag_interval_grows_with_the_cluster() -> None:
-    from rapido.cluster.tags import CLUSTER_TAG_WRITES_PER_S, tag_interval
-    assert tag_interval(0) == tag_interval(1) == tag_interval(4) == 2.0
-    assert tag_interval(100) == 50.0
-    # The whole cluster's writes per second stay at the budget from 5 members on.
-    for n in (10, 50, 100, 1000):
-        assert n / tag_interval(n) <= CLUSTER_TAG_WRITES_PER_S + 1e-9
+def test_tag_interval_keeps_the_clusters_tag_gossip_within_budget() -> None:
+    from rapido.cluster.tags import TAG_BUDGET_KB_S, tag_interval, write_cost_kb
+    assert tag_interval(0) == tag_interval(1) == 2.0 and 2.7 < tag_interval(2) < 2.8
+    assert round(write_cost_kb(5), 2) == 1.76 and round(write_cost_kb(100), 2) == 5.28
+    assert 6.5 < tag_interval(5) < 7.0 and 400 < tag_interval(100) < 410
+    # Every member writing as often as it may: each node's tag gossip is at the budget.
+    for n in (5, 10, 50, 100, 1000):
+        per_node_kb_s = n / tag_interval(n) * write_cost_kb(n)
+        assert per_node_kb_s <= TAG_BUDGET_KB_S + 1e-9
     with pytest.raises(ValueError):
         tag_interval(-1)

@@ -202,21 +202,30 @@ def _location(name: str, value: str | None) -> tuple[float, float] | None:
 URGENT: Final = ("dr",)
 
 
-#: Tag writes per second the whole cluster may make. Measured (bench cluster, BENCHMARKS):
-#: idle gossip is ~0.7 KB/s per node, and every node writing every 2 s (50 writes/s at
-#: 100 agents) costs ~27 KB/s per node, ~0.5-1 KB per node per write/s; 2 writes/s keeps
-#: a node near the 2 KB/s budget at any size.
-CLUSTER_TAG_WRITES_PER_S: Final = 2.0
+#: Gossip a node may spend on the cluster's tag writes, KB/s sent + received: the 2 KB/s
+#: budget less the ~0.7 KB/s of idle gossip (bench cluster, BENCHMARKS.md).
+TAG_BUDGET_KB_S: Final = 1.3
+#: What one tag write costs each node, KB sent + received, per retransmission: measured
+#: 1.8 KB at 5 agents (4 transmissions), ~5 KB at 100 (12).
+_WRITE_KB_PER_TRANSMISSION: Final = 0.44
+
+
+def write_cost_kb(members: int) -> float:
+    """KB one tag write costs every node of a cluster of ``members``: memberlist
+    retransmits a broadcast 4 x ceil(log10(N + 1)) times."""
+    return _WRITE_KB_PER_TRANSMISSION * 4 * math.ceil(math.log10(max(1, members) + 1))
 
 
 def tag_interval(members: int, floor_s: float = 2.0) -> float:
     """How long a node waits between tag writes in a cluster of ``members`` alive
-    members: ``floor_s`` (2 s) up to 4 members, then growing with the cluster so that
-    all of them together write about :data:`CLUSTER_TAG_WRITES_PER_S` times a second
-    (50 s at 100 members). Draining is written at once regardless (``urgent``)."""
+    members, so that all of them writing as often as they may keep each node's gossip
+    for tags within :data:`TAG_BUDGET_KB_S`: 2 s alone, 4 s at 3, 7 s at 5, 135 s at
+    50, 406 s at 100. Tags change on coarse steps only, so in a steady cluster they are
+    written far less often than this; a draining node's tag goes at once (``urgent``),
+    and placement copes with stale free slots (a full node refuses; the next is asked)."""
     if isinstance(members, bool) or not isinstance(members, int) or members < 0:
         raise ValueError(f"members must be an integer >= 0, got {members!r}")
-    return max(floor_s, members / CLUSTER_TAG_WRITES_PER_S)
+    return max(floor_s, members * write_cost_kb(members) / TAG_BUDGET_KB_S)
 
 
 class TagWriter:
