@@ -24,7 +24,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from rapido.cluster.placement import AFFINITY_TTL_S, Claim
+from rapido.cluster.placement import AFFINITY_TTL_S, Claim, check_book
 
 __all__ = ["Directory", "Record"]
 
@@ -42,12 +42,7 @@ class Directory:
     seen goes first)."""
 
     def __init__(self, ttl_s: float = AFFINITY_TTL_S, max_records: int = 100_000) -> None:
-        if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
-            raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
-        self.ttl_s = float(ttl_s)
-        self.max_records = max_records
+        self.ttl_s, self.max_records = check_book(ttl_s, max_records)
         self.evicted = 0
         self._records: OrderedDict[str, Record] = OrderedDict()
 

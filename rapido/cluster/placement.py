@@ -56,6 +56,7 @@ __all__ = [
     "MemberView",
     "Placement",
     "Resolution",
+    "check_book",
     "choose_region",
     "haversine_km",
     "home_moved",
@@ -363,6 +364,16 @@ def should_query(lesson: str, view_changed_at: float | None, now: float, has_rec
 # -- affinity -------------------------------------------------------------------------------
 
 
+def check_book(ttl_s: float, max_records: int) -> tuple[float, int]:
+    """A record book's limits (:class:`Affinity`, the home's ``Directory``), checked:
+    ValueError for a ttl that is not a finite number > 0 or a count that is not >= 1."""
+    if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
+        raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
+    if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+        raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
+    return float(ttl_s), max_records
+
+
 class Affinity:
     """The lessons this node served, held while they play and ``ttl_s`` after they end,
     so a returning lesson comes back here. Pure: ``now`` is a monotonic clock's seconds,
@@ -373,12 +384,7 @@ class Affinity:
     """
 
     def __init__(self, ttl_s: float = AFFINITY_TTL_S, max_records: int = 10_000) -> None:
-        if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
-            raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
-            raise ValueError(f"max_records must be an integer >= 1, got {max_records!r}")
-        self.ttl_s = float(ttl_s)
-        self.max_records = max_records
+        self.ttl_s, self.max_records = check_book(ttl_s, max_records)
         self.evicted = 0
         self._live: OrderedDict[str, float] = OrderedDict()  # lesson -> remembered at
         self._ended: OrderedDict[str, float] = OrderedDict()  # lesson -> ended at, in order
