@@ -146,8 +146,15 @@ async def _watch_and_check(node: Node, http: aiohttp.ClientSession, seconds: flo
         span = t1 - t0
         fps = len(video) / span
         assert 24.0 <= fps <= 26.0, fps
-        # Continuous audio: as many seconds received as elapsed, no hole in its pts.
-        assert abs(sum(f.samples for f in audio) / 48_000 - span) < 0.1
+        # Continuous audio: no hole in its pts, and the samples fill the pts span exactly.
+        received_s = sum(f.samples for f in audio) / 48_000
+        pts_span = audio[-1].pts_s + audio[-1].samples / 48_000 - audio[0].pts_s
+        assert abs(received_s - pts_span) < 0.03, (received_s, pts_span)
+        # And about as many seconds as elapsed: a window's edge, read by arrival, may
+        # catch a few 40 ms chunks in flight on a loaded machine (0.12 s seen in CI
+        # rehearsals with other work running); that it keeps pace over the run is what
+        # the drift bands below hold to a few ms.
+        assert abs(received_s - span) < 0.2, (received_s, span)
         gaps = np.diff([f.pts_s for f in audio])
         assert gaps.max() < 0.045, gaps.max()
         # Both streams follow the wall clock: arrival minus media time stays in a band
