@@ -731,11 +731,14 @@ def _cpu_stat() -> tuple[int, int]:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
+    """The process's children (those any of its threads started)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out.extend(int(c) for c in f.read().split())
+    return out
 
 
 async def _create_sink(run: NodeRun, node: Node, lesson: str, sink: str) -> dict[str, Any]:
