@@ -87,7 +87,8 @@ def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
                    help="agent counts, one namespace each, side by side (e.g. 5,50,100)")
     c.add_argument("--nodes", type=int, metavar="M",
                    help="instead of agents: M rapido nodes (--model none) in a namespace: "
-                   "proxy cost (REST, WebSocket streams) and a kill -9 of a lesson's "
+                   "proxy cost (REST, WebSocket streams), false positives at full media "
+                   "load under 10 %% UDP loss (--load-s), and a kill -9 of a lesson's "
                    "owner until every survivor answers the lesson again (M >= 3 for the "
                    "kill)")
     c.add_argument("--streams", type=int, default=32, metavar="K",
