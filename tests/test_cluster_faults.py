@@ -16,8 +16,11 @@ import pytest
 
 from rapido.bench.args import parse_counts
 from rapido.bench.cluster import (
+    busy_fraction,
     latency_summary,
     node_verdicts,
+    not_alive_in,
+    parse_cpu_stat,
     percentile,
     print_node_table,
     print_table,
@@ -315,6 +318,8 @@ def test_bench_cluster_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "cluster", "--nodes", "3", "--phases", "kill"]) == 2
     assert "known with --nodes: proxy_rest,proxy_ws" in capsys.readouterr().err.replace(
         ", ", ",")
+    assert main(["bench", "cluster", "--nodes", "3", "--load-s", "-1"]) == 2
+    assert "--load-s" in capsys.readouterr().err
     assert main(["bench", "cluster", "--nodes", "3", "--stream-s", "0"]) == 2
     assert "--stream-s" in capsys.readouterr().err
     assert main(["bench", "cluster", "--agents", "5", "--phases", "tags,nope"]) == 2
@@ -375,7 +380,8 @@ def test_stream_totals_and_node_table() -> None:
     run = {"nodes": 3, "again_s": 16.2, "rest_added_p50_ms": 0.8, "ws_added_underruns": 0,
            "failed_s": 6.0}
     assert node_verdicts(run) == {"again_s": False, "rest_added_p50_ms": True,
-                                  "ws_added_underruns": True}
+                                  "ws_added_underruns": True, "load_not_alive": None}
+    assert node_verdicts({"load_not_alive": 2})["load_not_alive"] is False
     import io
 
     buf = io.StringIO()
@@ -388,3 +394,21 @@ def test_stream_totals_and_node_table() -> None:
     buf = io.StringIO()
     print_node_table({"nodes": 3, "error": "boom"}, file=buf)
     assert buf.getvalue() == "3 nodes: boom\n"
+
+
+def test_cpu_stat_busy_fraction() -> None:
+    text = ("cpu  100 5 50 800 20 3 2 0 0 0\n"
+            "cpu0 50 2 25 400 10 1 1 0 0 0\nintr 1 2 3\n")
+    assert parse_cpu_stat(text) == (160, 980)  # idle + iowait are not busy
+    assert busy_fraction((160, 980), (260, 1080)) == 1.0
+    assert busy_fraction((160, 980), (210, 1180)) == 0.25
+    assert busy_fraction((160, 980), (160, 980)) == 0.0  # no time passed
+    with pytest.raises(ValueError, match="cpu"):
+        parse_cpu_stat("intr 1 2 3\n")
+
+
+def test_not_alive_in_a_member_view() -> None:
+    view = {"n0": "alive", "n1": "failed", "n2": "alive", "n9": "left"}
+    assert not_alive_in(view, ["n2", "n1", "n0"]) == [("n1", "failed")]
+    assert not_alive_in({"n0": "alive"}, ["n0", "n1"]) == [("n1", "missing")]
+    assert not_alive_in(view, []) == []

@@ -71,7 +71,7 @@ def validate(args: argparse.Namespace) -> str | None:
 CLUSTER_PHASES = ("join", "tags", "bytes_idle", "bytes_churn", "churn_serial", "join_one",
                   "loss", "kill")
 #: The phases of ``bench cluster --nodes`` (rapido.bench.cluster.NODE_PHASES runs them).
-NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "node_kill")
+NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "media_load", "node_kill")
 
 
 def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
@@ -87,13 +87,19 @@ def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:
                    help="agent counts, one namespace each, side by side (e.g. 5,50,100)")
     c.add_argument("--nodes", type=int, metavar="M",
                    help="instead of agents: M rapido nodes (--model none) in a namespace: "
-                   "proxy cost (REST, WebSocket streams) and a kill -9 of a lesson's "
+                   "proxy cost (REST, WebSocket streams), false positives at full media "
+                   "load under 10 %% UDP loss (--load-s), and a kill -9 of a lesson's "
                    "owner until every survivor answers the lesson again (M >= 3 for the "
                    "kill)")
     c.add_argument("--streams", type=int, default=32, metavar="K",
                    help="--nodes: WebSocket speakers per proxy_ws run (default 32)")
     c.add_argument("--stream-s", type=float, default=10.0, metavar="S",
                    help="--nodes: seconds each speaker streams (default 10)")
+    c.add_argument("--load-s", type=float, default=60.0, metavar="S",
+                   help="--nodes: media_load: every node at full media load (streams "
+                   "recording MP4s, raised until the machine is busy), then S seconds "
+                   "of 10 %% UDP loss on the gossip ports watching every node's member "
+                   "view for false positives (default 60; 0 skips the phase)")
     c.add_argument("--rest-requests", type=int, default=300, metavar="K",
                    help="--nodes: GETs per path in proxy_rest (default 300)")
     c.add_argument("--loss-s", type=float, default=60.0, metavar="S",
@@ -158,6 +164,8 @@ def _validate_nodes(args: argparse.Namespace) -> str | None:
         return "--streams must be within 1..200"
     if not (math.isfinite(args.stream_s) and 1 <= args.stream_s <= 600):
         return "--stream-s must be within 1..600"
+    if not (math.isfinite(args.load_s) and 0 <= args.load_s <= 3600):
+        return "--load-s must be within 0..3600"
     if not 10 <= args.rest_requests <= 100_000:
         return "--rest-requests must be within 10..100000"
     phases = args.phases.split(",") if args.phases else list(NODE_PHASE_NAMES)

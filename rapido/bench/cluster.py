@@ -5,7 +5,8 @@ nftables in the namespace injects loss and counts the gossip bytes.
 
 One run per agent count (``--agents 5,50,100``: side by side, one fresh namespace each),
 in phases, each a function ``async def phase_x(run) -> dict`` (with ``--nodes M``
-instead: M rapido nodes, phases ``proxy_rest``, ``proxy_ws``, ``node_kill``, below):
+instead: M rapido nodes, phases ``proxy_rest``, ``proxy_ws``, ``media_load``,
+``node_kill``, below):
 
 * ``join``: N agents started, then all join agent-000 at once: until every agent's
   members lists N alive;
@@ -41,7 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ from rapido.bench.fleet import (
     watch_not_alive,
 )
 from rapido.bench.netns import Firewall, NetnsError, netns_problem, run_in_netns
-from rapido.bench.nodes import Node, NodeFleet, create, lists_all, until
+from rapido.bench.nodes import Node, NodeFleet, create, lists_all, members, until
 from rapido.cluster.serf import SerfClient, SerfError
 from rapido.pipeline.speech import speech_like
 
@@ -461,6 +462,7 @@ NODE_TARGETS: dict[str, tuple[str, float]] = {
     "again_s": ("≤ 15 s", 15.0),
     "rest_added_p50_ms": ("≤ 2 ms", 2.0),
     "ws_added_underruns": ("0", 0.0),
+    "load_not_alive": ("0", 0.0),
 }
 
 NODE_ROWS: tuple[tuple[str, str], ...] = (
@@ -487,6 +489,21 @@ NODE_ROWS: tuple[tuple[str, str], ...] = (
     ("ws_relayed_relay_cpu_pct", "  relay's CPU, % of a core"),
     ("ws_added_underruns", "underruns added by the relay"),
     ("ws_added_late_frames", "late frames added by the relay"),
+    ("load_streams_per_node", "full media load: streams per node (record sink)"),
+    ("load_machine_busy_pct", "  machine busy while watched, % of all cores"),
+    ("load_load1_min", "  load average (1 min) while watched, lowest"),
+    ("load_load1_max", "  same, highest"),
+    ("load_node_cpu_min_pct", "  a node process's CPU, least busy, % of a core"),
+    ("load_node_cpu_max_pct", "  same, busiest, % of a core"),
+    ("load_driver_cpu_pct", "  the bench driver's CPU, % of a core"),
+    ("load_dropped", "  10 % UDP loss on gossip: packets dropped"),
+    ("load_reads", "  member views read (every node every 0.5 s)"),
+    ("load_unreadable", "  of which unanswered (3 s)"),
+    ("load_not_alive", "  not-alive observations"),
+    ("load_underruns", "  the sessions' underruns (all, whole phase)"),
+    ("load_late_frames", "  late frames"),
+    ("load_frames_out", "  frames out"),
+    ("load_send_lag_p99_ms", "  the client's send lag, p99 ms"),
     ("failed_s", "kill -9 of a lesson's owner: all survivors list it failed, s"),
     ("again_s", "  the lesson answered again by every survivor, one session, s"),
 )
@@ -530,6 +547,12 @@ class NodeParams:
     rest_requests: int = 300
     streams: int = 32
     stream_s: float = 10.0
+    #: media_load: seconds watched under loss at full load (0: the phase is skipped).
+    load_s: float = 60.0
+    load_step: int = 2
+    load_max_per_node: int = 24
+    load_sink: str = "record"
+    load_loss_percent: float = 10.0
     phases: tuple[str, ...] = ()  # empty: all, in order
 
 
@@ -677,6 +700,189 @@ async def phase_proxy_ws(run: NodeRun) -> dict[str, Any]:
     return out
 
 
+def parse_cpu_stat(text: str) -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat``'s text (idle and iowait are
+    not busy)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:]]
+            idle = values[3] + (values[4] if len(values) > 4 else 0)
+            total = sum(values[:8])  # guest time is already in user/nice
+            return total - idle, total
+    raise ValueError("no 'cpu' line in /proc/stat")
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The machine's busy share (0..1) between two :func:`parse_cpu_stat` readings."""
+    total = after[1] - before[1]
+    return 0.0 if total <= 0 else max(0.0, min(1.0, (after[0] - before[0]) / total))
+
+
+def not_alive_in(view: Mapping[str, str], expected: Iterable[str]) -> list[tuple[str, str]]:
+    """(member, state) of each expected member that ``view`` (node_id -> state) does not
+    list alive (``missing`` when it is not listed at all)."""
+    return [(m, view.get(m, "missing")) for m in sorted(expected) if view.get(m) != "alive"]
+
+
+def _cpu_stat() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        return parse_cpu_stat(f.read())
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children (those any of its threads started)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out.extend(int(c) for c in f.read().split())
+    return out
+
+
+async def _create_sink(run: NodeRun, node: Node, lesson: str, sink: str) -> dict[str, Any]:
+    async with run.http.post(f"{node.url}/api/sessions",
+                             json={"lesson_id": lesson, "sink": sink},
+                             headers={"X-Rapido-Route": "here"},
+                             timeout=aiohttp.ClientTimeout(total=30)) as r:
+        body: dict[str, Any] = await r.json()
+        if r.status != 201:
+            raise RuntimeError(f"create {lesson} on {node.node_id}: {r.status} {body}")
+    return body
+
+
+async def phase_media_load(run: NodeRun) -> dict[str, Any]:
+    """Every node at full media load (speaking sessions fed PCM in real time over
+    WebSockets, each recording an MP4: H.264 by PyAV), raised ``load_step`` streams per
+    node at a time until the machine is busy (≥ 95 % of all cores over 4 s) or
+    ``load_max_per_node``; then ``load_loss_percent`` % random UDP loss on the agents'
+    gossip ports for ``load_s``, every node's ``GET /api/cluster`` read every 0.5 s for
+    any member not alive. The media's own health (underruns, late frames) is reported,
+    not judged: at full load it suffers."""
+    p = run.params
+    nodes = run.nodes
+    ids = [n.node_id for n in nodes]
+    cores = os.cpu_count() or 1
+    streams: list[asyncio.Task[None]] = []
+    sessions: list[tuple[Node, str]] = []
+    lag: list[float] = []
+    failed_streams: list[str] = []
+
+    async def speak(url: str, seed: int) -> None:
+        try:
+            await _stream(run, url, seed=seed, seconds=1e9, lag=lag)
+        except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+            failed_streams.append(f"{type(e).__name__}: {e}"[:200])
+
+    ramp: list[dict[str, Any]] = []
+    per_node = 0
+    out: dict[str, Any] = {}
+    fault = None
+    try:
+        while per_node < p.load_max_per_node:
+            step = min(p.load_step, p.load_max_per_node - per_node)
+            for n in nodes:
+                for j in range(per_node, per_node + step):
+                    body = await _create_sink(run, n, f"bench-load-{n.node_id}-{j}",
+                                              p.load_sink)
+                    sessions.append((n, body["session_id"]))
+                    streams.append(asyncio.create_task(
+                        speak(body["ws_url"], seed=1000 * n.index + j)))
+            per_node += step
+            before = _cpu_stat()
+            await asyncio.sleep(4.0)
+            busy = busy_fraction(before, _cpu_stat())
+            ramp.append({"per_node": per_node, "busy_pct": round(100 * busy, 1),
+                         "load1": os.getloadavg()[0]})
+            run.say(f"media load: {per_node} streams per node, machine "
+                    f"{100 * busy:.0f} % busy, load {os.getloadavg()[0]:.2f}")
+            if busy >= 0.95:
+                break
+        # The 1-minute load average lags: wait (up to 60 s) until it reaches the cores.
+        t0 = time.monotonic()
+        for _ in range(30):
+            if os.getloadavg()[0] >= cores:
+                break
+            await asyncio.sleep(2.0)
+        out["load_settle_s"] = time.monotonic() - t0
+        run.say(f"media load: {per_node} streams per node, load "
+                f"{os.getloadavg()[0]:.2f}; {p.load_loss_percent:g} % UDP loss on the "
+                f"gossip ports for {p.load_s:g} s, every node's view read every 0.5 s")
+        pids = {n.node_id: [n.proc.pid] for n in nodes}
+        agent_pids = {n.node_id: _children(n.proc.pid) for n in nodes}
+        cpu0 = {k: cpu_seconds(v) for k, v in pids.items()}
+        acpu0 = {k: cpu_seconds(v) for k, v in agent_pids.items()}
+        stat0, own0 = _cpu_stat(), _own_cpu()
+        snap0 = await run.firewall.snapshot()
+        fault = await run.firewall.loss([n.gossip_port for n in nodes], p.load_loss_percent)
+        t0 = time.monotonic()
+        observations = 0
+        seen: dict[str, int] = {}
+        reads = unreadable = 0
+        loads: list[float] = []
+        while time.monotonic() - t0 < p.load_s:
+            tick = time.monotonic()
+            views = await asyncio.gather(*(members(run.http, n) for n in nodes))
+            for n, view in zip(nodes, views, strict=True):
+                reads += 1
+                if not view:
+                    unreadable += 1
+                    continue
+                for m, state in not_alive_in(view, ids):
+                    observations += 1
+                    key = f"{n.node_id} saw {m} {state}"
+                    seen[key] = seen.get(key, 0) + 1
+            loads.append(os.getloadavg()[0])
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - tick)))
+        wall = time.monotonic() - t0
+        snap1 = await run.firewall.snapshot()
+        dropped = snap1.since(snap0).dropped(fault)
+        packets = snap1.since(snap0).total.packets
+        await run.firewall.heal(fault)
+        fault = None
+        busy = busy_fraction(stat0, _cpu_stat())
+        node_cpu = {k: round(100 * (cpu_seconds(v) - cpu0[k]) / wall, 1)
+                    for k, v in pids.items()}
+        agent_cpu = {k: round(100 * (cpu_seconds(v) - acpu0[k]) / wall, 1)
+                     for k, v in agent_pids.items()}
+        out.update({
+            "load_streams_per_node": per_node, "load_streams": len(sessions),
+            "load_sink": p.load_sink, "load_ramp": ramp, "load_watch_s": wall,
+            "load_node_cpu_pct": node_cpu, "load_agent_cpu_pct": agent_cpu,
+            "load_node_cpu_min_pct": min(node_cpu.values(), default=0.0),
+            "load_node_cpu_max_pct": max(node_cpu.values(), default=0.0),
+            "load_machine_busy_pct": 100 * busy,
+            "load_driver_cpu_pct": 100 * (_own_cpu() - own0) / wall,
+            "load_load1_min": min(loads, default=0.0),
+            "load_load1_max": max(loads, default=0.0),
+            "load_dropped": dropped.packets, "load_packets": packets,
+            "load_not_alive": observations, "load_not_alive_seen": seen,
+            "load_reads": reads, "load_unreadable": unreadable,
+            "load_stream_failures": len(failed_streams),
+            "load_stream_errors": failed_streams[:10],
+            "load_send_lag_p99_ms": 1000 * (percentile(lag, 99) or 0.0),
+            "load_send_lag_max_ms": 1000 * max(lag, default=0.0),
+        })
+    finally:
+        if fault is not None:
+            await run.firewall.heal(fault)
+        await cancel_and_wait(streams)
+    stats = []
+    for n, sid in sessions:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+            async with run.http.get(f"{n.url}/api/sessions/{sid}",
+                                    timeout=aiohttp.ClientTimeout(total=10)) as r:
+                stats.append((await r.json())["stats"])
+    for n, sid in sessions:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with run.http.delete(f"{n.url}/api/sessions/{sid}",
+                                       timeout=aiohttp.ClientTimeout(total=30)) as r:
+                await r.read()
+    out.update({f"load_{k}": v for k, v in stream_totals(stats).items()})
+    return out
+
+
 async def phase_node_kill(run: NodeRun) -> dict[str, Any]:
     """kill -9 of a lesson's owner; a create of the lesson through every survivor, in
     rounds, until all answer 200/201 with one session, on a survivor; and until every
@@ -716,10 +922,12 @@ async def phase_node_kill(run: NodeRun) -> dict[str, Any]:
             "kill_rounds": rounds[:40]}
 
 
-#: The phases of a --nodes run, in the order they run (the kill last: it takes a node).
+#: The phases of a --nodes run, in the order they run (the kill last: it takes a node,
+#: which the media load's watch would then count as not alive).
 NODE_PHASES: dict[str, Callable[[NodeRun], Awaitable[dict[str, Any]]]] = {
     "proxy_rest": phase_proxy_rest,
     "proxy_ws": phase_proxy_ws,
+    "media_load": phase_media_load,
     "node_kill": phase_node_kill,
 }
 assert tuple(NODE_PHASES) == NODE_PHASE_NAMES, "rapido.bench.args lists them for the CLI"
@@ -730,7 +938,8 @@ async def nodes_scenario(firewall: Firewall, params: dict[str, Any]) -> dict[str
     p = NodeParams(**{**params, "phases": tuple(params.get("phases", ()))})
     wanted = p.phases or tuple(NODE_PHASES)
     with tempfile.TemporaryDirectory(prefix="rapido-bench-nodes-") as tmp:
-        fleet = NodeFleet(Path(tmp), firewall=firewall, max_streams=2 * p.streams + 8)
+        fleet = NodeFleet(Path(tmp), firewall=firewall,
+                          max_streams=max(2 * p.streams, p.load_max_per_node) + 8)
         async with aiohttp.ClientSession() as http:
             run = NodeRun(p, firewall, fleet, http)
             run.results["nodes"] = p.nodes
@@ -747,7 +956,7 @@ async def nodes_scenario(firewall: Firewall, params: dict[str, Any]) -> dict[str
 
                 run.results["converged_s"] = await until(converged, 30)
                 for name, phase in NODE_PHASES.items():
-                    if name not in wanted:
+                    if name not in wanted or (name == "media_load" and p.load_s <= 0):
                         continue
                     t0 = time.monotonic()
                     out = await phase(run)
@@ -938,9 +1147,9 @@ def _machine() -> dict[str, Any]:
 def _nodes_main(args: argparse.Namespace) -> int:
     params = dataclasses.asdict(NodeParams(
         nodes=args.nodes, rest_requests=args.rest_requests, streams=args.streams,
-        stream_s=args.stream_s,
+        stream_s=args.stream_s, load_s=args.load_s,
         phases=tuple(args.phases.split(",")) if args.phases else ()))
-    budget = 240 + 4 * args.stream_s + args.rest_requests / 20
+    budget = 240 + 4 * args.stream_s + args.rest_requests / 20 + 240 + args.load_s
     interrupted = False
     try:
         run = run_in_netns("rapido.bench.cluster:nodes_scenario", params, timeout_s=budget)
@@ -953,7 +1162,8 @@ def _nodes_main(args: argparse.Namespace) -> int:
         interrupted = True
     command = (f"python -m rapido bench cluster --nodes {args.nodes} --streams "
                f"{args.streams} --stream-s {args.stream_s:g} --rest-requests "
-               f"{args.rest_requests}" + (f" --phases {args.phases}" if args.phases else ""))
+               f"{args.rest_requests} --load-s {args.load_s:g}"
+               + (f" --phases {args.phases}" if args.phases else ""))
     doc: dict[str, Any] = {"command": command, "date": time.strftime("%Y-%m-%d"),
                            "machine": _machine(),
                            "targets": {k: t for k, (t, _) in NODE_TARGETS.items()},
