@@ -88,6 +88,10 @@ class Config:
                                   "another node with a 307 to that node instead of proxying "
                                   "them (WebSockets are always proxied)")
     node_version: str = _opt(__version__, "the version this node announces to the cluster")
+    health_drills: bool = _opt(False, "allow POST /api/admin/health/drill: made-up health "
+                               "figures (errors, underruns, late frames, GPU memory errors) "
+                               "added to this node's window, to rehearse an automatic "
+                               "rollback; never on in production")
     placement_epsilon: float = _opt(0.25, "bounded loads: a node above (1 + this) x the "
                                     "mean load passes a new lesson to its next choice",
                                     lo=0.0, hi=100.0)

@@ -43,6 +43,10 @@ class BatcherMetrics:
         self.failures = Counter(
             "batch_failures", "Batches that raised or returned the wrong number of results",
             ["model"], registry=r)
+        self.memory_errors = Counter(
+            "gpu_memory_errors", "Batches that failed because the device ran out of memory "
+            "(CUDA/ROCm/ONNX Runtime allocation failures); any one rolls a rollout back",
+            ["model"], registry=r)
 
 
 class Metrics:
@@ -124,9 +128,52 @@ class Metrics:
             "cluster_bad_tags", "Cluster members left out of this node's view because "
             "their Serf tags could not be read (counted on every read of the members)",
             registry=r)
+        # -- cluster: the rollout and the scale signals (the same on every node) ------
+        self.rollout_rollbacks = Counter(
+            "rollout_rollbacks", "Rollouts this node rolled back (each once, whichever node "
+            "decided)", registry=r)
+        self.rollout_percent = Gauge(
+            "rollout_percent", "Share of users whose new sessions go to the rollout's "
+            "version (0: no rollout running)", registry=r)
+        self.cluster_members = Gauge(
+            "cluster_members", "Members of the cluster by Serf status", ["state"], registry=r)
+        self.cluster_capacity = Gauge(
+            "cluster_capacity_streams", "Streams the alive members can hold", registry=r)
+        self.cluster_streams = Gauge(
+            "cluster_streams", "Streams on the alive members", registry=r)
+        self.cluster_cpu = Gauge(
+            "cluster_cpu_nodes", "CPU in use over the alive members, in nodes' worth "
+            "(each node's load is a share of its own cores)", registry=r)
+        self.cluster_memory = Gauge(
+            "cluster_memory_nodes", "Host memory in use over the alive members, in nodes' "
+            "worth", registry=r)
+        self.cluster_gpu_memory = Gauge(
+            "cluster_gpu_memory_nodes", "GPU memory in use over the alive members, in "
+            "nodes' worth", registry=r)
+        self.cluster_recommended_nodes = Gauge(
+            "cluster_recommended_nodes", "Nodes the cluster should have: ceil(max(streams / "
+            "(0.8 x capacity per node), cpu / 0.7, GPU memory / 0.8)), at least 1",
+            registry=r)
         self.cluster_agent_restarts = Counter(
             "cluster_agent_restarts", "Restarts of this node's Serf agent after it exited "
             "or its RPC connection broke (each try counted)", registry=r)
+
+    def frame_latency_counts(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """The frame-latency histogram's bucket bounds (s, the last +Inf) and cumulative
+        counts, read as a scrape would."""
+        bounds: list[float] = []
+        counts: list[int] = []
+        for family in self.frame_latency.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    bounds.append(float(sample.labels["le"]))
+                    counts.append(int(sample.value))
+        return tuple(bounds), tuple(counts)
+
+    def gpu_memory_errors(self) -> int:
+        """GPU memory errors so far, all models together."""
+        return int(sum(s.value for family in self.batcher.memory_errors.collect()
+                       for s in family.samples if s.name.endswith("_total")))
 
     def render(self) -> bytes:
         return generate_latest(_WithoutCreated(self.registry))

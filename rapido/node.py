@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from rapido.cluster.agent import SerfAgentConfigError
 from rapido.cluster.placement import MOVED, Affinity
+from rapido.cluster.release import Release
 from rapido.cluster.serf import SerfError
 from rapido.config import Config, ConfigError, is_loopback
 from rapido.engine import Engine
@@ -31,11 +32,15 @@ from rapido.http.app import make_app, websockets_done
 from rapido.http.keys import DrainControl
 from rapido.http.locate import Locate
 from rapido.metrics import Metrics
+from rapido.pipeline.session import StreamSession
 from rapido.wiring import (
+    NodeHealth,
     build_cluster,
     build_engine,
+    build_release,
     build_router,
     http_settings,
+    publish_scale_signals,
     remember_lessons,
 )
 
@@ -70,10 +75,23 @@ class Node:
         self.metrics = metrics or Metrics()
         clustered = config.clustered
         affinity = Affinity()
-        self.engine: Engine = build_engine(
-            config, self.metrics, on_session=remember_lessons(affinity) if clustered else None)
-        self.cluster = build_cluster(config, self.engine, self.metrics)
-        self.router = (build_router(config, self.engine, self.cluster, affinity)
+        self.health = NodeHealth(self.metrics)
+        remember = remember_lessons(affinity)
+
+        def on_session(session: StreamSession, created: bool) -> None:
+            self.health.on_session(session, created)
+            if clustered:
+                remember(session, created)
+
+        self.engine: Engine = build_engine(config, self.metrics, on_session=on_session)
+        self.release: Release | None = None
+        self.cluster = build_cluster(
+            config, self.engine, self.metrics, self.health,
+            lambda: self.release.state.epoch if self.release is not None else 0)
+        if self.cluster is not None:
+            self.release = build_release(config, self.cluster, self.metrics, self.health)
+            self.cluster.on_view(publish_scale_signals(self.cluster, self.metrics))
+        self.router = (build_router(config, self.engine, self.cluster, affinity, self.release)
                        if self.cluster is not None else None)
         #: Set by :meth:`request_drain`: whoever runs the node (``serve``) drains and
         #: stops it then.
@@ -82,7 +100,8 @@ class Node:
                             self.router,
                             drain=DrainControl(start=self.request_drain,
                                                timeout_s=config.drain_timeout_s),
-                            locate=locate)
+                            locate=locate, release=self.release,
+                            health_window=self.health.window)
         self.runner: web.AppRunner | None = None
         self.port = config.port
 
@@ -126,6 +145,8 @@ class Node:
                 await self.cluster.start(self.engine.node_id, self.cluster_url)
                 if self.router is not None:
                     await self.router.start()
+                if self.release is not None:
+                    await self.release.start()
             except BaseException:
                 await self.stop()
                 raise
@@ -164,6 +185,8 @@ class Node:
             self.engine.stop_admitting()
             await self.engine.close_all(reason)
             await websockets_done(self.app, WEBSOCKET_GOODBYE_S)
+        if self.release is not None:
+            await self.release.aclose()
         if self.router is not None:
             await self.router.aclose()
         if self.cluster is not None:

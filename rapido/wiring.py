@@ -15,7 +15,15 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from rapido.cluster.health import (
+    ERROR_REASONS,
+    Health,
+    HealthWindow,
+    NodeFigures,
+    scale_signals,
+)
 from rapido.cluster.placement import Affinity
+from rapido.cluster.release import Release, ReleaseSettings
 from rapido.cluster.service import Cluster, ClusterSettings, LocalState
 from rapido.config import Config, ConfigError
 from rapido.engine import (
@@ -26,6 +34,7 @@ from rapido.engine import (
     RenderSetup,
     SessionHook,
 )
+from rapido.gpu.memory import device_memory
 from rapido.gpu.portrait import default_avatar
 from rapido.gpu.registry import BatchSettings, ModelSettings, open_renderer
 from rapido.http.routing import Router, RouterSettings
@@ -64,7 +73,8 @@ def http_settings(config: Config) -> HttpSettings:
         http_read_timeout_s=config.http_read_timeout_s, demo_grace_s=config.demo_grace_s,
         cluster_redirect=config.cluster_redirect,
         region=config.region, node_version=config.node_version,
-        width=config.width, height=config.height, fps=config.fps)
+        health_drills=config.health_drills, width=config.width, height=config.height,
+        fps=config.fps)
 
 
 def model_settings(config: Config) -> ModelSettings:
@@ -203,18 +213,96 @@ def cluster_settings(config: Config) -> ClusterSettings:
         serf_rpc=config.serf_rpc, serf_rpc_auth=config.serf_rpc_auth())
 
 
-def build_cluster(config: Config, engine: Engine, metrics: Metrics) -> Cluster | None:
+class NodeHealth:
+    """This node's health over the last five minutes (:class:`HealthWindow`), fed by
+    the engine's closed sessions and read from its metrics; and its memory in use."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        bounds, _ = metrics.frame_latency_counts()
+        self.window = HealthWindow(bounds)
+
+    def on_session(self, session: StreamSession, created: bool) -> None:
+        if not created:
+            self.window.session_ended(time.monotonic(), session.close_reason in ERROR_REASONS,
+                                      session.jb.stats.underruns)
+
+    def figures(self) -> Health:
+        now = time.monotonic()
+        _, counts = self.metrics.frame_latency_counts()
+        self.window.sample(now, counts, self.metrics.gpu_memory_errors())
+        return self.window.figures(now)
+
+    def gpu_memory(self) -> float | None:
+        used = device_memory()
+        if used is None:
+            return None
+        self.metrics.gpu_memory_used.set(used[0])
+        return used[0] / used[1] if used[1] else None
+
+
+def host_memory() -> float | None:
+    """The share of this host's memory in use (MemAvailable counted free), or None where
+    /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in fh)
+                    if v.strip()}
+        total, available = info["MemTotal"], info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return (total - available) / total if total > 0 else None
+
+
+def build_cluster(config: Config, engine: Engine, metrics: Metrics,
+                  health: NodeHealth, epoch: Callable[[], int]) -> Cluster | None:
     """The node's cluster service; None for a single node (no ``join`` and no
-    ``serf_rpc``: no agent)."""
+    ``serf_rpc``: no agent). ``epoch()``: the rollout state's epoch this node holds."""
     if not config.clustered:
         return None
 
     def local() -> LocalState:
         return LocalState(free_slots=config.max_streams - len(engine.sessions),
-                          load=engine.load, draining=engine.draining)
+                          load=engine.load, draining=engine.draining,
+                          streams=len(engine.sessions), memory=host_memory(),
+                          gpu_memory=health.gpu_memory(), health=health.figures(),
+                          rollout_epoch=epoch())
 
     return Cluster(cluster_settings(config), local, on_bad_tags=metrics.cluster_bad_tags.inc,
                    on_restart=metrics.cluster_agent_restarts.inc)
+
+
+def build_release(config: Config, cluster: Cluster, metrics: Metrics,
+                  health: NodeHealth) -> Release:
+    return Release(ReleaseSettings(version=config.node_version), cluster, health.figures,
+                   on_rollback=metrics.rollout_rollbacks.inc,
+                   on_percent=metrics.rollout_percent.set)
+
+
+def publish_scale_signals(cluster: Cluster, metrics: Metrics) -> Callable[[], None]:
+    """A view listener that sets the cluster gauges from the members' tags (this node's
+    from its own figures, fresher than its gossiped ones)."""
+
+    def publish() -> None:
+        own = cluster.local_tags()
+        nodes = [NodeFigures(status=p.view.status, capacity=p.view.capacity,
+                             streams=p.streams, cpu=p.view.load, memory=p.memory,
+                             gpu_memory=p.gpu_memory)
+                 for p in cluster.view() if p.view.node_id != own.node_id]
+        nodes.append(NodeFigures(status="alive", capacity=own.capacity, streams=own.streams,
+                                 cpu=own.load, memory=own.memory, gpu_memory=own.gpu_memory))
+        signals = scale_signals(nodes)
+        metrics.cluster_members.clear()
+        for state, n in signals.members.items():
+            metrics.cluster_members.labels(state).set(n)
+        metrics.cluster_capacity.set(signals.capacity)
+        metrics.cluster_streams.set(signals.streams)
+        metrics.cluster_cpu.set(signals.cpu)
+        metrics.cluster_memory.set(signals.memory)
+        metrics.cluster_gpu_memory.set(signals.gpu_memory)
+        metrics.cluster_recommended_nodes.set(signals.recommended_nodes)
+
+    return publish
 
 
 def remember_lessons(affinity: Affinity) -> SessionHook:
@@ -231,7 +319,7 @@ def remember_lessons(affinity: Affinity) -> SessionHook:
 
 
 def build_router(config: Config, engine: Engine, cluster: Cluster,
-                 affinity: Affinity) -> Router:
+                 affinity: Affinity, release: Release | None = None) -> Router:
     return Router(RouterSettings(api_key=config.api_key, epsilon=config.placement_epsilon,
                                  query_timeout_s=1.0, reclaim_s=600.0),
-                  engine, cluster, affinity)
+                  engine, cluster, affinity, release)

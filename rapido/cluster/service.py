@@ -50,6 +50,7 @@ from typing import Final
 from rapido.aio import cancel_and_wait
 from rapido.cluster.agent import SerfAgent, SerfAgentConfigError, SerfAgentSettings
 from rapido.cluster.external import ExternalAgentSettings, ExternalSerfAgent
+from rapido.cluster.health import NO_HEALTH, Health
 from rapido.cluster.placement import MemberView
 from rapido.cluster.serf import (
     QueryEvent,
@@ -57,6 +58,7 @@ from rapido.cluster.serf import (
     SerfClient,
     SerfError,
     SerfStreamOverflow,
+    UserEvent,
 )
 from rapido.cluster.tags import (
     KEYS,
@@ -76,6 +78,8 @@ HISTORY_S: Final = 3600.0
 HISTORY_MAX: Final = 256
 #: Answers a query's payload with a response payload, or ``None`` to stay silent.
 Responder = Callable[[bytes], bytes | None]
+#: Takes a user event of the name it was registered for (on the event loop).
+EventHandler = Callable[[UserEvent], None]
 
 MEMBER_EVENTS: Final = ("member-join", "member-leave", "member-failed", "member-update",
                         "member-reap")
@@ -88,6 +92,11 @@ class LocalState:
     free_slots: int
     load: float
     draining: bool
+    streams: int = 0
+    memory: float | None = None
+    gpu_memory: float | None = None
+    health: Health = NO_HEALTH
+    rollout_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,8 @@ class Cluster:
         self._alive: frozenset[str] = frozenset()
         self._listeners: list[Callable[[], None]] = []
         self._responders: dict[str, Responder] = {}
+        self._handlers: dict[str, EventHandler] = {}
+        self._view_listeners: list[Callable[[], None]] = []
 
     # -- reading ----------------------------------------------------------------------
 
@@ -168,18 +179,37 @@ class Cluster:
         """``listener()`` runs whenever the set of alive members changes."""
         self._listeners.append(listener)
 
+    def on_view(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs after every read of the members (a second or two apart)."""
+        self._view_listeners.append(listener)
+
     def respond_to(self, name: str, responder: Responder) -> None:
         """Answer the cluster's queries called ``name`` (register before ``start``)."""
         self._responders[name] = responder
 
-    async def ask(self, name: str, payload: bytes, timeout_s: float) -> list[QueryResponse]:
-        """A Serf query to every member; the answers that came within ``timeout_s`` (the
-        agent waits it out in full). Raises SerfError when the agent cannot be asked."""
+    def on_event(self, name: str, handler: EventHandler) -> None:
+        """Take the cluster's user events called ``name``, this node's own included
+        (register before ``start``)."""
+        self._handlers[name] = handler
+
+    async def ask(self, name: str, payload: bytes, timeout_s: float,
+                  nodes: tuple[str, ...] = ()) -> list[QueryResponse]:
+        """A Serf query to every member (or to ``nodes``); the answers that came within
+        ``timeout_s`` (the agent waits it out in full). Raises SerfError when the agent
+        cannot be asked."""
         agent = self.agent
         if agent is None or len(self._clients) < 2:
             raise SerfError("ask", "the serf agent is not running")
-        query = await self._clients[1].query(name, payload, timeout_s=timeout_s)
+        query = await self._clients[1].query(name, payload, timeout_s=timeout_s,
+                                             filter_nodes=nodes)
         return await query.responses()
+
+    async def send_event(self, name: str, payload: bytes) -> None:
+        """A user event to every member (this one too), never coalesced. Raises
+        SerfError when the agent cannot take it, ValueError when it is too large."""
+        if self.agent is None or len(self._clients) < 2:
+            raise SerfError("event", "the serf agent is not running")
+        await self._clients[1].event(name, payload, coalesce=False)
 
     def local_tags(self) -> NodeTags:
         s = self.settings
@@ -187,7 +217,9 @@ class Cluster:
         return NodeTags(node_id=self.node_id, url=self.url, region=s.region,
                         location=s.location, version=s.version, capacity=s.capacity,
                         free_slots=max(0, min(s.capacity, state.free_slots)),
-                        load=state.load, draining=state.draining)
+                        load=state.load, draining=state.draining, streams=state.streams,
+                        memory=state.memory, gpu_memory=state.gpu_memory,
+                        health=state.health, rollout_epoch=state.rollout_epoch)
 
     @property
     def error(self) -> str | None:
@@ -376,13 +408,16 @@ class Cluster:
             self._writer.wrote(due, now)
 
     async def _events_loop(self, client: SerfClient) -> None:
-        kinds = (*MEMBER_EVENTS, *(f"query:{name}" for name in self._responders))
+        kinds = (*MEMBER_EVENTS, *(f"query:{name}" for name in self._responders),
+                 *(f"user:{name}" for name in self._handlers))
         while True:
             try:
                 async with await client.stream(kinds) as stream:
                     async for event in stream:
                         if isinstance(event, QueryEvent):
                             await self._answer(client, event)
+                        elif isinstance(event, UserEvent):
+                            self._take(event)
                         else:
                             self._refresh.set()
             except SerfStreamOverflow:
@@ -419,6 +454,15 @@ class Cluster:
             with contextlib.suppress(SerfError):
                 await client.respond(event.id, payload)
 
+    def _take(self, event: UserEvent) -> None:
+        handler = self._handlers.get(event.name)
+        if handler is None:
+            return
+        try:
+            handler(event)
+        except Exception:
+            log.exception("cluster: taking user event %r", event.name)
+
     async def _read_members(self) -> None:
         assert self.agent is not None and self.agent.client is not None
         members = await self.agent.client.members()
@@ -434,6 +478,11 @@ class Cluster:
                 continue
             peers.append(peer)
         self._peers = sorted(peers, key=lambda p: p.view.node_id)
+        for each in self._view_listeners:
+            try:
+                each()
+            except Exception:
+                log.exception("cluster: a view listener failed")
         alive = frozenset(p.view.node_id for p in peers if p.view.status == "alive"
                           and not p.view.draining)
         if alive != self._alive or self.view_changed_at is None:

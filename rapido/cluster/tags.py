@@ -23,12 +23,18 @@ from urllib.parse import urlsplit
 
 import msgpack
 
+from rapido.cluster import health
+from rapido.cluster.health import NO_HEALTH, Health
 from rapido.cluster.placement import NODE_ID, MemberView
 
 #: memberlist's limit on a member's meta (Serf's encoded tags), in bytes.
 TAG_LIMIT: Final = 512
-#: The tags rapido writes; the rest of the budget is left to later figures (rollout).
-KEYS: Final = ("id", "url", "rg", "loc", "v", "cap", "free", "ld", "dr")
+#: The tags rapido writes: who the node is and where (id, url, rg, loc, v), its room
+#: (cap, free, ld, dr), and for the rollout and the scale signals its streams (st), host
+#: and GPU memory in use (mem, gm), its health over the last five minutes (hl,
+#: :mod:`rapido.cluster.health`) and the epoch of the rollout state it holds (ro).
+KEYS: Final = ("id", "url", "rg", "loc", "v", "cap", "free", "ld", "dr", "st", "mem", "gm",
+               "hl", "ro")
 LOAD_STEP: Final = 0.05
 _VERSION = re.compile(r"[A-Za-z0-9_.+-]{1,32}")
 _MAX_URL = 100  # an HTTP URL ("https://gpu-17.eu-west.example.com:8443" is 41)
@@ -51,14 +57,25 @@ class NodeTags:
     free_slots: int
     load: float
     draining: bool = False
+    streams: int = 0
+    memory: float | None = None  # host memory in use, a fraction
+    gpu_memory: float | None = None  # GPU memory in use, a fraction; None: no GPU
+    health: Health = NO_HEALTH
+    rollout_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A member as this node sees it: its placement view and where to reach it."""
+    """A member as this node sees it: its placement view, where to reach it, and the
+    figures the rollout and the scale signals read."""
 
     view: MemberView
     url: str
+    streams: int = 0
+    memory: float | None = None
+    gpu_memory: float | None = None
+    health: Health = NO_HEALTH
+    rollout_epoch: int = 0
 
 
 def coarse_free(free_slots: int, capacity: int) -> int:
@@ -68,6 +85,13 @@ def coarse_free(free_slots: int, capacity: int) -> int:
         return 0
     step = max(1, capacity // 16)
     return max(1, free_slots // step * step)
+
+
+def coarse_share(share: float) -> float:
+    """A fraction (memory in use) to the nearest 0.05 within 0..1 (NaN counts as full)."""
+    if not math.isfinite(share):
+        return 1.0
+    return round(min(1.0, max(0.0, round(share / LOAD_STEP) * LOAD_STEP)), 2)
 
 
 def coarse_load(load: float) -> float:
@@ -103,6 +127,14 @@ def encode(t: NodeTags) -> dict[str, str]:
         tags["loc"] = f"{lat:.4f},{lon:.4f}"
     if t.draining:
         tags["dr"] = "1"
+    if t.streams < 0 or t.rollout_epoch < 0:
+        raise ValueError("streams and rollout_epoch must be >= 0")
+    tags["st"] = str(t.streams)
+    for key, share in (("mem", t.memory), ("gm", t.gpu_memory)):
+        if share is not None:
+            tags[key] = f"{coarse_share(share):.2f}"
+    tags["hl"] = health.encode(t.health)
+    tags["ro"] = str(t.rollout_epoch)
     size = encoded_size(tags)
     if size > TAG_LIMIT:
         raise ValueError(f"the node's tags take {size} bytes, over Serf's {TAG_LIMIT}")
@@ -146,13 +178,25 @@ def decode(name: str, status: str, tags: Mapping[str, object]) -> Peer:
         raise TagError(f"member {name!r}: tag 'dr' must be '1' or absent")
     if not isinstance(status, str) or not status:
         raise TagError(f"member {name!r}: status {status!r} is not a Serf status")
+    # Added after the first release: a member of an older version carries none of them.
+    st, ro = text("st", required=False), text("ro", required=False)
+    streams = 0 if st is None else _count(name, "st", st)
+    epoch = 0 if ro is None else _count(name, "ro", ro, digits=12)
+    memory = _share(name, "mem", text("mem", required=False))
+    gpu_memory = _share(name, "gm", text("gm", required=False))
+    hl = text("hl", required=False)
+    try:
+        figures = NO_HEALTH if hl is None else health.decode(hl)
+    except ValueError as exc:
+        raise TagError(f"member {name!r}: tag 'hl': {exc}") from None
     try:
         view = MemberView(node_id=name, region=region, location=location, capacity=capacity,
                           free_slots=free, load=load, draining=draining == "1",
                           status=status, version=version)
     except ValueError as exc:
         raise TagError(f"member {name!r}: {exc}") from None
-    return Peer(view=view, url=url)
+    return Peer(view=view, url=url, streams=streams, memory=memory, gpu_memory=gpu_memory,
+                health=figures, rollout_epoch=epoch)
 
 
 def _check_url(url: str, error: type[ValueError]) -> None:
@@ -166,8 +210,8 @@ def _check_url(url: str, error: type[ValueError]) -> None:
         raise error(f"url {url!r} has a bad port") from None
 
 
-def _count(name: str, key: str, value: str | None) -> int:
-    if value is None or not value.isascii() or not value.isdigit() or len(value) > 7:
+def _count(name: str, key: str, value: str | None, digits: int = 7) -> int:
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > digits:
         raise TagError(f"member {name!r}: tag {key!r} must be a whole number, got {value!r}")
     return int(value)
 
@@ -180,6 +224,19 @@ def _number(name: str, key: str, value: str | None) -> float:
             from None
     if not (math.isfinite(x) and 0.0 <= x <= 100.0):
         raise TagError(f"member {name!r}: tag {key!r} must be within 0..100, got {value!r}")
+    return x
+
+
+def _share(name: str, key: str, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+        raise TagError(f"member {name!r}: tag {key!r} must be a fraction within 0..1, "
+                       f"got {value!r}")
     return x
 
 

@@ -56,6 +56,27 @@ class BatchError(BatcherError):
         self.__cause__ = cause
 
 
+#: What runtimes say when a device allocation fails: torch's OutOfMemoryError (CUDA, ROCm,
+#: MPS), ONNX Runtime's "Failed to allocate memory" / BFCArena and CUDA's own codes.
+_MEMORY_ERRORS = ("out of memory", "failed to allocate memory", "cuda_error_out_of_memory",
+                  "cudaerrormemoryallocation", "bfcarena")
+
+
+def is_memory_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the device running out of memory."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ == "OutOfMemoryError":
+            return True
+        text = str(e).lower()
+        if any(m in text for m in _MEMORY_ERRORS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class BatcherClosed(BatcherError):
     """The batcher was closed before this request ran."""
 
@@ -89,6 +110,8 @@ class BatcherSeries(Protocol):
     def deadline_misses(self) -> _Labelled[_Counter]: ...
     @property
     def failures(self) -> _Labelled[_Counter]: ...
+    @property
+    def memory_errors(self) -> _Labelled[_Counter]: ...
 
 
 # -- the asyncio shell -----------------------------------------------------------------
@@ -147,6 +170,7 @@ class MicroBatcher(Generic[Req, Res]):
             self._m_run = metrics.run.labels(name)
             self._m_miss = metrics.deadline_misses.labels(name)
             self._m_fail = metrics.failures.labels(name)
+            self._m_memory = metrics.memory_errors.labels(name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -305,6 +329,8 @@ class MicroBatcher(Generic[Req, Res]):
         self._failed_requests += len(batch)
         if self._metrics is not None:
             self._m_fail.inc()
+            if cause is not None and is_memory_error(cause):
+                self._m_memory.inc()
         log.error("batcher %s: batch of %d failed: %s", self.name, len(batch), message,
                   exc_info=cause)
         for p in batch:

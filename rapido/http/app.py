@@ -23,9 +23,11 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from rapido import __version__
+from rapido.cluster.health import HealthWindow
+from rapido.cluster.release import Release
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
-from rapido.http import admin, api, demo, proxy, whep, ws
+from rapido.http import admin, api, demo, proxy, rollout, whep, ws
 from rapido.http.auth import check_bearer, check_local, has_key, needs_auth
 from rapido.http.cluster import cluster_summary
 from rapido.http.cluster import routes as cluster_routes
@@ -34,7 +36,9 @@ from rapido.http.keys import (
     CLUSTER,
     DRAIN,
     ENGINE,
+    HEALTH,
     METRICS,
+    RELEASE,
     ROUTER,
     SETTINGS,
     UPLOADS,
@@ -220,7 +224,8 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
              cluster: Cluster | None = None,
              router: Router | None = None, *,
              drain: DrainControl | None = None,
-             locate: Locate | None = None) -> web.Application:
+             locate: Locate | None = None, release: Release | None = None,
+             health_window: HealthWindow | None = None) -> web.Application:
     """The node's app. ``locate`` says where each session lives (a cluster: the
     router's, unless given); without either every session URL is served here."""
     app = web.Application(
@@ -242,6 +247,10 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
         app[ROUTER] = router
     if drain is not None:
         app[DRAIN] = drain  # POST /api/admin/drain
+    if release is not None:
+        app[RELEASE] = release  # /api/admin/rollout
+    if health_window is not None and settings.health_drills:
+        app[HEALTH] = health_window  # /api/admin/health/drill
     app.add_routes([
         web.get("/health", health),
         web.get("/ready", ready),
@@ -253,6 +262,7 @@ def make_app(settings: HttpSettings, metrics: Metrics, engine: Engine,
     app.add_routes(api.routes)
     app.add_routes(cluster_routes)
     app.add_routes(admin.routes)
+    app.add_routes(rollout.routes)
     app.add_routes(ws.routes)
     demo.setup(app)  # POST /api/demo: the viewer page's Demo button
     # /whep is outside the API-key middleware (auth.needs_auth): viewers present a

@@ -11,7 +11,8 @@ from aiohttp import web
 from rapido.cluster.service import Cluster
 from rapido.cluster.tags import NodeTags, Peer
 from rapido.http.errors import ApiError, json_response
-from rapido.http.keys import CLUSTER, ENGINE, ROUTER, SETTINGS, base_url
+from rapido.http.keys import CLUSTER, ENGINE, RELEASE, ROUTER, SETTINGS, base_url
+from rapido.http.rollout import health_json, rollout_json
 from rapido.http.routing import Router, claims_answer, parse_claims
 
 routes = web.RouteTableDef()
@@ -41,7 +42,9 @@ def _peer_json(p: Peer) -> dict[str, Any]:
     v = p.view
     return {"node_id": v.node_id, "state": v.status, "region": v.region,
             "version": v.version, "load": v.load, "capacity": v.capacity,
-            "free_slots": v.free_slots, "draining": v.draining, "url": p.url}
+            "free_slots": v.free_slots, "draining": v.draining, "url": p.url,
+            "streams": p.streams, "memory": p.memory, "gpu_memory": p.gpu_memory,
+            "health": health_json(p.health), "rollout_epoch": p.rollout_epoch}
 
 
 def cluster_summary(cluster: Cluster | None) -> dict[str, Any]:
@@ -68,6 +71,7 @@ async def cluster_state(request: web.Request) -> web.Response:
     if router is not None:
         body["routing"] = {"records": len(router.directory), "queries": router.queries,
                            "moved": router.moved}
+    body["rollout"] = rollout_json(request.app.get(RELEASE))
     if cluster.error is not None:
         body["error"] = cluster.error
     return json_response(body)

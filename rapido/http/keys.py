@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from rapido.cluster.health import HealthWindow
+from rapido.cluster.release import Release
 from rapido.cluster.service import Cluster
 from rapido.engine import Engine
 from rapido.http.forwarded import forwarded_host, forwarded_proto
@@ -37,6 +39,10 @@ UPLOADS = web.AppKey("uploads", UploadSlots)
 CLUSTER = web.AppKey("cluster", Cluster)
 #: Present with CLUSTER: where lessons and sessions are served (``routing.py``).
 ROUTER = web.AppKey("router", Router)
+#: Present with CLUSTER: the rollout (``rollout.py``).
+RELEASE = web.AppKey("release", Release)
+#: The node's health window, present only with ``health_drills`` on (``rollout.py``).
+HEALTH = web.AppKey("health", HealthWindow)
 #: Present when the app runs in a node that can be drained over HTTP.
 DRAIN = web.AppKey("drain", DrainControl)
 #: Where each session lives (``rapido.http.proxy``); absent on a single node, where

@@ -63,6 +63,7 @@ from rapido.cluster.placement import (
     session_node,
     should_query,
 )
+from rapido.cluster.release import Release
 from rapido.cluster.serf import SerfError
 from rapido.cluster.service import Cluster
 from rapido.cluster.tags import Peer
@@ -101,8 +102,9 @@ LocalCreate = Callable[[], Awaitable[web.Response]]
 
 class Router:
     def __init__(self, settings: RouterSettings, engine: Engine, cluster: Cluster,
-                 affinity: Affinity) -> None:
+                 affinity: Affinity, release: Release | None = None) -> None:
         self.settings = settings
+        self.release = release
         self.engine = engine
         self.cluster = cluster
         self.affinity = affinity
@@ -209,6 +211,7 @@ class Router:
             sticky = self.node_id
         elif record is None and self._must_ask(lesson, region, now):
             first, sticky = await self._ask(lesson)
+        view = self._versioned(view, spec)
         try:
             placement = place(lesson, view, user_location=spec.user_location,
                               self_region=region, epsilon=self.settings.epsilon,
@@ -242,6 +245,24 @@ class Router:
         if last is not None:
             return last
         raise _unavailable(f"no node could take lesson {lesson!r}")
+
+    def _versioned(self, view: list[MemberView], spec: SessionSpec) -> list[MemberView]:
+        """During a rollout, the members of the version this user's bucket gets (the
+        rollout's, or any other); every member when none of them can take a session: a
+        lesson served on the other version beats a refusal."""
+        if self.release is None:
+            return view
+        choice = self.release.new_version_for(spec.user_id or spec.lesson_id)
+        if choice is None:
+            return view
+        version, new = choice
+        pool = [m for m in view if (m.version == version) == new]
+        if any(m.eligible for m in pool):
+            return pool
+        log.warning("lesson %s: no node of %s version %s can take it; placing it on any",
+                    spec.lesson_id, "the rollout's" if new else "a version other than",
+                    version)
+        return view
 
     def _must_ask(self, lesson: str, region: str | None, now: float) -> bool:
         """No record here: ask the cluster only when the membership changed within the

@@ -24,6 +24,7 @@ class HttpSettings:
     # Reported in every session's JSON.
     region: str
     node_version: str  # what this node announces as its version (GET /api/cluster)
+    health_drills: bool  # POST /api/admin/health/drill allowed (rehearsing a rollback)
     width: int
     height: int
     fps: int

@@ -120,6 +120,7 @@ class StreamSession:
         self._room = asyncio.Event()  # set while the jitter buffer can take more
         self._room.set()
         self._epoch = 0  # bumped by interrupt: feeds that started before it stop
+        self.close_reason: str | None = None  # why it closed (the node's health counts errors)
         # HTTP uploads: whole utterances waiting for their turn to enter the buffer, each
         # with its length at AUDIO_RATE. An upload waits as the bytes the client sent and
         # is decoded and resampled block by block as it plays (see _feed_queued).
@@ -435,6 +436,7 @@ class StreamSession:
             for ev in self.jb.flush(self._now()):
                 self._handle(ev)
         self._state = CLOSED
+        self.close_reason = reason
         self._epoch += 1
         self._room.set()  # wake any feed() waiting on back-pressure
         self._pending.clear()
