@@ -219,8 +219,10 @@ class NodeHealth:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        bounds, _ = metrics.frame_latency_counts()
+        bounds, counts = metrics.frame_latency_counts()
         self.window = HealthWindow(bounds)
+        # The baseline: what the window's first figures are counted from.
+        self.window.sample(time.monotonic(), counts, metrics.gpu_memory_errors())
 
     def on_session(self, session: StreamSession, created: bool) -> None:
         if not created:

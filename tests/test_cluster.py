@@ -79,8 +79,11 @@ async def start_nodes(tmp_path: Path) -> AsyncIterator[Starter]:
     nodes: list[ClusterNode] = []
 
     async def start(ids: list[str], keyring: Path, join: list[str] | None = None,
-                    env: dict[str, str] | None = None) -> list[ClusterNode]:
-        binds = [f"127.0.0.1:{free_port()}" for _ in ids]
+                    env: dict[str, str] | None = None,
+                    binds: list[str] | None = None) -> list[ClusterNode]:
+        """``binds``: the first nodes' Serf addresses, chosen by the caller (a free port
+        each otherwise)."""
+        binds = [*(binds or []), *(f"127.0.0.1:{free_port()}" for _ in ids)][:len(ids)]
         started = [_spawn(i, b, join or binds, keyring, tmp_path, str(Path(serf).parent),
                           env)
                    for i, b in zip(ids, binds, strict=True)]

@@ -139,7 +139,9 @@ def test_events_apply_in_lamport_order_and_duplicates_change_nothing() -> None:
     assert rolled is not None
     assert (rolled.state, rolled.epoch, rolled.reason, rolled.by) == (ROLLED_BACK, 7,
                                                                       "error rate", "b1")
-    assert rolled.percent(1003.0) == 0 and rolled.new_version_for("bob", 1003.0) is None
+    # 0 %: everyone's new sessions avoid the version rolled back, "bob" (bucket 20) too.
+    assert rolled.percent(1003.0) == 0 and rolled.new_version_for("bob", 1003.0) is False
+    assert s.new_version_for("bob", 1003.0) is True
     # A second rollback of the same rollout (two nodes crossed) is ignored.
     assert apply_event(rolled, end_event("rollback", s.id, 1002.5, "a1", "late"), 8) is None
     # A newer start replaces whatever was there: the latest wins.

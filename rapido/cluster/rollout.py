@@ -15,7 +15,8 @@ synchronous: time is an argument; nothing here reads a clock or talks to the clu
   carries that event's Lamport time as its ``epoch``: the latest wins everywhere, and a
   node that missed events adopts a peer's state when the peer's epoch is newer.
   ``abort`` (an operator) and ``rollback`` (the health rule) end a running rollout at
-  0 %; an end that names another rollout than the running one is stale and ignored (so
+  0 %: from then on new sessions avoid its version's nodes (while another version's can
+  take them) until the next rollout starts; an end that names another rollout than the running one is stale and ignored (so
   duplicate rollback events change nothing).
 """
 
@@ -112,9 +113,12 @@ class RolloutState:
 
     def new_version_for(self, user: str, now: float) -> bool | None:
         """Whether ``user``'s new session goes to ``version`` (True), to another version
-        (False), or anywhere (None: no rollout under way)."""
-        if not self.active:
+        (False: also everyone's after an abort or a rollback, until the next rollout), or
+        anywhere (None: no rollout was ever seen)."""
+        if self.state == NONE:
             return None
+        if not self.active:
+            return False
         return bucket(user) < self.percent(now)
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
