@@ -12,11 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from rapido.gpu.batcher import BatcherClosed, BatchError, DeadlineMiss, MicroBatcher
+from rapido.gpu.batcher import (
+    BatcherClosed,
+    BatchError,
+    DeadlineMiss,
+    MicroBatcher,
+    is_memory_error,
+)
 from rapido.gpu.policy import BatchPolicy
 from rapido.metrics import BatcherMetrics
 
@@ -411,7 +418,29 @@ async def test_metrics_and_stats() -> None:
     assert value("batch_queue_wait_seconds_count") == 6
     assert value("batch_run_seconds_count") == 2  # the failed batch has no run time
     assert value("batch_failures_total") == 1
+    assert value("gpu_memory_errors_total") == 0  # a ValueError is not the device's memory
     assert value("batch_deadline_misses_total") == 0
+
+
+@pytest.mark.parametrize(("error", "memory"), [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), True),
+    (RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code "
+                  "returned while running Conv node. Failed to allocate memory for requested "
+                  "buffer of size 9437184"), True),
+    (RuntimeError("CUDA error: CUDA_ERROR_OUT_OF_MEMORY"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("bad input"), False),
+])
+def test_memory_errors_are_told_apart(error: BaseException, memory: bool) -> None:
+    assert is_memory_error(error) is memory
+    # Wrapped (raise ... from ...) as a runtime's own error: still found.
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise RuntimeError("batch failed") from inner
+    except RuntimeError as outer:
+        assert is_memory_error(outer) is memory
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -17,12 +17,13 @@ from tests.test_ws import next_event, send_jittered
 def faulty_manifest(tmp_path: Path) -> Path:
     path = tmp_path / "faulty.json"
     path.write_text(json.dumps({"name": "faulty", "format": "torch", "crop_size": 96,
-                                "torch_factory": "tests.models.faulty:build"}))
+                                "torch_factory": "tests.models.faulty:build_oom"}))
     return path
 
 
 async def test_failed_batches_show_idle_frames_and_streams_go_on(
         make_node: NodeFactory, faulty_manifest: Path, http: aiohttp.ClientSession) -> None:
+    """The model runs out of device memory on loud input, as a GPU under pressure does."""
     node = await make_node(model=str(faulty_manifest))
     assert node.engine.renderer.info()["backend"]["backend"] == "torch"
     s = await create_session(http, node, "faulty")
@@ -43,6 +44,11 @@ async def test_failed_batches_show_idle_frames_and_streams_go_on(
     async with http.get(f"{node.url}/metrics") as r:
         text = await r.text()
     assert 'batch_failures_total{model="faulty"}' in text
+    # Each such batch is a GPU memory error in the node's health (it rolls a rollout of
+    # this node's version back).
+    failures = info["batcher"]["failures"]
+    assert f'gpu_memory_errors_total{{model="faulty"}} {float(failures)}' in text
+    assert node.health.figures().gpu_memory_errors == failures
 
 
 @pytest.mark.slow

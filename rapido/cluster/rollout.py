@@ -16,8 +16,8 @@ synchronous: time is an argument; nothing here reads a clock or talks to the clu
   node that missed events adopts a peer's state when the peer's epoch is newer.
   ``abort`` (an operator) and ``rollback`` (the health rule) end a running rollout at
   0 %: from then on new sessions avoid its version's nodes (while another version's can
-  take them) until the next rollout starts; an end that names another rollout than the running one is stale and ignored (so
-  duplicate rollback events change nothing).
+  take them) until the next rollout starts. An end that names another rollout than the
+  running one is stale and ignored (so duplicate rollback events change nothing).
 """
 
 from __future__ import annotations

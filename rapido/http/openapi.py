@@ -22,6 +22,10 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+_PHASE = {"type": "object", "required": ["percent", "duration_s"],
+          "additionalProperties": False,
+          "properties": {"percent": {"type": "integer", "minimum": 1, "maximum": 100},
+                         "duration_s": {"type": "number", "exclusiveMinimum": 0}}}
 _SESSION_ID = {
     "name": "session_id", "in": "path", "required": True,
     # {node id (1-64)}.{32 hex}; older and single-node-fallback ids are 32 hex.
@@ -166,6 +170,28 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                             "this node could not join (it serves alone), its agent is "
                             "gone, or a member failed"},
                 "error": {"type": "string", "description": "why it is degraded"},
+                "rollout": _ref("Rollout"),
+            },
+        },
+        "Rollout": {
+            "type": "object", "required": ["epoch", "state", "version", "phases"],
+            "description": "The cluster's rollout as this node holds it",
+            "properties": {
+                "epoch": {"type": "integer", "description": "Lamport time of the Serf "
+                          "event that made this state (0: none seen)"},
+                "id": {"type": "string"},
+                "version": {"type": "string"},
+                "state": {"type": "string", "enum": ["none", "running", "complete",
+                                                     "aborted", "rolled_back"]},
+                "percent": {"type": "integer", "description": "share of users (by md5 "
+                            "bucket) whose new sessions go to the version now"},
+                "phase": {"type": "integer"},
+                "next_phase_at": {"type": "number"},
+                "phases": {"type": "array", "items": _PHASE},
+                "started_at": {"type": "number"},
+                "ended_at": {"type": ["number", "null"]},
+                "reason": {"type": ["string", "null"]},
+                "by": {"type": ["string", "null"]},
             },
         },
         "Interrupted": {
@@ -363,6 +389,71 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                          "properties": {"draining": {"type": "boolean", "const": True},
                                         "drain_timeout_s": {"type": "number"}}},
                          "the drain has started (or had already)"), **errors}},
+        },
+        "/api/admin/rollout": {
+            "get": {"summary": "The cluster's rollout as this node holds it, the versions "
+                               "its members run, the rollout events it took",
+                    "operationId": "getRollout", "security": secured,
+                    "responses": {"200": _json({
+                        "type": "object", "required": ["rollout", "node_version"],
+                        "properties": {"rollout": _ref("Rollout"),
+                                       "node_version": {"type": "string"},
+                                       "versions": {"type": "array",
+                                                    "items": {"type": "string"}},
+                                       "events": {"type": "object"}}}, "the rollout"),
+                                  **errors}},
+            "post": {"summary": "Start a rollout of a version some member runs, in phases "
+                                "of growing percent (replaces one running)",
+                     "operationId": "startRollout", "security": secured,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "required": ["version", "phases"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "version": {"type": "string"},
+                                        "phases": {"type": "array", "minItems": 1,
+                                                   "maxItems": 10, "items": _PHASE}}}}}},
+                     "responses": {
+                         "202": _json({"type": "object", "required": ["rollout"],
+                                       "properties": {"rollout": _ref("Rollout")}},
+                                      "sent to the cluster"),
+                         "400": _error("unknown version, a percent out of 1..100, phases "
+                                       "out of order or otherwise malformed"),
+                         "404": _error("this node is not part of a cluster"),
+                         "503": _error("the cluster's agent could not take the event"),
+                         **errors}},
+        },
+        "/api/admin/rollout/abort": {
+            "post": {"summary": "End the running rollout: 0 %, new sessions avoid its "
+                                "version", "operationId": "abortRollout",
+                     "security": secured,
+                     "responses": {
+                         "200": _json({"type": "object", "required": ["rollout"],
+                                       "properties": {"rollout": _ref("Rollout")}},
+                                      "aborted"),
+                         "404": _error("this node is not part of a cluster"),
+                         "409": _error("no rollout is running"),
+                         "503": _error("the cluster's agent could not take the event"),
+                         **errors}},
+        },
+        "/api/admin/health/drill": {
+            "post": {"summary": "Rehearse a rollback: made-up figures added to this node's "
+                                "health window (only with health_drills on)",
+                     "operationId": "drillHealth", "security": secured,
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object", "additionalProperties": False,
+                                    "properties": {k: {"type": "integer", "minimum": 0}
+                                                   for k in ("ended", "errors", "underruns",
+                                                             "gpu_memory_errors", "frames")}
+                                    | {"latency_ms": {"type": "number", "minimum": 0}}}}}},
+                     "responses": {"200": _json({"type": "object"}, "the node's figures"),
+                                   "400": _error("malformed drill"),
+                                   "404": _error("drills are off (health_drills)"),
+                                   **errors}},
+            "delete": {"summary": "Clear the drilled figures",
+                       "operationId": "clearHealthDrill", "security": secured,
+                       "responses": {"200": _json({"type": "object"}, "the node's figures"),
+                                     "404": _error("drills are off (health_drills)"),
+                                     **errors}},
         },
         "/health": {"get": {"summary": "Liveness", "operationId": "health",
                             "responses": {"200": _json({"type": "object"}, "alive")}}},
