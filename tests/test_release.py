@@ -99,14 +99,16 @@ async def test_a_rollout_splits_by_bucket_aborts_and_rolls_back_on_every_trigger
     a1, a2, b1, b2 = nodes
 
     # Bad bodies: a clear 400 each, and nothing changed anywhere.
-    for body, code in (({"version": "9.9.9", "phases": [{"percent": 10, "duration_s": 60}]},
-                        "unknown_version"),
-                       ({"version": B, "phases": [{"percent": 120, "duration_s": 60}]},
-                        "percent_out_of_range"),
-                       ({"version": B, "phases": [{"percent": 50, "duration_s": 60},
-                                                  {"percent": 10, "duration_s": 60}]},
-                        "phases_out_of_order"),
-                       ("not an object", "invalid_rollout")):
+    bad: tuple[tuple[Any, str], ...] = (
+        ({"version": "9.9.9", "phases": [{"percent": 10, "duration_s": 60}]},
+         "unknown_version"),
+        ({"version": B, "phases": [{"percent": 120, "duration_s": 60}]},
+         "percent_out_of_range"),
+        ({"version": B, "phases": [{"percent": 50, "duration_s": 60},
+                                   {"percent": 10, "duration_s": 60}]},
+         "phases_out_of_order"),
+        ("not an object", "invalid_rollout"))
+    for body, code in bad:
         status, answer = await post(http, f"{a2.url}/api/admin/rollout", body)
         assert (status, answer["error"]) == (400, code), answer
         assert answer["message"]
@@ -175,10 +177,10 @@ async def test_a_rollout_splits_by_bucket_aborts_and_rolls_back_on_every_trigger
         assert took < 8.0, f"{reason}: rolled back everywhere only after {took:.1f} s"
         await asyncio.sleep(1.5)  # a second event would have come by now
         for n in nodes:
-            body = await rollout(http, n)
-            assert reason in body["rollout"]["reason"], body
-            assert body["events"].get("rollback", 0) - before[n.node_id] == 1, \
-                (n.node_id, reason, body["events"])
+            got = await rollout(http, n)
+            assert reason in got["rollout"]["reason"], got
+            assert got["events"].get("rollback", 0) - before[n.node_id] == 1, \
+                (n.node_id, reason, got["events"])
             assert rollback_lines(n, rid) == 1, (n.node_id, reason)
             cluster = await _cluster(http, n)
             assert cluster["rollout"]["state"] == "rolled_back"

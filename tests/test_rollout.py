@@ -179,6 +179,7 @@ def test_a_state_handed_over_by_a_peer_reads_back_the_same() -> None:
     # As the API shows it (now given), a complete one reads back as running, same times.
     shown = orjson.loads(orjson.dumps(s.to_json(5000.0)))
     assert shown["state"] == COMPLETE and state_from_json(shown).at(5000.0).state == COMPLETE
+    bad: object
     for bad in ({}, {"epoch": -1, "state": NONE}, {"epoch": 1, "state": "weird"},
                 {**s.to_json(), "phases": "x"}, {**s.to_json(), "reason": 5}, []):
         with pytest.raises(ValueError):
