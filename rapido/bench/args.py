@@ -71,7 +71,7 @@ def validate(args: argparse.Namespace) -> str | None:
 CLUSTER_PHASES = ("join", "tags", "bytes_idle", "bytes_churn", "churn_serial", "join_one",
                   "loss", "kill")
 #: The phases of ``bench cluster --nodes`` (rapido.bench.cluster.NODE_PHASES runs them).
-NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "media_load", "node_kill")
+NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "media_load", "scale", "node_kill")
 
 
 def add_cluster_parser(sub: Any) -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -504,6 +505,9 @@ NODE_ROWS: tuple[tuple[str, str], ...] = (
     ("load_late_frames", "  late frames"),
     ("load_frames_out", "  frames out"),
     ("load_send_lag_p99_ms", "  the client's send lag, p99 ms"),
+    ("scale_recommended_first", "scale signals: cluster_recommended_nodes idle"),
+    ("scale_recommended_last", "  at the top of the load ramp"),
+    ("scale_agree", "  the same on every node at every step"),
     ("failed_s", "kill -9 of a lesson's owner: all survivors list it failed, s"),
     ("again_s", "  the lesson answered again by every survivor, one session, s"),
 )
@@ -553,6 +557,10 @@ class NodeParams:
     load_max_per_node: int = 24
     load_sink: str = "record"
     load_loss_percent: float = 10.0
+    #: scale: streams added per node per step, the most per node, the wait per step.
+    scale_step: int = 2
+    scale_max_per_node: int = 8
+    scale_settle_s: float = 8.0
     phases: tuple[str, ...] = ()  # empty: all, in order
 
 
@@ -922,12 +930,82 @@ async def phase_node_kill(run: NodeRun) -> dict[str, Any]:
             "kill_rounds": rounds[:40]}
 
 
+_SCALE_GAUGES = re.compile(
+    r"^cluster_(recommended_nodes|streams|capacity_streams|cpu_nodes|memory_nodes) (\S+)$",
+    re.M)
+
+
+async def _scale_gauges(run: NodeRun, node: Node) -> dict[str, float]:
+    async with run.http.get(f"{node.url}/metrics",
+                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+        text = await r.text()
+    return {m.group(1): float(m.group(2)) for m in _SCALE_GAUGES.finditer(text)}
+
+
+async def phase_scale(run: NodeRun) -> dict[str, Any]:
+    """A load ramp and the scale signals: ``scale_step`` speaking streams recording MP4s
+    added per node at a time (as media_load) up to ``scale_max_per_node``; after each
+    step, once the nodes' tags had time to spread (``scale_settle_s``), every node's
+    cluster gauges are read: ``cluster_recommended_nodes`` must follow the load, the
+    same on every node."""
+    p = run.params
+    nodes = run.nodes
+    streams: list[asyncio.Task[None]] = []
+    sessions: list[tuple[Node, str]] = []
+
+    async def speak(url: str, seed: int) -> None:
+        with contextlib.suppress(aiohttp.ClientError, RuntimeError, TimeoutError):
+            await _stream(run, url, seed=seed, seconds=1e9, lag=[])
+
+    rows: list[dict[str, Any]] = []
+    per_node = 0
+    try:
+        while True:
+            await asyncio.sleep(p.scale_settle_s)
+            before = _cpu_stat()
+            gauges = await asyncio.gather(*(_scale_gauges(run, n) for n in nodes))
+            recommended = sorted({int(g.get("recommended_nodes", -1)) for g in gauges})
+            row = {"per_node": per_node, "streams": len(sessions),
+                   "gauge_streams": gauges[0].get("streams"),
+                   "capacity": gauges[0].get("capacity_streams"),
+                   "cpu_nodes": gauges[0].get("cpu_nodes"),
+                   "memory_nodes": gauges[0].get("memory_nodes"),
+                   "recommended": recommended,
+                   "machine_busy_pct": round(100 * busy_fraction(before, _cpu_stat()), 1)}
+            rows.append(row)
+            run.say(f"scale: {len(sessions)} streams, cpu {row['cpu_nodes']} nodes' worth, "
+                    f"recommended nodes {recommended}")
+            if per_node >= p.scale_max_per_node:
+                break
+            step = min(p.scale_step, p.scale_max_per_node - per_node)
+            for n in nodes:
+                for j in range(per_node, per_node + step):
+                    body = await _create_sink(run, n, f"bench-scale-{n.node_id}-{j}",
+                                              p.load_sink)
+                    sessions.append((n, body["session_id"]))
+                    streams.append(asyncio.create_task(
+                        speak(body["ws_url"], seed=2000 * n.index + j)))
+            per_node += step
+    finally:
+        await cancel_and_wait(streams)
+        for n, sid in sessions:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with run.http.delete(f"{n.url}/api/sessions/{sid}",
+                                           timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    await r.read()
+    agree = all(len(r["recommended"]) == 1 for r in rows)
+    first, last = rows[0]["recommended"][-1], rows[-1]["recommended"][-1]
+    return {"scale_ramp": rows, "scale_agree": agree,
+            "scale_recommended_first": first, "scale_recommended_last": last}
+
+
 #: The phases of a --nodes run, in the order they run (the kill last: it takes a node,
 #: which the media load's watch would then count as not alive).
 NODE_PHASES: dict[str, Callable[[NodeRun], Awaitable[dict[str, Any]]]] = {
     "proxy_rest": phase_proxy_rest,
     "proxy_ws": phase_proxy_ws,
     "media_load": phase_media_load,
+    "scale": phase_scale,
     "node_kill": phase_node_kill,
 }
 assert tuple(NODE_PHASES) == NODE_PHASE_NAMES, "rapido.bench.args lists them for the CLI"
@@ -994,6 +1072,19 @@ def print_node_table(run: dict[str, Any], file: Any = None) -> None:
     for row in lines:
         print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  "
               f"{row[2].rjust(widths[2])}", file=out)
+    if run.get("scale_ramp"):
+        print_scale_ramp(run["scale_ramp"], out)
+
+
+def print_scale_ramp(rows: Sequence[dict[str, Any]], out: Any) -> None:
+    """The load ramp of the scale phase, one line per step."""
+    print("\nscale signals over the load ramp (every node's gauges):", file=out)
+    print(f"{'streams':>8} {'gauge':>6} {'capacity':>9} {'cpu (nodes)':>12} "
+          f"{'memory (nodes)':>15} {'busy %':>7}  recommended", file=out)
+    for r in rows:
+        print(f"{r['streams']:>8} {_fmt(r['gauge_streams']):>6} {_fmt(r['capacity']):>9} "
+              f"{_fmt(r['cpu_nodes']):>12} {_fmt(r['memory_nodes']):>15} "
+              f"{r['machine_busy_pct']:>7}  {r['recommended']}", file=out)
 
 
 def _own_cpu() -> float:

@@ -21,6 +21,10 @@ connects to it instead of starting one, checks its name, writes its tags and joi
 above; it never starts, restarts or stops that agent, and on close asks it to leave (the
 agent then exits by itself).
 
+User events (``send_event``, ``on_event``: the rollout, :mod:`rapido.cluster.release`)
+and queries (``ask``, ``respond_to``) travel on the events connection; ``on_view``
+listeners run after every read of the members (the scale signals).
+
 ``tags_changed()`` runs the tags task at once (the node started draining), and
 :class:`TagWriter` writes a change of the draining tag without waiting out its interval:
 no other node places a lesson on a draining one for longer than the gossip takes.
