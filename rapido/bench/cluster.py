@@ -559,8 +559,11 @@ class NodeParams:
     load_loss_percent: float = 10.0
     #: scale: streams added per node per step, the most per node, the wait per step.
     scale_step: int = 2
-    scale_max_per_node: int = 8
+    scale_max_per_node: int = 12
     scale_settle_s: float = 8.0
+    #: Each node's max_streams when scale is the only phase: small enough that streams,
+    #: not only CPU, move the recommendation within the ramp.
+    scale_capacity: int = 16
     phases: tuple[str, ...] = ()  # empty: all, in order
 
 
@@ -961,8 +964,9 @@ async def phase_scale(run: NodeRun) -> dict[str, Any]:
     per_node = 0
     try:
         while True:
-            await asyncio.sleep(p.scale_settle_s)
             before = _cpu_stat()
+            await asyncio.sleep(p.scale_settle_s)
+            busy = busy_fraction(before, _cpu_stat())
             gauges = await asyncio.gather(*(_scale_gauges(run, n) for n in nodes))
             recommended = sorted({int(g.get("recommended_nodes", -1)) for g in gauges})
             row = {"per_node": per_node, "streams": len(sessions),
@@ -971,7 +975,7 @@ async def phase_scale(run: NodeRun) -> dict[str, Any]:
                    "cpu_nodes": gauges[0].get("cpu_nodes"),
                    "memory_nodes": gauges[0].get("memory_nodes"),
                    "recommended": recommended,
-                   "machine_busy_pct": round(100 * busy_fraction(before, _cpu_stat()), 1)}
+                   "machine_busy_pct": round(100 * busy, 1)}
             rows.append(row)
             run.say(f"scale: {len(sessions)} streams, cpu {row['cpu_nodes']} nodes' worth, "
                     f"recommended nodes {recommended}")
@@ -1016,8 +1020,9 @@ async def nodes_scenario(firewall: Firewall, params: dict[str, Any]) -> dict[str
     p = NodeParams(**{**params, "phases": tuple(params.get("phases", ()))})
     wanted = p.phases or tuple(NODE_PHASES)
     with tempfile.TemporaryDirectory(prefix="rapido-bench-nodes-") as tmp:
-        fleet = NodeFleet(Path(tmp), firewall=firewall,
-                          max_streams=max(2 * p.streams, p.load_max_per_node) + 8)
+        capacity = (p.scale_capacity if wanted == ("scale",)
+                    else max(2 * p.streams, p.load_max_per_node) + 8)
+        fleet = NodeFleet(Path(tmp), firewall=firewall, max_streams=capacity)
         async with aiohttp.ClientSession() as http:
             run = NodeRun(p, firewall, fleet, http)
             run.results["nodes"] = p.nodes
