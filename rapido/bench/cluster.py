@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -763,6 +763,28 @@ async def _create_sink(run: NodeRun, node: Node, lesson: str, sink: str) -> dict
     return body
 
 
+async def _add_speakers(run: NodeRun, nodes: list[Node], first: int, step: int, tag: str,
+                        speak: Callable[[str, int], Coroutine[Any, Any, None]],
+                        sessions: list[tuple[Node, str]],
+                        streams: list[asyncio.Task[None]]) -> None:
+    """``step`` more speaking sessions on each node (numbered from ``first``), each fed
+    by its own ``speak(ws_url, seed)`` task."""
+    for n in nodes:
+        for j in range(first, first + step):
+            body = await _create_sink(run, n, f"bench-{tag}-{n.node_id}-{j}",
+                                      run.params.load_sink)
+            sessions.append((n, body["session_id"]))
+            streams.append(asyncio.create_task(speak(body["ws_url"], 1000 * n.index + j)))
+
+
+async def _delete_all(run: NodeRun, sessions: list[tuple[Node, str]]) -> None:
+    for n, sid in sessions:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with run.http.delete(f"{n.url}/api/sessions/{sid}",
+                                       timeout=aiohttp.ClientTimeout(total=30)) as r:
+                await r.read()
+
+
 async def phase_media_load(run: NodeRun) -> dict[str, Any]:
     """Every node at full media load (speaking sessions fed PCM in real time over
     WebSockets, each recording an MP4: H.264 by PyAV), raised ``load_step`` streams per
@@ -793,13 +815,7 @@ async def phase_media_load(run: NodeRun) -> dict[str, Any]:
     try:
         while per_node < p.load_max_per_node:
             step = min(p.load_step, p.load_max_per_node - per_node)
-            for n in nodes:
-                for j in range(per_node, per_node + step):
-                    body = await _create_sink(run, n, f"bench-load-{n.node_id}-{j}",
-                                              p.load_sink)
-                    sessions.append((n, body["session_id"]))
-                    streams.append(asyncio.create_task(
-                        speak(body["ws_url"], seed=1000 * n.index + j)))
+            await _add_speakers(run, nodes, per_node, step, "load", speak, sessions, streams)
             per_node += step
             before = _cpu_stat()
             await asyncio.sleep(4.0)
@@ -885,11 +901,7 @@ async def phase_media_load(run: NodeRun) -> dict[str, Any]:
             async with run.http.get(f"{n.url}/api/sessions/{sid}",
                                     timeout=aiohttp.ClientTimeout(total=10)) as r:
                 stats.append((await r.json())["stats"])
-    for n, sid in sessions:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with run.http.delete(f"{n.url}/api/sessions/{sid}",
-                                       timeout=aiohttp.ClientTimeout(total=30)) as r:
-                await r.read()
+    await _delete_all(run, sessions)
     out.update({f"load_{k}": v for k, v in stream_totals(stats).items()})
     return out
 
@@ -982,21 +994,11 @@ async def phase_scale(run: NodeRun) -> dict[str, Any]:
             if per_node >= p.scale_max_per_node:
                 break
             step = min(p.scale_step, p.scale_max_per_node - per_node)
-            for n in nodes:
-                for j in range(per_node, per_node + step):
-                    body = await _create_sink(run, n, f"bench-scale-{n.node_id}-{j}",
-                                              p.load_sink)
-                    sessions.append((n, body["session_id"]))
-                    streams.append(asyncio.create_task(
-                        speak(body["ws_url"], seed=2000 * n.index + j)))
+            await _add_speakers(run, nodes, per_node, step, "scale", speak, sessions, streams)
             per_node += step
     finally:
         await cancel_and_wait(streams)
-        for n, sid in sessions:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with run.http.delete(f"{n.url}/api/sessions/{sid}",
-                                           timeout=aiohttp.ClientTimeout(total=30)) as r:
-                    await r.read()
+        await _delete_all(run, sessions)
     agree = all(len(r["recommended"]) == 1 for r in rows)
     first, last = rows[0]["recommended"][-1], rows[-1]["recommended"][-1]
     return {"scale_ramp": rows, "scale_agree": agree,

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from rapido.cluster.service import Cluster
 from rapido.cluster.tags import NodeTags, Peer
-from rapido.http.errors import ApiError, json_response
+from rapido.http.errors import ApiError, json_response, read_json
 from rapido.http.keys import CLUSTER, ENGINE, RELEASE, ROUTER, SETTINGS, base_url
 from rapido.http.rollout import health_json, rollout_json
 from rapido.http.routing import Router, claims_answer, parse_claims
@@ -84,20 +83,13 @@ def _router(request: web.Request) -> Router:
     return router
 
 
-async def _json(request: web.Request) -> Any:
-    try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-
-
 @routes.post("/api/cluster/claims")
 async def take_claims(request: web.Request) -> web.Response:
     """From another node: the sessions it plays of lessons this node is home of. The
     answer names those of them that lost to another session of their lesson (the
     claimant closes them with reason ``moved``)."""
     router = _router(request)
-    node, claims, lessons = parse_claims(await _json(request))
+    node, claims, lessons = parse_claims(await read_json(request))
     return claims_answer(await router.take_claims(node, claims, lessons))
 
 
@@ -106,7 +98,7 @@ async def moved(request: web.Request) -> web.Response:
     """From a lesson's home: these sessions of this node lost their lesson to another
     session; they close with reason ``moved``."""
     router = _router(request)
-    data = await _json(request)
+    data = await read_json(request)
     ids = data.get("session_ids") if isinstance(data, dict) else None
     if (not isinstance(ids, list) or len(ids) > 10_000
             or not all(isinstance(i, str) for i in ids)):

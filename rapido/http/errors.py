@@ -29,6 +29,14 @@ def json_response(data: Any, status: int = 200,
                         content_type="application/json")
 
 
+async def read_json(request: web.Request) -> Any:
+    """The request's body as JSON; 400 ``invalid_json`` when it is not."""
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
 def bad_request(code: str, message: str) -> ApiError:
     return ApiError(400, code, message)
 

@@ -20,14 +20,13 @@ import math
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from rapido.cluster.health import Health
 from rapido.cluster.release import Release
 from rapido.cluster.rollout import PlanError, RolloutState, parse_plan
 from rapido.cluster.serf import SerfError
-from rapido.http.errors import ApiError, json_response
+from rapido.http.errors import ApiError, json_response, read_json
 from rapido.http.keys import HEALTH, RELEASE, SETTINGS
 
 routes = web.RouteTableDef()
@@ -48,13 +47,6 @@ def _release(request: web.Request) -> Release:
     return release
 
 
-async def _json(request: web.Request) -> Any:
-    try:
-        return orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-
-
 @routes.get("/api/admin/rollout")
 async def show(request: web.Request) -> web.Response:
     release = request.app.get(RELEASE)
@@ -69,7 +61,7 @@ async def show(request: web.Request) -> web.Response:
 @routes.post("/api/admin/rollout")
 async def start(request: web.Request) -> web.Response:
     release = _release(request)
-    data = await _json(request)
+    data = await read_json(request)
     try:
         version, phases = parse_plan(data, release.versions())
     except PlanError as exc:
@@ -136,7 +128,7 @@ def _window(request: web.Request) -> Any:
 @routes.post("/api/admin/health/drill")
 async def drill(request: web.Request) -> web.Response:
     window = _window(request)
-    figures, latency_s = parse_drill(await _json(request))
+    figures, latency_s = parse_drill(await read_json(request))
     now = time.monotonic()
     window.drill(now, figures, latency_s)
     return json_response({"health": health_json(window.figures(now))})
