@@ -220,6 +220,7 @@ async def _watch_decoded(http: aiohttp.ClientSession, whep_url: str, token: str
                     seen.pictures.append(
                         (rtp, y[region_of(frame.width, frame.height)].copy()))
                 else:
+                    assert isinstance(frame, av.AudioFrame)
                     pcm = frame.to_ndarray()
                     # Packed stereo interleaves the channels; both carry the mono source.
                     channels = len(frame.layout.channels)
