@@ -26,7 +26,7 @@ from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.errors import AdmissionError, SinkUnavailable, UnknownAvatar
 from rapido.pipeline.jitter import JitterConfig, JitterEvent, PlaybackFinished, Underrun
-from rapido.pipeline.media import AUDIO_RATE
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk
 from rapido.pipeline.provider import SinkProvider
 from rapido.pipeline.quality import NodeLoad
 from rapido.pipeline.render import FrameRenderer, IdleRenderer
@@ -67,8 +67,9 @@ class RenderSetup:
 #: Opens the renderer and avatars (slow: drawing, model builds) given the callback for
 #: the renderer's quality; called once by :meth:`Engine.start`.
 RenderLoader = Callable[[Callable[[float], None]], Awaitable[RenderSetup]]
-#: Sees every frame handed to a sink: (session id, lateness in s, speaking).
-FrameHook = Callable[[str, float, bool], None]
+#: Sees every frame handed to a sink: (session id, lateness in s, the chunk: picture,
+#: audio, speaking). Called on the loop for every frame: it must be cheap.
+FrameHook = Callable[[str, float, MediaChunk], None]
 #: Sees every session that was created (``True``) and that closed (``False``).
 SessionHook = Callable[[StreamSession, bool], None]
 
@@ -229,8 +230,8 @@ class Engine:
         sid = self.new_session_id()
         s = self.settings
 
-        def on_frame(lateness_s: float, speaking: bool) -> None:
-            self._frame_out(sid, lateness_s, speaking)
+        def on_frame(lateness_s: float, chunk: MediaChunk) -> None:
+            self._frame_out(sid, lateness_s, chunk)
 
         return StreamSession(
             sid, spec, avatar=avatar, sink=provider.open(spec, sid, self.node_id),
@@ -299,14 +300,14 @@ class Engine:
         elif isinstance(ev, PlaybackFinished):
             self.metrics.utterances.labels(ev.reason).inc()
 
-    def _frame_out(self, session_id: str, lateness_s: float, speaking: bool) -> None:
+    def _frame_out(self, session_id: str, lateness_s: float, chunk: MediaChunk) -> None:
         self.metrics.frame_latency.observe(max(0.0, lateness_s))
         late = lateness_s > self._frame_s
         self._node_load.frame(late)
         if late:
             self.metrics.late_frames.inc()
         if self._frame_hook is not None:
-            self._frame_hook(session_id, lateness_s, speaking)
+            self._frame_hook(session_id, lateness_s, chunk)
 
     # -- adaptive quality -----------------------------------------------------------------
 

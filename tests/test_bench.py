@@ -72,6 +72,7 @@ def _check_run(r: dict[str, Any], streams: int) -> None:
     assert 0 <= r["first_frame_p50_ms"] <= r["first_frame_max_ms"] < 2000
     assert "gpu_util_percent" in r and "gpu_mem_used_mb" in r
     assert r["partial"] is False
+    assert "lipsync_lag_ms" in r and "lipsync_corr" in r and "lipsync_margin" in r
     for key in ("duration_s", "speech_duty", "sink", "late_frames", "tick_p99_ms",
                 "realtime", "model", "jitter", "max_wait_ms"):
         assert key in r
@@ -85,6 +86,9 @@ def test_bench_json_has_every_field(bench_env: dict[str, str]) -> None:
     [run] = doc["runs"]
     _check_run(run, 2)
     assert run["jitter"] == "moderate" and run["model"] == "rapido-lite"
+    # The frame hook's lip-sync measurement: rapido-lite's mouth is on its sound.
+    assert run["lipsync_margin"] is not None and run["lipsync_margin"] > 0.1, run
+    assert abs(run["lipsync_lag_ms"]) <= 40.0, run
 
 
 def test_webrtc_sink_encodes_every_picture_without_viewers(bench_env: dict[str, str]) -> None:

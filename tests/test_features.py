@@ -118,6 +118,66 @@ def test_window_appears_exactly_when_its_audio_has_arrived(n: int) -> None:
     np.testing.assert_allclose(w, reference_windows(audio)[n], atol=1e-5)
 
 
+TRAINED = MelSpec(offset_frames=-1)  # Wav2Lip's training window
+
+
+def test_offset_window_starts_one_frame_early_as_wav2lip_trained() -> None:
+    # get_segmented_mels: 0-based frame f takes the window of crop_audio_window(spec,
+    # f - 1), which starts at int(80 * (f - 1) / fps).
+    for f in range(1, 2000):
+        assert TRAINED.mel_start(f) == int(80.0 * (f - 1) / 25)
+    assert TRAINED.mel_start(0) == -4  # floor, like every later frame: before the audio
+    assert TRAINED.lookahead_samples48 == 6509  # 135.6 ms: 40 ms less than at 0
+    assert TRAINED.lookahead_samples48 == max(
+        TRAINED.samples48_needed(n) - (n + 1) * 1920 for n in range(200))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 23])
+def test_offset_windows_are_the_reference_shifted_with_silence_before(n: int) -> None:
+    audio = speech48(1.5, seed=2)
+    mel = melspectrogram(downsample_16k(audio))
+    need = TRAINED.samples48_needed(n)
+    stream = MelStream(TRAINED)
+    stream.feed48(audio[: need - 1])
+    assert stream.window(n) is None
+    stream.feed48(audio[need - 1 :])
+    w = window(stream, n)
+    start = TRAINED.mel_start(n)
+    lead = max(0, -start)
+    assert (w[:, :lead] == -4.0).all()  # the silence before the utterance
+    np.testing.assert_allclose(w[:, lead:], mel[:, start + lead : start + 16], atol=1e-5)
+
+
+def test_offset_partial_window_at_utterance_start() -> None:
+    audio = speech48(1.0, seed=6)
+    stream = MelStream(TRAINED)
+    stream.feed48(audio[:4800])  # 100 ms, less than frame 0 needs
+    assert stream.window(0) is None
+    part = stream.window(0, partial=True)
+    assert part is not None
+    have = stream.available_frames
+    assert (part[:, :4] == -4.0).all()
+    assert np.array_equal(part[:, 4 + have :],
+                          np.repeat(part[:, 3 + have : 4 + have], 12 - have, axis=1))
+    stream.finish()
+    full = window(stream, 0)
+    np.testing.assert_allclose(full[:, : 4 + have], part[:, : 4 + have], atol=1e-6)
+
+
+def test_offset_short_utterance_keeps_its_place() -> None:
+    """Shorter than a window: silence before it (the offset), its frames, silence after."""
+    audio = speech48(0.1, seed=4)
+    audio[:] = np.where(audio == 0, 1000, audio)
+    mel = melspectrogram(downsample_16k(audio))
+    stream = MelStream(TRAINED)
+    stream.feed48(audio)
+    stream.finish()
+    w = window(stream, 0)
+    t = mel.shape[1]
+    assert (w[:, :4] == -4.0).all() and (w[:, 4 + t :] == -4.0).all()
+    np.testing.assert_allclose(w[:, 4 : 4 + t], mel, atol=1e-5)
+
+
 def test_bad_spec_is_rejected() -> None:
     with pytest.raises(ValueError):
         MelSpec(sample_rate=24_000)  # decimation 2: even
@@ -127,6 +187,8 @@ def test_bad_spec_is_rejected() -> None:
         MelSpec(fmax=9000.0)
     with pytest.raises(ValueError):
         MelSpec(fps=7)
+    with pytest.raises(ValueError):
+        MelSpec(offset_frames=9)
 
 
 # --- filterbank and reference mel ------------------------------------------------------

@@ -60,8 +60,9 @@ async def test_mouth_follows_audio_energy(make_node: NodeFactory, tmp_path: Path
         region = (slice(my - pad, my + mh + pad), slice(mx - pad, mx + mw + pad))
         change.append(float(np.mean(np.abs(frame[region].astype(np.float64)
                                            - idle[region].astype(np.float64)))))
-        # The model sees the audio from the frame's start on, weighted to its first 80 ms.
-        window = audio[i * FRAME : i * FRAME + 2 * FRAME]
+        # The mouth shows the sound heard with its frame, smoothed over ~+-25 ms: the
+        # frame's 40 ms and half a frame either side.
+        window = audio[max(0, i * FRAME - FRAME // 2) : (i + 1) * FRAME + FRAME // 2]
         energy.append(float(np.sqrt(np.mean(window ** 2))) if len(window) else 0.0)
         around = audio[max(0, (i - 6) * FRAME) : (i + 7) * FRAME]
         if len(around) and np.max(np.abs(around)) < 1e-3:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rapido.gpu.models.lite import (
+    MEL_OFFSET_FRAMES,
     LiteMouthModel,
     build_lite,
     export_onnx,
@@ -27,7 +28,7 @@ from rapido.gpu.models.lite import (
     mouth_params,
 )
 from rapido.gpu.portrait import default_avatar
-from rapido.pipeline.features import DEFAULT_SPEC, melspectrogram
+from rapido.pipeline.features import MelSpec, melspectrogram
 from rapido.pipeline.speech import speech_like
 
 SR = 16_000
@@ -70,12 +71,19 @@ MELS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+#: The windows the server gives this model: its manifest's offset.
+SPEC = MelSpec(offset_frames=MEL_OFFSET_FRAMES)
+#: Window frames that hold a video frame's own 40 ms (mel frames are 12.5 ms).
+OWN = slice(-MEL_OFFSET_FRAMES * 16 // 5, -MEL_OFFSET_FRAMES * 16 // 5 + 4)
+
+
 def _windows(mel: np.ndarray) -> torch.Tensor:
-    """Per-video-frame model inputs [N, 1, 80, 16], Wav2Lip's indexing (full windows)."""
-    n = 0
+    """Per-video-frame model inputs [N, 1, 80, 16] as the server cuts them for this
+    model (full windows, from the first frame whose window starts inside the audio)."""
+    n = max(0, -MEL_OFFSET_FRAMES)
     out = []
-    while DEFAULT_SPEC.mel_start(n) + 16 <= mel.shape[1]:
-        s = DEFAULT_SPEC.mel_start(n)
+    while SPEC.mel_start(n) + 16 <= mel.shape[1]:
+        s = SPEC.mel_start(n)
         out.append(mel[:, s : s + 16])
         n += 1
     return torch.tensor(np.stack(out))[:, None]
@@ -335,8 +343,8 @@ def test_mouth_change_follows_loudness(
     windows = _windows(mel)
     out = _run(model, windows, ref)
     change = (_mouth_region(model, out) - _mouth_region(model, ref)).abs().mean(dim=(1, 2, 3))
-    # Loudness of each video frame's own 40 ms (mel frames 0..3 of its window).
-    loud = ((windows[:, 0, :, :4] + 4) / 8).mean(dim=(1, 2))
+    # Loudness of each video frame's own 40 ms (mel frames 3..6 of its window at -1).
+    loud = ((windows[:, 0, :, OWN] + 4) / 8).mean(dim=(1, 2))
     r = np.corrcoef(change.numpy(), loud.numpy())[0, 1]
     assert r >= 0.8, r
     # Silent stretches show the idle face exactly; speech opens the mouth.

@@ -103,10 +103,25 @@ def test_the_blend_region_is_stated_or_lower_half(model_dir: Path) -> None:
     assert load_manifest(stated).blend == "lower_half"
 
 
+def test_the_mel_window_is_stated_or_wav2lips_training_window(model_dir: Path) -> None:
+    """Where a frame's mel window starts: -1 frame (Wav2Lip's training loader, what its
+    weights expect) unless the manifest says otherwise; a rapido-lite manifest written
+    before the field existed keeps the window its graph was drawn for (0)."""
+    assert load_manifest(write_json(good_dict(), model_dir)).mel_offset_frames == -1
+    stated = write_json(good_dict(mel_offset_frames=0), model_dir, "z.json")
+    assert load_manifest(stated).mel_offset_frames == 0
+    old_lite = write_json(good_dict(name="rapido-lite"), model_dir, "lite.json")
+    assert load_manifest(old_lite).mel_offset_frames == 0
+    new_lite = write_json(good_dict(name="rapido-lite", mel_offset_frames=-1), model_dir,
+                          "lite2.json")
+    assert load_manifest(new_lite).mel_offset_frames == -1
+
+
 def test_full_manifest_round_trips_through_write(model_dir: Path, tmp_path: Path) -> None:
     d = good_dict(fps=30, mel_input="audio", face_input="img", output="pred",
                   value_range=[0, 1], torch_factory="tests.test_backends:build_toy",
-                  checkpoint="weights.pt", batch_sizes=[1, 4, 16], description="x")
+                  checkpoint="weights.pt", batch_sizes=[1, 4, 16], description="x",
+                  mel_offset_frames=-2)
     m = load_manifest(write_json(d, model_dir))
     assert m.checkpoint == (model_dir / "weights.pt").resolve()
     assert m.batch_sizes == (1, 4, 16) and m.max_batch == 16
@@ -181,6 +196,9 @@ BAD: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     ("description", lambda: good_dict(description=["x"]), "string"),
     ("blend", lambda: good_dict(blend="face"), "lower_half, mouth"),
     ("blend", lambda: good_dict(blend=None), "lower_half, mouth"),
+    ("mel_offset_frames", lambda: good_dict(mel_offset_frames=9), "from -8 to 8"),
+    ("mel_offset_frames", lambda: good_dict(mel_offset_frames=-0.5), "from -8 to 8"),
+    ("mel_offset_frames", lambda: good_dict(mel_offset_frames=True), "from -8 to 8"),
     ("crop_szie", lambda: good_dict(crop_szie=96), "unknown key"),
 ]
 

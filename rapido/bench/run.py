@@ -1,6 +1,8 @@
 """``rapido bench``: N synthetic streams through the real engine, in this process.
 
-Each stream gets speech the way a TTS over a WebSocket would deliver it: 20 ms chunks,
+Each stream gets speech (:func:`rapido.pipeline.speech.syllables`: syllables and gaps of
+random length, so the lip-sync lag measured on the output has one answer) the way a TTS
+over a WebSocket would deliver it: 20 ms chunks,
 utterances of a few seconds separated by pauses according to the duty cycle, arriving on
 the schedule of a jitter trace (:mod:`rapido.bench.traces`; ``steady`` is exactly real
 time). The engine, jitter buffers, resampling, model batching and sinks are the real
@@ -30,9 +32,11 @@ from rapido.config import Config
 from rapido.engine import Engine
 from rapido.metrics import Metrics
 from rapido.pipeline.events import PlaybackStarted
+from rapido.pipeline.lipsync_lag import LagMeter, measure_lag, mouth_region
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk
 from rapido.pipeline.session import SessionClosed, SessionSpec, StreamSession
 from rapido.pipeline.sinks.base import Adaptive
-from rapido.pipeline.speech import speech_like
+from rapido.pipeline.speech import syllables
 from rapido.wiring import build_engine
 
 INPUT_RATE = 16_000
@@ -40,6 +44,9 @@ CHUNK_S = 0.02
 UTTERANCE_S = 3.0
 #: Streams' start phases are spread over this much time, so they do not all speak at once.
 PHASE_SPREAD_S = 0.37
+#: Streams whose mouth-to-sound lag the frame hook measures (pooled): enough for a sharp
+#: peak, few enough that the hook's work stays out of the CPU figures.
+LAG_STREAMS = 4
 
 
 @dataclass
@@ -97,25 +104,55 @@ class BenchResult:
     quality_score: float | None = None
     adaptive: bool = False
 
+    # -- lip sync on what the sinks get (rapido.pipeline.lipsync_lag; > 0: mouth late) ------
+    lipsync_lag_ms: float | None = None
+    lipsync_corr: float | None = None
+    lipsync_margin: float | None = None  # near 0: no single peak, the lag means little
+
     def json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class FrameSamples:
     """Per-frame samples for the bench, from the engine's frame hook: the exact lateness
-    of every frame handed to a sink while collecting, and when each stream's first frame
-    got there (loop time)."""
+    of every frame handed to a sink while collecting, when each stream's first frame got
+    there (loop time), and for a few streams (:meth:`watch`) the mouth region of every
+    picture and its audio, for the lip-sync lag."""
 
-    def __init__(self) -> None:
+    def __init__(self, fps: int) -> None:
+        self.fps = fps
         self.collect = False
         self.lateness: list[float] = []
         self.first_frame: dict[str, float] = {}
+        self._lag: dict[str, tuple[tuple[slice, slice], LagMeter]] = {}
 
-    def on_frame(self, session_id: str, lateness_s: float, speaking: bool) -> None:
+    def watch(self, session_id: str, region: tuple[slice, slice]) -> None:
+        """Measure this stream's lip sync, in the picture's ``region`` (its mouth)."""
+        self._lag[session_id] = (region, LagMeter(AUDIO_RATE))
+
+    def on_frame(self, session_id: str, lateness_s: float, chunk: MediaChunk) -> None:
         if session_id not in self.first_frame:
             self.first_frame[session_id] = asyncio.get_running_loop().time()
         if self.collect:
             self.lateness.append(max(0.0, lateness_s))
+            lag = self._lag.get(session_id)
+            if lag is not None:
+                # The chunk's place on the stream clock is the time of both its parts.
+                region, meter = lag
+                t = chunk.index / self.fps
+                meter.add_picture(t, chunk.video.y[region])
+                meter.add_audio(t, chunk.audio)
+
+    def lag(self) -> tuple[float | None, float | None, float | None]:
+        """Pooled lag, Pearson r and margin over the watched streams (None: no speech)."""
+        meters = [m for _, m in self._lag.values() if m.motion()[0].size >= 3]
+        if not meters:
+            return None, None, None
+        try:
+            r = measure_lag(meters)
+        except ValueError:
+            return None, None, None
+        return round(r.lag_ms, 1), round(r.corr, 3), round(r.margin, 3)
 
 
 @dataclass
@@ -141,7 +178,7 @@ async def _drive(st: _Stream, trace: list[Arrival], t0: float, seed: int) -> Non
     """Feed one stream following ``trace`` (times relative to ``t0``, loop time)."""
     loop = asyncio.get_running_loop()
     session = st.session
-    audio = speech_like(UTTERANCE_S + 0.5, seed=seed)
+    audio = syllables(UTTERANCE_S + 0.5, seed=seed)
     pos = 0
     open_utt = False
     try:
@@ -183,7 +220,7 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
     """One measured run. On cancellation (Ctrl-C) during the measurement the window so
     far is measured, appended to ``out`` (marked partial), and the cancellation goes on."""
     metrics = Metrics()
-    frames = FrameSamples()
+    frames = FrameSamples(config.fps)
     engine = build_engine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics,
                           on_frame=frames.on_frame)
     loop = asyncio.get_running_loop()
@@ -204,6 +241,9 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                 SessionSpec(lesson_id=f"bench{i}", sample_rate=INPUT_RATE, sink=sink))
             st = _Stream(s, created)
             sts.append(st)
+            if i < LAG_STREAMS:
+                y = s.avatar.idle_frame(0)
+                frames.watch(s.id, mouth_region(s.avatar.mouth_boxes, 12, y.width, y.height))
             tasks.append(loop.create_task(_collect_events(st), name=f"events-{i}"))
             trace = stream_trace(jitter, duty, length, seed=i)
             t0 = t_base + (i % 25) * 0.04 * PHASE_SPREAD_S
@@ -281,6 +321,7 @@ def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: M
     exact = ({q: float(np.quantile(samples, q)) for q in (0.5, 0.95, 0.99)} if len(samples)
              else dict.fromkeys((0.5, 0.95, 0.99), 0.0))
     onsets = [s - f for st in sts for f, s in zip(st.fed, st.started, strict=False)]
+    lag_ms, lag_r, lag_margin = frames.lag()
     first = [1000.0 * (frames.first_frame[st.session.id] - st.created_at) for st in sts
              if st.session.id in frames.first_frame]
     batch_cum = histograms.hist_delta(a.batch, b.batch)
@@ -327,6 +368,7 @@ def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: M
         lateness_exact_p95_ms=round(exact[0.95], 3),
         lateness_exact_p99_ms=round(p99_exact, 3),
         lateness_exact_max_ms=round(float(samples.max()) if len(samples) else 0.0, 3),
+        lipsync_lag_ms=lag_ms, lipsync_corr=lag_r, lipsync_margin=lag_margin,
         onsets=len(onsets),
         onset_p50_ms=histograms.ms_quantile(onsets, 0.5),
         onset_p95_ms=histograms.ms_quantile(onsets, 0.95),

@@ -19,12 +19,24 @@ every exporter can produce it. Keys are the field names of :class:`ModelManifest
       "checkpoint": null,
       "batch_sizes": [1, 2, 4, 8],
       "blend": "lower_half",
+      "mel_offset_frames": -1,
       "description": "Wav2Lip (Prajwal et al. 2020), 96x96"
     }
 
 ``blend`` says which part of the face the model redraws and the compositor pastes back:
 ``"lower_half"`` (Wav2Lip-style models, the default) or ``"mouth"`` (the built-in
 ``rapido-lite``, which draws only the mouth).
+
+``mel_offset_frames`` says where video frame ``n``'s window of 16 mel frames starts, in
+video frames relative to ``n``: the window begins at mel frame
+``floor(80 / fps * (n + mel_offset_frames))``. Wav2Lip's training loader paired frame
+``n`` with the window one frame earlier, so weights trained by it expect ``-1`` (audio
+``[t - 40 ms, t + 160 ms]`` around the frame's time ``t``), the default; ``0`` is
+Wav2Lip's inference script, which shows trained weights' mouth 40 ms early. The built-in
+models state ``-1`` too. The pipeline follows it everywhere: the windows, the look-ahead
+a frame waits for (135.6 ms at -1, 175.6 ms at 0) and the silence before an utterance's
+first frames. A manifest of ``rapido-lite`` written before the field existed is read as
+``0``, the window that graph was drawn for.
 
 Only ``name``, ``format`` and ``crop_size`` are always required; ``path`` is required for
 ``format: "onnx"`` and ``torch_factory`` for ``format: "torch"``. Relative paths are
@@ -56,6 +68,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from rapido.pipeline.features import MAX_OFFSET_FRAMES
 
 __all__ = [
     "AUDIO_FEATURES",
@@ -124,6 +138,8 @@ class ModelManifest:
     checkpoint: Path | None = None
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
     blend: BlendRegion = "lower_half"
+    #: Where frame n's mel window starts, in frames from n (see the module docstring).
+    mel_offset_frames: int = -1
     description: str = ""
     source: Path | None = field(default=None, compare=False, repr=False)
 
@@ -215,6 +231,10 @@ def _validate(m: ModelManifest) -> None:
                                       f"integers from 1 to {_MAX_BATCH}, got {bs!r}")
     if m.blend not in BLEND_REGIONS:
         raise _fail(w, "blend", f"must be one of {', '.join(BLEND_REGIONS)}, got {m.blend!r}")
+    if not _is_int(m.mel_offset_frames) or abs(m.mel_offset_frames) > MAX_OFFSET_FRAMES:
+        raise _fail(w, "mel_offset_frames", f"must be an integer from {-MAX_OFFSET_FRAMES} "
+                                            f"to {MAX_OFFSET_FRAMES} (video frames), "
+                                            f"got {m.mel_offset_frames!r}")
     if not isinstance(m.description, str):
         raise _fail(w, "description", f"must be a string, got {m.description!r}")
 
@@ -258,6 +278,10 @@ def load_manifest(path: str | os.PathLike[str]) -> ModelManifest:
         # Written before manifests stated their blend region (an exported rapido-lite
         # in a folder of its own): that model only ever redrew the mouth.
         kw["blend"] = "mouth"
+    if "mel_offset_frames" not in kw and kw.get("name") == "rapido-lite":
+        # Likewise before manifests stated their window: that graph read the window
+        # starting at the frame itself.
+        kw["mel_offset_frames"] = 0
     base = src.parent
     for key in ("path", "checkpoint"):
         if kw.get(key) is not None:

@@ -31,12 +31,13 @@ from rapido.gpu.manifest import (
     load_manifest,
     write_manifest,
 )
+from rapido.pipeline.features import MelSpec
 
 log = logging.getLogger(__name__)
 
 BUILTINS = ("rapido-lite", "wav2lip-96")
 #: Bumped whenever a built-in's graph or manifest changes, so stale caches are rebuilt.
-BUILD_VERSION = "2"  # 2: manifests state their blend region
+BUILD_VERSION = "3"  # 2: manifests state their blend region; 3: and their mel window
 
 
 def default_model_dir() -> Path:
@@ -52,6 +53,7 @@ def build_builtin(name: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
     if name == "rapido-lite":
+        from rapido.gpu.models.lite import MEL_OFFSET_FRAMES as LITE_MEL_OFFSET
         from rapido.gpu.models.lite import build_lite
         from rapido.gpu.models.lite import export_onnx as export_lite
 
@@ -61,6 +63,7 @@ def build_builtin(name: str, out_dir: Path) -> Path:
             name="rapido-lite", format="onnx", path=onnx_path,
             crop_size=int(lite.crop_size),
             torch_factory="rapido.gpu.models.lite:build_lite", blend="mouth",
+            mel_offset_frames=LITE_MEL_OFFSET,
             description="rapido-lite: a parametric mouth renderer for the default avatar "
                         "(not a trained network)")
     else:
@@ -71,6 +74,8 @@ def build_builtin(name: str, out_dir: Path) -> Path:
         manifest = ModelManifest(
             name="wav2lip-96", format="onnx", path=onnx_path, crop_size=96,
             torch_factory="rapido.gpu.models.wav2lip:build",
+            # Wav2Lip's training alignment: what its released weights expect.
+            mel_offset_frames=-1,
             description="Wav2Lip-96 reference architecture, seeded random weights")
     path = write_manifest(manifest, out_dir / "manifest.json")
     (out_dir / "VERSION").write_text(BUILD_VERSION + "\n")
@@ -163,6 +168,7 @@ def open_renderer(model: ModelSettings, batch: BatchSettings, *,
         # Several batches at once only where the backend allows it.
         batch_workers=batch.batch_workers if backend.thread_safe else 1,
         budget_ms=batch.frame_budget_ms, batcher_metrics=metrics,
+        spec=MelSpec(offset_frames=manifest.mel_offset_frames),
         on_quality=on_quality, model_name=manifest.name)
     log.info("lip sync: model %s on %s", manifest.name, backend.name)
     return renderer

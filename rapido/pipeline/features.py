@@ -15,8 +15,14 @@ The lip-sync model was trained on the mel spectrogram of Wav2Lip's ``audio.py`` 
 * ``20 log10(max(1e-5, S)) - 20``, then the symmetric normalisation into [-4, 4].
 
 For video frame ``n`` (25 fps) the model takes the 16 mel frames (200 ms) starting at mel
-frame ``int(80 / fps * n)``. Near the end of an utterance Wav2Lip's inference uses the
-last 16 frames instead; :class:`MelStream` does the same.
+frame ``floor(80 / fps * (n + offset_frames))``. ``offset_frames`` is the model's own
+(its manifest's ``mel_offset_frames``): Wav2Lip's training loader pairs frame ``n`` with
+the window one frame earlier (-1: audio ``[t - 40 ms, t + 160 ms]`` around the frame's
+time ``t``, mel frames centred on their hop), which is what trained weights expect; its
+inference script starts the window at the frame itself (0), which shows their mouth 40 ms
+early. Mel frames before an utterance's first are the silence floor (-4): the utterance
+is preceded by silence. Near the end of an utterance Wav2Lip's inference uses the last 16
+frames instead; :class:`MelStream` does the same.
 
 Inside the pipeline audio is int16 at 48 kHz, so :class:`MelStream` first brings it to
 16 kHz with a zero-phase (delay-compensated) Kaiser-windowed-sinc low-pass and decimation
@@ -68,6 +74,9 @@ _FIR_MAX_FFT = 1024
 # streams); the steady state is 640 samples and 3.2 frames per stream per 40 ms tick.
 _MAX_OUT_PER_ROUND = 1_600
 _MAX_FRAMES_PER_BATCH = 512
+#: How far a model's window may sit from its frame, in video frames (+-320 ms at 25 fps):
+#: further is a mistake in a manifest, not a model.
+MAX_OFFSET_FRAMES = 8
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ class MelSpec:
     max_abs_value: float = 4.0
     fps: int = 25
     window_frames: int = 16
+    #: Where video frame n's window starts, in video frames relative to n (see the
+    #: module docstring): the model's manifest says (``mel_offset_frames``).
+    offset_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0 or AUDIO_RATE % self.sample_rate:
@@ -106,6 +118,9 @@ class MelSpec:
             raise ValueError("need 0 <= fmin < fmax <= sample_rate / 2")
         if self.window_frames < 1 or self.n_mels < 1:
             raise ValueError("window_frames and n_mels must be positive")
+        if abs(self.offset_frames) > MAX_OFFSET_FRAMES:
+            raise ValueError(f"offset_frames {self.offset_frames} is beyond "
+                             f"+-{MAX_OFFSET_FRAMES} frames")
         if self.min_level_db >= 0 or self.max_abs_value <= 0:
             raise ValueError("need min_level_db < 0 and max_abs_value > 0")
 
@@ -129,11 +144,13 @@ class MelSpec:
         return (self.decimation * _FIR_BRANCH_TAPS - 1) // 2
 
     def mel_start(self, n: int) -> int:
-        """First mel frame of video frame ``n``'s window: Wav2Lip's ``int(80./fps * n)``.
+        """First mel frame of video frame ``n``'s window: Wav2Lip's ``int(80./fps * n)``
+        for ``offset_frames`` 0, ``floor(80./fps * (n + offset_frames))`` in general
+        (negative for the first frames of an utterance with a negative offset).
 
         Integer arithmetic so it cannot drift on long streams; the tests check it equals
         the float expression for every ``n < 10**6``."""
-        return n * self.mel_fps // self.fps
+        return (n + self.offset_frames) * self.mel_fps // self.fps
 
     def n_frames(self, n16: int) -> int:
         """Mel frames of an utterance of ``n16`` samples at 16 kHz (centred, as librosa)."""
@@ -154,7 +171,7 @@ class MelSpec:
         ``n_fft / 2`` samples past it (frame 0's reflected left pad reads sample
         ``n_fft / 2``); each 16 kHz sample needs ``fir_half`` 48 kHz samples of filter
         lookahead."""
-        last = self.mel_start(n) + self.window_frames - 1
+        last = max(0, self.mel_start(n) + self.window_frames - 1)
         y_needed = max(last * self.hop + self.n_fft // 2, self.n_fft // 2 + 1)
         return self.decimation * (y_needed - 1) + self.fir_half + 1
 
@@ -162,11 +179,15 @@ class MelSpec:
     def lookahead_samples48(self) -> int:
         """Worst case over ``n`` of how many 48 kHz samples past the end of video frame
         ``n``'s audio must arrive before its window is complete: 8429 (175.6 ms) with the
-        defaults, of which 151 are the decimation filter's. The pattern repeats every
-        ``fps / gcd(fps, mel_fps)`` frames."""
+        defaults (offset 0), 6509 (135.6 ms) with Wav2Lip's training offset (-1); 151 of
+        them are the decimation filter's. The pattern repeats every
+        ``fps / gcd(fps, mel_fps)`` frames; the first frames of an utterance, whose window
+        starts before it with a negative offset, need no more than later ones."""
         period = self.fps // math.gcd(self.fps, self.mel_fps)
+        first = max(0, -self.offset_frames)
         return max(
-            self.samples48_needed(n) - (n + 1) * self.frame_samples48 for n in range(period)
+            self.samples48_needed(n) - (n + 1) * self.frame_samples48
+            for n in range(first, first + period)
         )
 
 
@@ -520,31 +541,35 @@ class MelStream:
         if start + w > self._mel_n and self._has_work():
             compute_pending([self])
         total = self.total_frames
+        # A window starting before the utterance (a negative offset, its first frames)
+        # holds the silence floor there: silence precedes every utterance.
+        lead = max(0, -start)
+        first = start + lead
+        out = np.full((self.spec.n_mels, w), -self.spec.max_abs_value, np.float32)
         if total is not None and self._mel_n == total and start + w > total:
-            start = max(0, total - w)
+            if start >= 0 or total >= w:
+                start, lead, first = max(0, total - w), 0, max(0, total - w)
         elif start + w > self._mel_n:
-            if not partial or start >= self._mel_n:
+            if not partial or first >= self._mel_n:
                 return None
             # A live stream plays before all of the window's audio has arrived: the
             # frames still missing repeat the last one computed (speech rarely stops
             # exactly there, and the model weighs the window's start most).
-            rows = self._mel[start - self._mel_lo : self._mel_n - self._mel_lo]
-            out = np.empty((self.spec.n_mels, w), np.float32)
-            out[:, : rows.shape[0]] = rows.T
-            out[:, rows.shape[0] :] = rows[-1][:, None]
+            rows = self._mel[first - self._mel_lo : self._mel_n - self._mel_lo]
+            out[:, lead : lead + rows.shape[0]] = rows.T
+            out[:, lead + rows.shape[0] :] = rows[-1][:, None]
             return out
-        if start < self._mel_lo:
+        if first < self._mel_lo:
             raise ValueError(f"window {n} was released")
-        rows = self._mel[start - self._mel_lo : min(start + w, self._mel_n) - self._mel_lo]
-        out = np.full((self.spec.n_mels, w), -self.spec.max_abs_value, np.float32)
-        out[:, : rows.shape[0]] = rows.T
+        rows = self._mel[first - self._mel_lo : min(start + w, self._mel_n) - self._mel_lo]
+        out[:, lead : lead + rows.shape[0]] = rows.T
         return out
 
     def release(self, n: int) -> None:
         """Windows of video frames before ``n`` will not be asked for again: free their
         mel frames. The last ``window_frames`` frames stay for the end-of-utterance
         windows."""
-        keep = min(self.spec.mel_start(n), self._mel_n - self.spec.window_frames)
+        keep = min(max(0, self.spec.mel_start(n)), self._mel_n - self.spec.window_frames)
         if keep > self._mel_lo:
             used = self._mel_n - self._mel_lo
             drop = keep - self._mel_lo

@@ -95,7 +95,7 @@ class StreamSession:
         max_queued_s: float,
         node_id: str = "",
         on_event: Callable[[StreamSession, JitterEvent], None] | None = None,
-        on_frame: Callable[[float, bool], None] | None = None,
+        on_frame: Callable[[float, MediaChunk], None] | None = None,
     ) -> None:
         self.id = session_id
         self.spec = spec
@@ -363,7 +363,8 @@ class StreamSession:
             assert j.video is not None
             for ev in j.events:
                 self._handle(ev)
-            self.sink.write(MediaChunk(j.index, j.video, j.audio, j.speaking))
+            chunk = MediaChunk(j.index, j.video, j.audio, j.speaking)
+            self.sink.write(chunk)
             c = self.counters
             c.frames_out += 1
             c.speaking_frames += j.speaking
@@ -374,7 +375,7 @@ class StreamSession:
             if late > self.frame_s:
                 c.late_frames += 1
             if self._on_frame is not None:
-                self._on_frame(late, j.speaking)
+                self._on_frame(late, chunk)
 
     # -- events -----------------------------------------------------------------------
 

@@ -11,7 +11,8 @@ speaking streams on two CPU cores.
 Contract (shared with learned models)::
 
     mel   float32 [B, 1, 80, 16]  Wav2Lip mel in [-4, 4] (-4 is silence); 16 frames at
-                                  80 frames/s starting at the video frame's start
+                                  80 frames/s starting one video frame before the
+                                  frame (MEL_OFFSET_FRAMES, Wav2Lip's training window)
     face  float32 [B, 6, S, S]    0-2: face crop with the lower half zeroed (unused here:
                                   the renderer needs no masked input); 3-5: reference crop
     out   float32 [B, 3, S, S]    the reference crop with the mouth drawn, 0..1
@@ -43,6 +44,7 @@ from rapido.gpu.portrait import default_avatar
 from rapido.pipeline.avatar import Avatar
 
 __all__ = [
+    "MEL_OFFSET_FRAMES",
     "MODEL_NAME",
     "LiteMouthModel",
     "build_lite",
@@ -52,6 +54,11 @@ __all__ = [
 ]
 
 MODEL_NAME = "rapido-lite"
+#: Where frame n's window starts, in video frames from n (its manifest's
+#: ``mel_offset_frames``): -1, the window Wav2Lip's weights were trained on, so this model
+#: takes the same serving path as a trained one and waits for 40 ms less audio than with
+#: the inference script's window (0). The kernel below is placed to match.
+MEL_OFFSET_FRAMES = -1
 
 # --------------------------------------------------------------------------- audio
 
@@ -59,13 +66,18 @@ _MEL_BINS = 80
 _MEL_FRAMES = 16
 _FMIN, _FMAX = 55.0, 7600.0  # Wav2Lip's mel range
 
-# Temporal kernel over the 16 mel frames (12.5 ms each, frame 0 at the video frame's
-# start). Mel frames 0..3 are the current 40 ms video frame; a Gaussian centred a little
-# after its middle (mel frame 2.0 = 25 ms, a touch of look-ahead because lips move just
-# before the sound) with sigma 2 frames covers ~0-80 ms. Consecutive video frames shift
-# the window by 4 mel frames = 2 sigma, so neighbouring kernels overlap and the mouth
-# moves smoothly instead of snapping to each 40 ms slice.
-_KERNEL_CENTRE = 2.0
+# Temporal kernel over the 16 mel frames (12.5 ms each, centred on their hop). Window
+# frame k is centred 12.5 k ms after the window's start, which is MEL_OFFSET_FRAMES video
+# frames (3.2 mel frames each) before the frame's own start, give or take the 0-10 ms
+# that Wav2Lip's integer window index rounds away (5 ms on average). The Gaussian sits
+# 2.0 mel frames (25 ms) after the frame's nominal start: with that rounding, the middle
+# of the 40 ms of sound played with the frame, so the mouth shows what is heard with it
+# (measured: rapido.pipeline.lipsync_lag, within a few ms). Sigma 2 frames covers ~0-80
+# ms; consecutive video frames shift the window by 4 mel frames = 2 sigma, so
+# neighbouring kernels overlap and the mouth moves smoothly instead of snapping to each
+# 40 ms slice. The kernel reads window frames ~0-11 only, the frames that at offset -1
+# have arrived 40 ms earlier than at 0.
+_KERNEL_CENTRE = 2.0 - MEL_OFFSET_FRAMES * 80.0 / 25.0
 _KERNEL_SIGMA = 2.0
 
 # Loudness is the mean of (mel + 4) / 8 over bins. Digital silence is 0; speech at
