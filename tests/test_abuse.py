@@ -4,6 +4,11 @@ The node runs in a subprocess (its own memory is what is measured: VmHWM, the pe
 from /proc) with one honest neighbour: a session fed speech in real time over its
 WebSocket, whose delivered frame rate (``frames_out`` per second, read from the API) must
 stay at 24 fps or more in every second of the attack.
+
+Starting a node (the model warmed up) is the costly part, so consecutive tests that ask
+for the same settings share one node process (``shared_node``; the two upload tests do):
+each test gets it without sessions (what an earlier test left is deleted) and with its
+peak RSS reset to the current RSS, so a test measures its own attack as on a fresh node.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,12 @@ class NodeProcess:
         assert m, f"{key} not in /proc/{self.proc.pid}/status"
         return int(m.group(1))
 
+    def reset_peak(self) -> None:
+        """VmHWM back to the current RSS (proc(5): clear_refs "5", Linux >= 4.0)."""
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        assert self.status_kb("VmHWM") <= self.status_kb("VmRSS") + 16 * 1024, \
+            "the peak RSS was not reset"
+
 
 async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodeProcess:
     """``python -m rapido serve`` on a free port with ``settings`` (as RAPIDO_* env)."""
@@ -70,8 +82,9 @@ async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodePr
         if m:
             node.url = m.group(1)
         assert time.monotonic() < deadline, "the node never said where it serves"
-    # Keep reading its output so a chatty node never blocks on a full pipe.
-    loop.run_in_executor(None, _drain, proc, node.output)
+    # Keep reading its output so a chatty node never blocks on a full pipe (a thread of
+    # its own: a node shared by several tests outlives the loop that started it).
+    threading.Thread(target=_drain, args=(proc, node.output), daemon=True).start()
     async with aiohttp.ClientSession() as http:
         while True:
             async with http.get(f"{node.url}/ready") as r:
@@ -102,19 +115,62 @@ def stop_node(node: NodeProcess) -> None:
             node.proc.wait()
 
 
-@pytest.fixture
-async def abuse_node(tmp_path: Path, model_dir: Path
-                     ) -> AsyncIterator[Callable[..., Awaitable[NodeProcess]]]:
-    nodes: list[NodeProcess] = []
+class SharedNode:
+    """One node process at a time for the module: a test asking for the settings of the
+    running node gets that node, emptied of sessions and with its peak RSS reset; other
+    settings stop it and start a new one. Tests that share settings sit next to each
+    other in this module."""
 
-    async def factory(**settings: Any) -> NodeProcess:
-        node = await start_node(tmp_path, model_dir, **settings)
-        nodes.append(node)
+    def __init__(self, workdir: Path, model_dir: Path) -> None:
+        self.workdir = workdir
+        self.model_dir = model_dir
+        self.node: NodeProcess | None = None
+        self.settings: dict[str, Any] = {}
+        self.started = 0
+
+    async def __call__(self, **settings: Any) -> NodeProcess:
+        node = self.node
+        if node is not None and (settings != self.settings or node.proc.poll() is not None):
+            self.close()
+            node = None
+        if node is None:
+            self.started += 1
+            node = await start_node(self.workdir / f"node{self.started}", self.model_dir,
+                                    **settings)
+            self.node, self.settings = node, settings
+            return node
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{node.url}/api/sessions") as r:
+                assert r.status == 200, await r.text()
+                left = [s["session_id"] for s in (await r.json())["sessions"]]
+            for sid in left:
+                async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
+                    assert r.status in (200, 404), await r.text()
+            async with http.get(f"{node.url}/api/sessions") as r:
+                assert (await r.json())["sessions"] == [], "sessions left on the shared node"
+        node.reset_peak()
         return node
 
-    yield factory
-    for node in nodes:
-        stop_node(node)
+    def close(self) -> None:
+        if self.node is not None:
+            stop_node(self.node)
+            self.node = None
+
+
+@pytest.fixture(scope="module")
+def shared_node(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
+                ) -> Iterator[Callable[..., Awaitable[NodeProcess]]]:
+    nodes = SharedNode(tmp_path_factory.mktemp("abuse"), model_dir)
+    try:
+        yield nodes
+    finally:
+        nodes.close()
+
+
+@pytest.fixture
+async def abuse_node(shared_node: Callable[..., Awaitable[NodeProcess]]
+                     ) -> Callable[..., Awaitable[NodeProcess]]:
+    return shared_node
 
 
 class Honest:
@@ -149,6 +205,13 @@ class Honest:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Ended here, so that stopping the node has no speech in flight to wait for and
+        # a later test on the same node starts its own honest lesson.
+        with contextlib.suppress(aiohttp.ClientError):
+            async with self.http.delete(
+                    f"{self.url}/api/sessions/{self.session['session_id']}",
+                    headers=self.headers) as r:
+                await r.read()
 
     async def _speak(self) -> None:
         audio = speech(3.0, seed=7)
@@ -378,6 +441,9 @@ async def test_a_client_trickling_its_request_is_cut_off(
 # -- item 1: maximum-size audio uploads ---------------------------------------------------
 
 MAX_BODY = 16 * 1024 * 1024  # max_body_bytes' default
+#: The node of both upload tests: the queue holds an hour; ten uploads may be read at
+#: once (the one-at-a-time test sends one at a time either way).
+UPLOADS: dict[str, Any] = {"max_queued_audio_s": 3600, "max_concurrent_uploads": 10}
 #: Each format at 8 kHz, the rate whose upsampling costs most per byte; 8-bit WAV is the
 #: worst case (most samples per byte: 16 MiB is 2097 s of speech, 201 MB at 48 kHz).
 UPLOAD_KINDS = ("wav-u8", "wav-s16", "wav-f32", "l16")
@@ -427,7 +493,7 @@ async def test_max_size_upload_of_each_format_keeps_memory_bounded(
     played, so it is really decoded and resampled: the node's peak RSS rises by less
     than 100 MB, and the honest neighbour keeps 24 fps. The same 8-bit upload again does
     not fit what is left of the queue: 429 at once, from its header."""
-    node = await abuse_node(max_queued_audio_s=3600)
+    node = await abuse_node(**UPLOADS)
     growth: dict[str, float] = {}
     async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
         t0 = honest.mark()
@@ -458,7 +524,7 @@ async def test_ten_max_size_uploads_at_once_keep_memory_bounded(
         abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
     """Ten maximum-size 8-bit 8 kHz uploads at once to ten sessions, all accepted and
     playing: the peak RSS rises by less than 400 MB; the honest neighbour keeps 24 fps."""
-    node = await abuse_node(max_queued_audio_s=3600, max_concurrent_uploads=10)
+    node = await abuse_node(**UPLOADS)
     body, ctype = max_upload("wav-u8")
     async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
         sids = [await create(http, node.url, f"upload-{i}") for i in range(10)]

@@ -9,8 +9,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ import pytest
 
 from rapido.cluster.agent import SerfAgent, SerfAgentSettings
 from rapido.config import Config, ConfigError
-from tests.conftest import REPO, NodeFactory, system_tool
+from tests.conftest import REPO, NodeFactory, speech, system_tool
+from tests.test_api import wav_bytes
+from tests.test_drain import _closed_event
+from tests.test_drain import _drain as post_drain
 from tests.test_serf import free_port, write_keyring
 
 
@@ -48,12 +52,13 @@ def _spawn(node_id: str, bind: str, join: list[str], keyring: Path, tmp: Path,
     return ClusterNode(proc, node_id, bind)
 
 
-async def _wait_url(node: ClusterNode) -> None:
-    loop = asyncio.get_running_loop()
+def _read_url(node: ClusterNode) -> None:
+    """Read the node's output until it says where it serves (blocking), then keep
+    reading it in a thread of its own (a node may outlive the loop that started it)."""
     assert node.proc.stdout is not None
     deadline = time.monotonic() + 60
     while not node.url:
-        line = await loop.run_in_executor(None, node.proc.stdout.readline)
+        line = node.proc.stdout.readline()
         if not line:
             raise AssertionError(f"{node.node_id} exited early:\n{''.join(node.output)}")
         node.output.append(line)
@@ -61,7 +66,11 @@ async def _wait_url(node: ClusterNode) -> None:
         if m:
             node.url = m.group(1)
         assert time.monotonic() < deadline, f"{node.node_id} never said where it serves"
-    loop.run_in_executor(None, _drain, node)
+    threading.Thread(target=_drain, args=(node,), daemon=True).start()
+
+
+async def _wait_url(node: ClusterNode) -> None:
+    await asyncio.to_thread(_read_url, node)
 
 
 def _drain(node: ClusterNode) -> None:
@@ -70,32 +79,57 @@ def _drain(node: ClusterNode) -> None:
         node.output.append(line)
 
 
+def spawn_nodes(ids: list[str], keyring: Path, tmp: Path, join: list[str] | None = None,
+                env: dict[str, str] | None = None, binds: list[str] | None = None
+                ) -> list[ClusterNode]:
+    """Start ``rapido serve`` processes at once (each joining ``join``, by default all of
+    them); return without waiting for them. ``binds``: the first ones' gossip addresses
+    (a free port for the rest)."""
+    serf = system_tool("serf")
+    binds = [*(binds or []), *(f"127.0.0.1:{free_port()}" for _ in ids)][:len(ids)]
+    return [_spawn(i, b, join or binds, keyring, tmp, str(Path(serf).parent), env)
+            for i, b in zip(ids, binds, strict=True)]
+
+
+def stop_nodes(nodes: list[ClusterNode]) -> None:
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.proc.kill()
+    for n in nodes:
+        n.proc.wait(timeout=30)
+
+
+def started_cluster(ids: list[str], tmp: Path, env: dict[str, str] | None = None
+                    ) -> Iterator[list[ClusterNode]]:
+    """A cluster for a module-scoped fixture (several tests share it; a test that kills
+    a node comes last among them): ``ids`` joined together, on a keyring of their own,
+    started at once and serving when it yields; killed afterwards."""
+    nodes = spawn_nodes(ids, write_keyring(tmp / "keyring.json"), tmp, env=env)
+    try:
+        for n in nodes:
+            _read_url(n)
+        yield nodes
+    finally:
+        stop_nodes(nodes)
+
+
 Starter = Callable[..., Awaitable[list[ClusterNode]]]
 
 
 @pytest.fixture
 async def start_nodes(tmp_path: Path) -> AsyncIterator[Starter]:
-    serf = system_tool("serf")
     nodes: list[ClusterNode] = []
 
     async def start(ids: list[str], keyring: Path, join: list[str] | None = None,
-                    env: dict[str, str] | None = None,
-                    binds: list[str] | None = None) -> list[ClusterNode]:
-        """``binds``: the first nodes' Serf addresses, chosen by the caller (a free port
-        each otherwise)."""
-        binds = [*(binds or []), *(f"127.0.0.1:{free_port()}" for _ in ids)][:len(ids)]
-        started = [_spawn(i, b, join or binds, keyring, tmp_path, str(Path(serf).parent),
-                          env)
-                   for i, b in zip(ids, binds, strict=True)]
+                    env: dict[str, str] | None = None, binds: list[str] | None = None
+                    ) -> list[ClusterNode]:
+        started = spawn_nodes(ids, keyring, tmp_path, join, env, binds)
         nodes.extend(started)
         await asyncio.gather(*(_wait_url(n) for n in started))
         return started
 
     yield start
-    for n in nodes:
-        if n.proc.poll() is None:
-            n.proc.kill()
-        n.proc.wait(timeout=30)
+    stop_nodes(nodes)
 
 
 async def _cluster(http: aiohttp.ClientSession, node: ClusterNode | str) -> dict[str, Any]:
@@ -272,11 +306,18 @@ def _serf_children(parent: int | None = None) -> list[int]:
     return out
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ClusterNode]]:
+    """Nodes ``a`` and ``b`` (regions r-a and r-b), shared by the two tests below: the
+    killed agent (which ends with both joined again), then the drain (which ends ``a``).
+    Both start from a converged pair, as on a fresh one."""
+    yield from started_cluster(["a", "b"], tmp_path_factory.mktemp("pair"))
+
+
 @pytest.mark.slow
 async def test_a_killed_agent_is_restarted_and_the_node_serves_meanwhile(
-        start_nodes: Starter, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    keyring = write_keyring(tmp_path / "keyring.json")
-    a, b = await start_nodes(["a", "b"], keyring)
+        pair: list[ClusterNode], http: aiohttp.ClientSession) -> None:
+    a, b = pair
 
     async def joined() -> bool:
         for n in (a, b):
@@ -330,6 +371,76 @@ async def test_a_killed_agent_is_restarted_and_the_node_serves_meanwhile(
     async with http.get(f"{a.url}/metrics") as r:
         m = re.search(r"^cluster_agent_restarts_total (\S+)$", await r.text(), re.MULTILINE)
     assert m is not None and float(m.group(1)) >= 1
+
+
+@pytest.mark.slow
+async def test_drain_in_a_cluster_tags_moves_leaves_and_exits_0(
+        pair: list[ClusterNode], http: aiohttp.ClientSession) -> None:
+    """POST drain on A: B sees A draining within the gossip's delay while A's lesson
+    plays out; A's WebSocket client gets ``closed`` ``moved``; A leaves (B lists it
+    ``left``, not ``failed``) and exits 0. (Here, not in tests/test_drain.py, for the
+    pair it shares with the test above.)"""
+    a, b = pair
+
+    async def joined() -> bool:
+        for n in (a, b):
+            body = await _cluster(http, n)
+            if {k: m["state"] for k, m in _members(body).items()} != {"a": "alive",
+                                                                      "b": "alive"}:
+                return False
+        return True
+
+    assert await _until(joined, 20), [await _cluster(http, n) for n in (a, b)]
+    async with http.post(f"{a.url}/api/sessions", json={"lesson_id": "d1"}) as r:
+        assert r.status == 201, await r.text()
+        session = await r.json()
+    # Six seconds of speech in flight: the drain waits for it (drain_timeout_s is 30).
+    async with http.post(session["audio_url"], data=wav_bytes(speech(6.0), 16_000),
+                         headers={"Content-Type": "audio/wav"}) as r:
+        assert r.status == 202, await r.text()
+    async with http.ws_connect(session["ws_url"]) as ws:
+        assert (await ws.receive_json())["type"] == "ready"
+        t0 = time.monotonic()
+        status, body = await post_drain(http, a.url)
+        assert (status, body) == (202, {"draining": True, "drain_timeout_s": 30.0})
+
+        async def seen_draining() -> dict[str, Any] | None:
+            member = _members(await _cluster(http, b)).get("a")
+            return member if member and member["draining"] else None
+
+        member = await _until(seen_draining, 3.0)
+        seen_after = time.monotonic() - t0
+        assert member, await _cluster(http, b)
+        assert member["state"] == "alive", member  # still a member while it drains
+        # Draining, A still serves its lesson but takes no new one: a new lesson asked
+        # of either node is placed on B.
+        async with http.get(f"{a.url}/api/sessions/{session['session_id']}") as r:
+            assert r.status == 200 and (await r.json())["state"] == "speaking"
+        for front in (a, b):
+            async with http.post(f"{front.url}/api/sessions",
+                                 json={"lesson_id": f"d2-{front.node_id}"}) as r:
+                assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
+        status, again = await post_drain(http, a.url)
+        assert (status, again) == (202, body)
+
+        closed = await _closed_event(ws)
+        played_s = time.monotonic() - t0
+    assert closed == {"type": "closed", "reason": "moved"}, closed
+    assert played_s > 4.0, "the speech in flight played out before the session closed"
+    # The moved client comes back through the node it knows of and lands on B.
+    async with http.post(f"{b.url}/api/sessions", json={"lesson_id": "d1"}) as r:
+        assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
+    loop = asyncio.get_running_loop()
+    rc = await loop.run_in_executor(None, lambda: a.proc.wait(timeout=30))
+    assert rc == 0, "".join(a.output)
+    assert "Traceback" not in "".join(a.output), "".join(a.output)
+
+    async def left() -> bool:
+        return _members(await _cluster(http, b)).get("a", {}).get("state") == "left"
+
+    assert await _until(left, 10), await _cluster(http, b)
+    assert (await _cluster(http, b))["cluster"] == "ok"  # a leave is no failure
+    print(f"B saw A draining {seen_after:.2f} s after the POST")
 
 
 async def test_single_node_reports_itself(make_node: NodeFactory,

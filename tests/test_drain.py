@@ -1,31 +1,21 @@
-"""Draining a node: ``POST /api/admin/drain`` (as SIGTERM), in a cluster of real
-``rapido serve`` processes with real Serf agents, and its bad input."""
+"""Draining a node: ``POST /api/admin/drain`` (as SIGTERM) and its bad input. Draining
+in a cluster of real ``rapido serve`` processes with real Serf agents is in
+tests/test_cluster.py (it shares that module's pair of nodes)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from rapido.config import Config
 from rapido.http.app import make_app
 from rapido.metrics import Metrics
 from rapido.wiring import build_engine, http_settings
-from tests.conftest import API_KEY, NodeFactory, create_session, speech
-from tests.test_api import wav_bytes
-from tests.test_cluster import (  # noqa: F401 - start_nodes is a fixture
-    Starter,
-    _cluster,
-    _members,
-    _until,
-    start_nodes,
-)
-from tests.test_serf import write_keyring
+from tests.conftest import API_KEY, NodeFactory, create_session
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -103,77 +93,6 @@ async def _closed_event(ws: aiohttp.ClientWebSocketResponse,
                 if event["type"] == "closed":
                     return event
     return None
-
-
-@pytest.mark.slow
-async def test_drain_in_a_cluster_tags_moves_leaves_and_exits_0(
-        start_nodes: Starter,  # noqa: F811 - the fixture imported above
-        tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """POST drain on A: B sees A draining within the gossip's delay while A's lesson
-    plays out; A's WebSocket client gets ``closed`` ``moved``; A leaves (B lists it
-    ``left``, not ``failed``) and exits 0."""
-    keyring = write_keyring(tmp_path / "keyring.json")
-    a, b = await start_nodes(["a", "b"], keyring)
-
-    async def joined() -> bool:
-        for n in (a, b):
-            body = await _cluster(http, n)
-            if {k: m["state"] for k, m in _members(body).items()} != {"a": "alive",
-                                                                      "b": "alive"}:
-                return False
-        return True
-
-    assert await _until(joined, 20), [await _cluster(http, n) for n in (a, b)]
-    async with http.post(f"{a.url}/api/sessions", json={"lesson_id": "d1"}) as r:
-        assert r.status == 201, await r.text()
-        session = await r.json()
-    # Six seconds of speech in flight: the drain waits for it (drain_timeout_s is 30).
-    async with http.post(session["audio_url"], data=wav_bytes(speech(6.0), 16_000),
-                         headers={"Content-Type": "audio/wav"}) as r:
-        assert r.status == 202, await r.text()
-    async with http.ws_connect(session["ws_url"]) as ws:
-        assert (await ws.receive_json())["type"] == "ready"
-        t0 = time.monotonic()
-        status, body = await _drain(http, a.url)
-        assert (status, body) == (202, {"draining": True, "drain_timeout_s": 30.0})
-
-        async def seen_draining() -> dict[str, Any] | None:
-            member = _members(await _cluster(http, b)).get("a")
-            return member if member and member["draining"] else None
-
-        member = await _until(seen_draining, 3.0)
-        seen_after = time.monotonic() - t0
-        assert member, await _cluster(http, b)
-        assert member["state"] == "alive", member  # still a member while it drains
-        # Draining, A still serves its lesson but takes no new one: a new lesson asked
-        # of either node is placed on B.
-        async with http.get(f"{a.url}/api/sessions/{session['session_id']}") as r:
-            assert r.status == 200 and (await r.json())["state"] == "speaking"
-        for front in (a, b):
-            async with http.post(f"{front.url}/api/sessions",
-                                 json={"lesson_id": f"d2-{front.node_id}"}) as r:
-                assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
-        status, again = await _drain(http, a.url)
-        assert (status, again) == (202, body)
-
-        closed = await _closed_event(ws)
-        played_s = time.monotonic() - t0
-    assert closed == {"type": "closed", "reason": "moved"}, closed
-    assert played_s > 4.0, "the speech in flight played out before the session closed"
-    # The moved client comes back through the node it knows of and lands on B.
-    async with http.post(f"{b.url}/api/sessions", json={"lesson_id": "d1"}) as r:
-        assert r.status == 201 and (await r.json())["node"] == "b", await r.text()
-    loop = asyncio.get_running_loop()
-    rc = await loop.run_in_executor(None, lambda: a.proc.wait(timeout=30))
-    assert rc == 0, "".join(a.output)
-    assert "Traceback" not in "".join(a.output), "".join(a.output)
-
-    async def left() -> bool:
-        return _members(await _cluster(http, b)).get("a", {}).get("state") == "left"
-
-    assert await _until(left, 10), await _cluster(http, b)
-    assert (await _cluster(http, b))["cluster"] == "ok"  # a leave is no failure
-    print(f"B saw A draining {seen_after:.2f} s after the POST")
 
 
 async def test_an_app_without_a_node_to_stop_says_so(tmp_path: Path) -> None:

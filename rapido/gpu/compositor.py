@@ -17,13 +17,16 @@ import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rapido.gpu.manifest import BlendRegion
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.media import VideoFrame, i420_to_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 Blend = BlendRegion  # the part of the face a model redraws (its manifest says which)
 
@@ -196,6 +199,8 @@ class Compositor:
                             device: str = "cpu") -> list[VideoFrame]:
         """Blend a batch of crops (a torch tensor ``[B,3,S,S]`` already on ``device``) on
         the device; one device-to-host copy per frame for the finished region."""
+        import torch  # loads only where a torch backend runs (rapido.gpu.backends)
+
         st = self._torch_state(device)
         crops_t = crops if isinstance(crops, torch.Tensor) else torch.as_tensor(crops)
         crops_t = crops_t.to(st.device, torch.float32)
@@ -225,6 +230,8 @@ class Compositor:
         return VideoFrame(out, w, h)
 
     def _torch_state(self, device: str) -> _TorchState:
+        import torch
+
         with self._lock:
             if self._torch is None or str(self._torch.device) != str(torch.device(device)):
                 dev = torch.device(device)
