@@ -14,8 +14,8 @@
 # The requirements are resolved once (one `pip download`), pinned into
 # <out>/requirements.txt, and checked: one version of each name, no torch. Markers
 # (python_version, sys_platform) are evaluated by the interpreter that runs pip:
-# python<version> when it is on PATH (else the repo's .venv, with a note), so run it
-# where that interpreter exists. Needs the network (a package index); run it on a
+# python<version> when it runs (on PATH or pyenv's; else the repo's .venv, with a note),
+# so run it where that interpreter exists. Needs the network (a package index); run it on a
 # machine that has one and carry the folder over.
 set -euo pipefail
 
@@ -39,7 +39,8 @@ on PLATFORM, and build rapido's own wheel, into DIR.
                     there is replaced
   -h, --help        this text
 
-Environment: PYTHON, the interpreter whose pip resolves (default python<X.Y> if on PATH).
+Environment: PYTHON, the interpreter whose pip resolves (default: a python<X.Y> found
+on PATH or in pyenv, else the repo's .venv; markers are evaluated for its version).
 EOF
 }
 
@@ -96,9 +97,13 @@ if [[ -n ${PYTHON:-} ]]; then
     py=$PYTHON
     have=$(version_of "$py") || fail "cannot run PYTHON=$py"
 else
-    # python<X.Y> when it runs (a pyenv shim may be on PATH and still refuse), else ours.
+    # python<X.Y> when it runs (a pyenv shim may be on PATH and still refuse), one of
+    # pyenv's, else ours.
     py="" have=""
-    for cand in "python$pyver" "$repo/.venv/bin/python" python3; do
+    shopt -s nullglob
+    candidates=("python$pyver" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$pyver".*/bin/"python$pyver")
+    shopt -u nullglob
+    for cand in "${candidates[@]}" "$repo/.venv/bin/python" python3; do
         if v=$(version_of "$cand"); then
             py=$cand have=$v
             break
@@ -109,7 +114,7 @@ fi
 "$py" -m pip --version >/dev/null 2>&1 || fail "$py has no pip (set PYTHON to one that has)"
 if [[ $have != "$pyver" ]]; then
     echo "$me: note: resolving with Python $have for $pyver: dependency markers are" \
-        "evaluated for $have (python$pyver was not found on PATH)" >&2
+        "evaluated for $have (no python$pyver runs here: set PYTHON to one)" >&2
 fi
 
 # Platform tags pip accepts: pip takes only the tags it is given, so a manylinux_2_N tag
