@@ -150,7 +150,18 @@ trap 'rm -rf "$stage"' EXIT
 
 # -- rapido's own wheel, and its requirements less torch -----------------------------------
 echo "== rapido's wheel ($py, pip $("$py" -m pip --version | cut -d' ' -f2))" >&2
-"$py" -m pip wheel --quiet --no-deps -w "$stage/self" "$repo" >&2 \
+# Built from a copy of the checkout's files (tracked and not ignored): an in-tree build
+# would reuse a stale build/ folder, and leave one behind.
+src=$repo
+if git -C "$repo" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    src=$stage/src
+    mkdir -p "$src"
+    while IFS= read -r -d '' f; do
+        if [[ -e $repo/$f ]]; then printf '%s\0' "$f"; fi  # not one deleted in the work tree
+    done < <(git -C "$repo" ls-files -z --cached --others --exclude-standard) \
+        | tar -C "$repo" --null -T - -cf - | tar -C "$src" -xf -
+fi
+"$py" -m pip wheel --quiet --no-deps -w "$stage/self" "$src" >&2 \
     || fail "building rapido's wheel failed (pip wheel --no-deps $repo)"
 self=$(find "$stage/self" -name 'rapido-*.whl' -print -quit)
 [[ -n $self ]] || fail "pip wheel made no rapido-*.whl"
@@ -217,5 +228,6 @@ mv "$stage/wheels"/*.whl "$out/"
     echo "# torch is not here: the host's own is used (pip install --no-index --find-links .)"
     printf '%s\n' "${pins[@]}" | sort
 } >"$out/requirements.txt"
+rm -rf "$stage"
 size=$(du -sh "$out" | cut -f1)
 echo "$me: wrote ${#pins[@]} wheels ($size) to $out for Python $pyver on ${platforms[0]}; pins in $out/requirements.txt"
