@@ -658,7 +658,7 @@ def test_gpu_bench_runs_the_real_cli_with_torch_fp16(tmp_path: Path) -> None:
     got = dict(line.split("=", 1) for line in (out / "env.txt").read_text().splitlines())
     assert (got["RAPIDO_BACKEND"], got["RAPIDO_DEVICE"], got["RAPIDO_DTYPE"]) == (
         "torch", "cuda", "float16")
-    assert re.search(r"timeout -k \d+ \"\$limit\"", GPU_BENCH.read_text())
+    assert re.search(r"timeout -s INT -k \d+ \"\$limit\"", GPU_BENCH.read_text())
     assert "BENCH_TIMEOUT_S:-570" in GPU_BENCH.read_text()
 
 
