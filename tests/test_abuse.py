@@ -5,10 +5,11 @@ from /proc) with one honest neighbour: a session fed speech in real time over it
 WebSocket, whose delivered frame rate (``frames_out`` per second, read from the API) must
 stay at 24 fps or more in every second of the attack.
 
-Starting a node (the model warmed up) is the costly part, so consecutive tests that ask
-for the same settings share one node process (``shared_node``; the two upload tests do):
-each test gets it without sessions (what an earlier test left is deleted) and with its
-peak RSS reset to the current RSS, so a test measures its own attack as on a fresh node.
+Starting a node (the model warmed up) is the costly part: the nodes of the selected
+tests (``on_node``: their settings) start all at once, and are all ready before the
+first attack (``AbuseNodes``); tests with the same settings share a node (the two upload
+tests do), each getting it without sessions and with its peak RSS reset to the current
+RSS, so a test measures its own attack as on a fresh node.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -62,19 +63,21 @@ class NodeProcess:
             "the peak RSS was not reset"
 
 
-async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodeProcess:
-    """``python -m rapido serve`` on a free port with ``settings`` (as RAPIDO_* env)."""
+def spawn_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodeProcess:
+    """``python -m rapido serve`` on a free port with ``settings`` (as RAPIDO_* env), not
+    waited for (:func:`wait_ready`)."""
     env = {**os.environ, "RAPIDO_PORT": "0", "RAPIDO_LOG_LEVEL": "warning",
            "RAPIDO_MODEL_DIR": str(model_dir), "RAPIDO_RECORDINGS_DIR": str(tmp_path / "rec"),
            "RAPIDO_AVATARS_DIR": str(tmp_path / "avatars"), "PYTHONUNBUFFERED": "1"}
     env.update({f"RAPIDO_{k.upper()}": str(v) for k, v in settings.items()})
-    proc = _spawn(env)
-    node = NodeProcess(proc, "")
-    loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + 120
+    return NodeProcess(_spawn(env), "")
+
+
+def _read_url(node: NodeProcess, deadline: float) -> None:
+    proc = node.proc
     assert proc.stdout is not None
     while not node.url:
-        line = await loop.run_in_executor(None, proc.stdout.readline)
+        line = proc.stdout.readline()
         if not line:
             raise AssertionError(f"the node exited early:\n{''.join(node.output)}")
         node.output.append(line)
@@ -85,6 +88,12 @@ async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodePr
     # Keep reading its output so a chatty node never blocks on a full pipe (a thread of
     # its own: a node shared by several tests outlives the loop that started it).
     threading.Thread(target=_drain, args=(proc, node.output), daemon=True).start()
+
+
+async def wait_ready(node: NodeProcess) -> NodeProcess:
+    """Until the node says where it serves and answers /ready with 200."""
+    deadline = time.monotonic() + 120
+    await asyncio.to_thread(_read_url, node, deadline)
     async with aiohttp.ClientSession() as http:
         while True:
             async with http.get(f"{node.url}/ready") as r:
@@ -92,6 +101,10 @@ async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodePr
                     return node
             assert time.monotonic() < deadline, "the node never became ready"
             await asyncio.sleep(0.2)
+
+
+async def start_node(tmp_path: Path, model_dir: Path, **settings: Any) -> NodeProcess:
+    return await wait_ready(spawn_node(tmp_path, model_dir, **settings))
 
 
 def _spawn(env: dict[str, str]) -> subprocess.Popen[str]:
@@ -115,30 +128,62 @@ def stop_node(node: NodeProcess) -> None:
             node.proc.wait()
 
 
-class SharedNode:
-    """One node process at a time for the module: a test asking for the settings of the
-    running node gets that node, emptied of sessions and with its peak RSS reset; other
-    settings stop it and start a new one. Tests that share settings sit next to each
-    other in this module."""
+Settings = dict[str, Any]
+TestFn = TypeVar("TestFn", bound=Callable[..., Any])
 
-    def __init__(self, workdir: Path, model_dir: Path) -> None:
+
+def on_node(settings: Settings) -> Callable[[TestFn], TestFn]:
+    """The settings of the node a test attacks (its ``abuse_node`` fixture)."""
+    def mark(test: TestFn) -> TestFn:
+        setattr(test, "abuse_node_settings", settings)  # noqa: B010 - a Callable to mypy
+        return test
+    return mark
+
+
+def _key(settings: Settings) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(settings.items()))
+
+
+class AbuseNodes:
+    """The nodes of this module's selected tests, one per distinct settings: all started
+    at once when the first test asks (a start is mostly imports and the model warming
+    up, so together they take far less than one after the other) and all ready before
+    any test begins, so none starts beside an attack. A node is stopped when a test
+    asks for another (the tests of one node sit together); a test given a node an
+    earlier test had gets it emptied of sessions and with its peak RSS reset to the
+    current RSS, so it measures its own attack as on a fresh node."""
+
+    def __init__(self, workdir: Path, model_dir: Path, wanted: list[Settings]) -> None:
         self.workdir = workdir
         self.model_dir = model_dir
-        self.node: NodeProcess | None = None
-        self.settings: dict[str, Any] = {}
-        self.started = 0
+        self.wanted = wanted
+        self.nodes: dict[tuple[tuple[str, Any], ...], NodeProcess] = {}
+        self.spawned = 0
+        self.current: tuple[tuple[str, Any], ...] | None = None
 
-    async def __call__(self, **settings: Any) -> NodeProcess:
-        node = self.node
-        if node is not None and (settings != self.settings or node.proc.poll() is not None):
-            self.close()
-            node = None
-        if node is None:
-            self.started += 1
-            node = await start_node(self.workdir / f"node{self.started}", self.model_dir,
-                                    **settings)
-            self.node, self.settings = node, settings
-            return node
+    def _spawn(self, settings: Settings) -> None:
+        self.spawned += 1
+        self.nodes[_key(settings)] = spawn_node(self.workdir / f"node{self.spawned}",
+                                                self.model_dir, **settings)
+
+    async def take(self, settings: Settings) -> NodeProcess:
+        key = _key(settings)
+        if self.current is not None and self.current != key:
+            stop_node(self.nodes.pop(self.current))
+        if key not in self.nodes:
+            waiting = [s for s in (self.wanted if self.spawned == 0 else [])
+                       if _key(s) != key] + [settings]
+            for s in waiting:
+                self._spawn(s)
+            await asyncio.gather(*(wait_ready(self.nodes[_key(s)]) for s in waiting))
+        node = self.nodes[key]
+        assert node.proc.poll() is None, f"the node exited:\n{''.join(node.output)}"
+        if self.current == key:
+            await self._tidy(node)
+        self.current = key
+        return node
+
+    async def _tidy(self, node: NodeProcess) -> None:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{node.url}/api/sessions") as r:
                 assert r.status == 200, await r.text()
@@ -149,18 +194,22 @@ class SharedNode:
             async with http.get(f"{node.url}/api/sessions") as r:
                 assert (await r.json())["sessions"] == [], "sessions left on the shared node"
         node.reset_peak()
-        return node
 
     def close(self) -> None:
-        if self.node is not None:
-            stop_node(self.node)
-            self.node = None
+        for node in self.nodes.values():
+            stop_node(node)
+        self.nodes.clear()
 
 
 @pytest.fixture(scope="module")
-def shared_node(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
-                ) -> Iterator[Callable[..., Awaitable[NodeProcess]]]:
-    nodes = SharedNode(tmp_path_factory.mktemp("abuse"), model_dir)
+def abuse_nodes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                model_dir: Path) -> Iterator[AbuseNodes]:
+    wanted: dict[tuple[tuple[str, Any], ...], Settings] = {}
+    for item in request.session.items:
+        settings = getattr(getattr(item, "function", None), "abuse_node_settings", None)
+        if settings is not None and getattr(item, "module", None) is request.module:
+            wanted.setdefault(_key(settings), settings)
+    nodes = AbuseNodes(tmp_path_factory.mktemp("abuse"), model_dir, list(wanted.values()))
     try:
         yield nodes
     finally:
@@ -168,9 +217,10 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory, model_dir: Path
 
 
 @pytest.fixture
-async def abuse_node(shared_node: Callable[..., Awaitable[NodeProcess]]
-                     ) -> Callable[..., Awaitable[NodeProcess]]:
-    return shared_node
+async def abuse_node(abuse_nodes: AbuseNodes, request: pytest.FixtureRequest
+                     ) -> NodeProcess:
+    """The node of this test's settings (:func:`on_node`), ready."""
+    return await abuse_nodes.take(request.function.abuse_node_settings)
 
 
 class Honest:
@@ -285,8 +335,15 @@ async def honest_neighbour(node: NodeProcess, http: aiohttp.ClientSession,
         yield h
 
 
+#: Each attack's node (the upload tests share theirs: UPLOADS).
+WHEP_NODE: Settings = {"webrtc_max_viewers": 10, "whep_connect_timeout_s": 2.0}
+DEMO_NODE: Settings = {"demo_grace_s": 1.0}
+TRICKLE_NODE: Settings = {"http_read_timeout_s": 1.5}
+
+
+@on_node(WHEP_NODE)
 async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
-        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+        abuse_node: NodeProcess) -> None:
     """Offers with no ICE candidate from clients that then do nothing fill a webrtc
     session's viewer slots; ``whep_connect_timeout_s`` later they are gone, a real
     viewer connects and decodes frames, and the honest neighbour never stutters."""
@@ -295,8 +352,8 @@ async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
     from tests.test_webrtc import watch
     from tests.test_whep import without_candidates
 
-    timeout_s, slots = 2.0, 10
-    node = await abuse_node(webrtc_max_viewers=slots, whep_connect_timeout_s=timeout_s)
+    timeout_s, slots = WHEP_NODE["whep_connect_timeout_s"], WHEP_NODE["webrtc_max_viewers"]
+    node = abuse_node
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -355,14 +412,14 @@ async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
 # -- sessions are reaped; slow clients are cut off -----------------------------------------
 
 
-async def test_demo_presses_leave_no_session_open(
-        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+@on_node(DEMO_NODE)
+async def test_demo_presses_leave_no_session_open(abuse_node: NodeProcess) -> None:
     """Five Demo presses: five sessions that each end by themselves once their script
     has played out and a grace has passed, while the honest lesson plays on."""
     from rapido.http.demo import SCRIPT
 
-    grace = 1.0
-    node = await abuse_node(demo_grace_s=grace)
+    grace = DEMO_NODE["demo_grace_s"]
+    node = abuse_node
     async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
         t0 = honest.mark()
         demos = []
@@ -384,13 +441,13 @@ async def test_demo_presses_leave_no_session_open(
         honest.assert_kept_up(t0)
 
 
-async def test_a_client_trickling_its_request_is_cut_off(
-        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+@on_node(TRICKLE_NODE)
+async def test_a_client_trickling_its_request_is_cut_off(abuse_node: NodeProcess) -> None:
     """Bodies and headers sent slower than http_read_timeout_s: the body gets 408 and the
     connection closes; headers that never finish get the connection closed. Twenty of
     each at once, while the honest lesson plays on."""
-    timeout = 1.5
-    node = await abuse_node(http_read_timeout_s=timeout)
+    timeout = TRICKLE_NODE["http_read_timeout_s"]
+    node = abuse_node
     host, port = node.url.removeprefix("http://").rsplit(":", 1)
     head = (f"POST /api/sessions HTTP/1.1\r\nHost: {host}:{port}\r\n"
             "Content-Type: application/json\r\n")
@@ -487,13 +544,14 @@ async def played_ms(http: aiohttp.ClientSession, url: str, session_id: str) -> f
         return float((await r.json())["stats"]["played_ms"])
 
 
+@on_node(UPLOADS)
 async def test_max_size_upload_of_each_format_keeps_memory_bounded(
-        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+        abuse_node: NodeProcess) -> None:
     """One maximum-size upload of each format, accepted (the queue holds an hour) and
     played, so it is really decoded and resampled: the node's peak RSS rises by less
     than 100 MB, and the honest neighbour keeps 24 fps. The same 8-bit upload again does
     not fit what is left of the queue: 429 at once, from its header."""
-    node = await abuse_node(**UPLOADS)
+    node = abuse_node
     growth: dict[str, float] = {}
     async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
         t0 = honest.mark()
@@ -520,11 +578,12 @@ async def test_max_size_upload_of_each_format_keeps_memory_bounded(
     assert max(growth.values()) < 100, growth
 
 
+@on_node(UPLOADS)
 async def test_ten_max_size_uploads_at_once_keep_memory_bounded(
-        abuse_node: Callable[..., Awaitable[NodeProcess]]) -> None:
+        abuse_node: NodeProcess) -> None:
     """Ten maximum-size 8-bit 8 kHz uploads at once to ten sessions, all accepted and
     playing: the peak RSS rises by less than 400 MB; the honest neighbour keeps 24 fps."""
-    node = await abuse_node(**UPLOADS)
+    node = abuse_node
     body, ctype = max_upload("wav-u8")
     async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
         sids = [await create(http, node.url, f"upload-{i}") for i in range(10)]

@@ -78,9 +78,16 @@ def _check_run(r: dict[str, Any], streams: int) -> None:
         assert key in r
 
 
+@pytest.fixture(scope="module")
+def smoke(bench_env: dict[str, str]) -> dict[str, Any]:
+    """The smoke run (null sink, moderate jitter): its JSON is checked field by field,
+    and it is the baseline the webrtc sink's run is compared with."""
+    return _bench_json(bench_env, *SMOKE, "--jitter", "moderate")
+
+
 @pytest.mark.slow
-def test_bench_json_has_every_field(bench_env: dict[str, str]) -> None:
-    doc = _bench_json(bench_env, *SMOKE, "--jitter", "moderate")
+def test_bench_json_has_every_field(smoke: dict[str, Any]) -> None:
+    doc = smoke
     assert doc["interrupted"] is False and doc["capacity"] is None
     assert doc["machine"]["cores"] >= 1 and doc["machine"]["cpu_model"]
     [run] = doc["runs"]
@@ -91,18 +98,21 @@ def test_bench_json_has_every_field(bench_env: dict[str, str]) -> None:
     assert abs(run["lipsync_lag_ms"]) <= 40.0, run
 
 
-def test_webrtc_sink_encodes_every_picture_without_viewers(bench_env: dict[str, str]) -> None:
+def test_webrtc_sink_encodes_every_picture_without_viewers(bench_env: dict[str, str],
+                                                           smoke: dict[str, Any]) -> None:
     # One stream: this is about warm encoders keeping up, not about capacity (which a
-    # busy CI machine could shave).
+    # busy CI machine could shave). The same jitter profile as the smoke run it is
+    # compared with.
     doc = _bench_json(bench_env, "--streams", "1", "--duration", "2", "--warmup", "0.5",
-                      "--sink", "webrtc")
+                      "--jitter", "moderate", "--sink", "webrtc")
     [run] = doc["runs"]
     assert run["sink"] == "webrtc" and run["adaptive"] is False
     # Warm encoders: each stream's H.264 ran on every picture with nobody watching.
     assert run["encoded_fps_min"] is not None and 24.0 <= run["encoded_fps_min"] <= 26.0
     assert run["sink_dropped"] == 0 and run["quality_score"] == 1.0
     # The null sink encodes nothing and has no publisher quality.
-    [plain] = _bench_json(bench_env, *SMOKE)["runs"]
+    [plain] = smoke["runs"]
+    assert plain["sink"] == "null"
     assert plain["encoded_fps_min"] is None and plain["quality_score"] is None
     # Encoding costs CPU: the same streams use clearly more of it.
     assert run["cpu_ms_per_stream_second"] > plain["cpu_ms_per_stream_second"] * 1.2

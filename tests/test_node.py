@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +54,50 @@ def wait_healthy(url: str, proc: subprocess.Popen[str], timeout: float = 60.0) -
     raise AssertionError("server never answered /health")
 
 
-def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+def spawn_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """``rapido serve`` on a free port, not waited for."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rapido", "serve", "--port", str(port),
          "--recordings-dir", str(tmp_path / "rec"), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_server(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc, url = spawn_server(tmp_path, *extra)
     wait_healthy(url, proc)
     return proc, url
 
 
+#: The servers of the two SIGTERM tests, by their drain timeout.
+SIGTERM_SERVERS = {"drains": ("--drain-timeout-s", "20"), "cuts": ("--drain-timeout-s", "0.5")}
+
+
+@pytest.fixture(scope="module")
+def sigterm_servers(tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[dict[str, tuple[subprocess.Popen[str], str, Path]]]:
+    """Both SIGTERM tests' servers, started at once when the first of those tests
+    starts (a server's start is mostly waiting for imports and the model: two overlap
+    well); each test waits for its own to be healthy and stops it."""
+    servers = {}
+    for name, extra in SIGTERM_SERVERS.items():
+        tmp = tmp_path_factory.mktemp(name)
+        servers[name] = (*spawn_server(tmp, *extra), tmp)
+    try:
+        yield servers
+    finally:
+        for proc, _, _ in servers.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+
+
 @pytest.mark.slow
-def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, "--drain-timeout-s", "20")
+def test_sigterm_drains_then_exits_0(
+        sigterm_servers: dict[str, tuple[subprocess.Popen[str], str, Path]]) -> None:
+    proc, url, tmp_path = sigterm_servers["drains"]
+    wait_healthy(url, proc)
     try:
         status, s = request("POST", f"{url}/api/sessions",
                             json.dumps({"lesson_id": "drain", "sink": "record"}).encode(),
@@ -101,8 +132,10 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_drain_timeout_cuts_long_speech(tmp_path: Path) -> None:
-    proc, url = start_server(tmp_path, "--drain-timeout-s", "0.5")
+def test_drain_timeout_cuts_long_speech(
+        sigterm_servers: dict[str, tuple[subprocess.Popen[str], str, Path]]) -> None:
+    proc, url, _ = sigterm_servers["cuts"]
+    wait_healthy(url, proc)
     try:
         _, s = request("POST", f"{url}/api/sessions", json.dumps({"lesson_id": "x"}).encode(),
                        {"Content-Type": "application/json"})
