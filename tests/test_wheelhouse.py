@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +155,10 @@ def test_gpu_bench_stays_within_its_time_limit(tmp_path: Path) -> None:
     env = {**fake_bin(tmp_path, nvidia_smi=GPU, python=python),
            "PYTHON": str(tmp_path / "bin" / "python"), "OUT": str(tmp_path / "out")}
     short = run(GPU_BENCH, env={**env, "TIME_LIMIT_S": "40"})
-    assert short.returncode == 2 and "only 20s of TIME_LIMIT_S=40s" in short.stderr, short
+    # 40 s less the 20 s the bench needs to finish, less what the script spent so far
+    # (a second on a loaded machine).
+    assert short.returncode == 2 and re.search(r"only (19|20)s of TIME_LIMIT_S=40s",
+                                                short.stderr), short
     proc = run(GPU_BENCH, env={**env, "BENCH_TIMEOUT_S": "1"})
     assert proc.returncode == 124, proc
     assert "limit 1s" in proc.stdout and "interrupted" in proc.stderr
