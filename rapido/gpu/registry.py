@@ -9,6 +9,7 @@ the files. Anything else is a user's manifest file on disk.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -82,33 +83,38 @@ def build_builtin(name: str, out_dir: Path) -> Path:
     return path
 
 
+def _built(root: Path) -> bool:
+    """A complete build of this version is in ``root`` (the VERSION file is written last)."""
+    version = root / "VERSION"
+    return ((root / "manifest.json").is_file() and version.is_file()
+            and version.read_text().strip() == BUILD_VERSION)
+
+
 def resolve_model(model: str, model_dir: Path | None = None) -> ModelManifest:
     """A built-in by name (built into the cache on first use) or a manifest file."""
     if model in BUILTINS:
         root = (model_dir or default_model_dir()) / model
         manifest_path = root / "manifest.json"
-        version = root / "VERSION"
-        if not (manifest_path.is_file() and version.is_file()
-                and version.read_text().strip() == BUILD_VERSION):
-            log.info("building the built-in model %s into %s (first use)", model, root)
+        if not _built(root):
             root.parent.mkdir(parents=True, exist_ok=True)
-            # Build aside and move into place, so a crash or a second process never sees
-            # half a model.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=root.parent))
-            try:
-                build_builtin(model, tmp)
-                if root.exists():
-                    shutil.rmtree(root)
-                tmp.rename(root)
-            except OSError:
-                # Another instance (one per GPU, starting together) may have moved its
-                # build into place first: use it if it is complete.
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (manifest_path.is_file() and version.is_file()):
-                    raise
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            # Nodes sharing a model folder (one per GPU, or a test's nodes) start together:
+            # one builds while the others wait on the lock, then find the model built. A
+            # second build must never replace a complete one another process is reading.
+            with open(root.parent / f".{model}.lock", "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not _built(root):
+                    log.info("building the built-in model %s into %s (first use)", model,
+                             root)
+                    # Build aside and move into place, so a crash never leaves half a model.
+                    tmp = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=root.parent))
+                    try:
+                        build_builtin(model, tmp)
+                        if root.exists():
+                            shutil.rmtree(root)  # a stale build version
+                        tmp.rename(root)
+                    except BaseException:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raise
     else:
         manifest_path = Path(model)
     manifest = load_manifest(manifest_path)
