@@ -67,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                        help="progress bar on stderr (auto: when stderr is a terminal)")
     bench.add_argument("--model", help="model for speaking frames: rapido-lite, wav2lip-96, "
-                       "none (default: the config's)")
+                       "none, or standin: a free model that only waits --standin-latency-ms "
+                       "a batch with the GIL released, as a GPU call does (the bench only; "
+                       "default: the config's)")
+    bench.add_argument("--standin-latency-ms", type=float, default=5.0, metavar="MS",
+                       help="--model standin: the wait per batch (default 5)")
     bench.add_argument("--backend", choices=("auto", "onnx", "torch"), help="model backend")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), help="model device")
     bench.add_argument("--max-batch", type=int, help="largest model batch")
@@ -122,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_regions(config)  # a bad regions file stops here, as one line
         elif args.command == "bench":
             config = Config.load(toml_path=args.config, overrides={
-                "model": args.model, "max_batch": args.max_batch,
+                # The stand-in is the bench's own (rapido.bench.standin), not a setting.
+                "model": None if args.model == "standin" else args.model,
+                "max_batch": args.max_batch,
                 "max_wait_ms": args.max_wait_ms, "backend": args.backend,
                 "device": args.device})
         else:

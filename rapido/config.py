@@ -247,6 +247,11 @@ class Config:
             self.jitter()
         except ValueError as exc:
             raise ConfigError(f"jitter_*: {exc}") from None
+        if self.model == "standin":
+            raise ConfigError(
+                "model: 'standin' is the bench's free-model stand-in (python -m rapido "
+                f"bench --model standin); a server serves a real one: {', '.join(BUILTIN_MODELS)} "
+                "or the path of a model manifest (.json)")
         if self.model not in BUILTIN_MODELS and not self.model.endswith(".json"):
             raise ConfigError(
                 f"model: {self.model!r} is not allowed; use {', '.join(BUILTIN_MODELS)} "

@@ -36,7 +36,13 @@ from rapido.engine import (
 )
 from rapido.gpu.memory import device_memory
 from rapido.gpu.portrait import default_avatar
-from rapido.gpu.registry import BatchSettings, ModelSettings, open_renderer
+from rapido.gpu.registry import (
+    BatchSettings,
+    ModelOpener,
+    ModelSettings,
+    open_model,
+    open_renderer,
+)
 from rapido.http.routing import Router, RouterSettings
 from rapido.http.settings import HttpSettings
 from rapido.livekit.publisher import LiveKitPublisher, LiveKitSettings
@@ -169,9 +175,11 @@ def sink_providers(config: Config, metrics: Metrics, *,
     }
 
 
-def render_loader(config: Config, metrics: Metrics) -> RenderLoader:
-    """Draws the default avatar, loads imported ones and opens the model, off the loop,
-    before the node says it is ready."""
+def render_loader(config: Config, metrics: Metrics,
+                  opener: ModelOpener = open_model) -> RenderLoader:
+    """Draws the default avatar, loads imported ones and opens the model (``opener``:
+    the bench may pass its free stand-in), off the loop, before the node says it is
+    ready."""
     cfg = config
 
     async def load(on_quality: Callable[[float], None]) -> RenderSetup:
@@ -187,7 +195,8 @@ def render_loader(config: Config, metrics: Metrics) -> RenderLoader:
             # Building a model (first use) and opening a session take seconds.
             chosen = await loop.run_in_executor(
                 None, lambda: open_renderer(model_settings(cfg), batch_settings(cfg),
-                                            metrics=metrics.batcher, on_quality=on_quality))
+                                            metrics=metrics.batcher, on_quality=on_quality,
+                                            opener=opener))
         # Per-avatar precomputation takes a moment: ready before /ready says yes.
         for avatar in avatars.values():
             await loop.run_in_executor(None, chosen.prepare, avatar)
@@ -197,9 +206,10 @@ def render_loader(config: Config, metrics: Metrics) -> RenderLoader:
 
 
 def build_engine(config: Config, metrics: Metrics, *, on_frame: FrameHook | None = None,
-                 on_session: SessionHook | None = None) -> Engine:
+                 on_session: SessionHook | None = None,
+                 opener: ModelOpener = open_model) -> Engine:
     return Engine(engine_settings(config), metrics, sinks=sink_providers(config, metrics),
-                  load=render_loader(config, metrics), on_frame=on_frame,
+                  load=render_loader(config, metrics, opener), on_frame=on_frame,
                   on_session=on_session)
 
 

@@ -258,6 +258,10 @@ BAD_ARGS = [
     (["--http", "http://192.0.2.1:8080"], "not a loopback address"),
     (["--http", "http://example.com/"], "not a loopback address"),
     (["--speech", "1.5"], "--speech must be within 0..1"),
+    (["--model", "standin", "--standin-latency-ms", "-1"],
+     "--standin-latency-ms must be within 0..1000"),
+    (["--model", "standin", "--http", "http://127.0.0.1:9"],
+     "--model standin runs in-process"),
 ]
 
 

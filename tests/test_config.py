@@ -44,6 +44,7 @@ def test_layering(tmp_path: Path) -> None:
     ({"RAPIDO_WIDTH": "853"}, "width", "even"),
     ({"RAPIDO_LIVEKIT_QUEUE_SIZE_MS": "105"}, "livekit_queue_size_ms", "multiple of 10"),
     ({"RAPIDO_MODEL": "gpt"}, "model", "rapido-lite"),
+    ({"RAPIDO_MODEL": "standin"}, "model", "the bench's free-model stand-in"),
     ({"RAPIDO_MIN_FPS": "30"}, "min_fps", "above fps"),
     ({"RAPIDO_MIN_FPS": "0"}, "min_fps", "1"),
     ({"RAPIDO_WEBRTC_MIN_BITRATE": "2000000"}, "webrtc_min_bitrate", "above"),
@@ -111,6 +112,8 @@ def test_cli_bad_value_exits_2_with_one_line() -> None:
     assert r.returncode == 2 and "RAPIDO_API_KEY" in r.stderr
     r = _cli("serve", "--host", "0.0.0.0", "--api-key", "short")
     assert r.returncode == 2 and "config error: api_key:" in r.stderr, r.stderr
+    r = _cli("serve", "--model", "standin")  # the bench's, never served
+    assert r.returncode == 2 and "config error: model: 'standin'" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("cmd", [[], ["serve"], ["bench"]])

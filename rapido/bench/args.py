@@ -50,6 +50,10 @@ def validate(args: argparse.Namespace) -> str | None:
     if args.gpu_cost_per_hour is not None and not (math.isfinite(args.gpu_cost_per_hour)
                                                    and args.gpu_cost_per_hour >= 0):
         return "--gpu-cost-per-hour must be a number >= 0"
+    if not (math.isfinite(args.standin_latency_ms) and 0 <= args.standin_latency_ms <= 1000):
+        return "--standin-latency-ms must be within 0..1000"
+    if args.model == "standin" and args.http:
+        return "--model standin runs in-process; a server over --http serves its own model"
     if args.capacity and args.compare:
         return "--capacity and --compare cannot be combined"
     if args.http:

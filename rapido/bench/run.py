@@ -27,9 +27,11 @@ import numpy as np
 from rapido.aio import cancel_and_wait
 from rapido.bench import histograms, report
 from rapido.bench.args import validate
+from rapido.bench.standin import STANDIN, StandinModel
 from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
+from rapido.gpu.registry import open_model
 from rapido.metrics import Metrics
 from rapido.pipeline.events import PlaybackStarted
 from rapido.pipeline.lipsync_lag import LagMeter, measure_lag, mouth_region
@@ -216,13 +218,15 @@ def _run_config(config: Config, max_batch: int | None = None) -> Config:
 async def run_once(config: Config, streams: int, duration: float, warmup: float,
                    duty: float, sink: str, *, jitter: str = "steady",
                    progress: report.Progress | None = None,
-                   out: list[BenchResult] | None = None) -> BenchResult:
+                   out: list[BenchResult] | None = None,
+                   standin: StandinModel | None = None) -> BenchResult:
     """One measured run. On cancellation (Ctrl-C) during the measurement the window so
-    far is measured, appended to ``out`` (marked partial), and the cancellation goes on."""
+    far is measured, appended to ``out`` (marked partial), and the cancellation goes on.
+    ``standin``: the free model in place of the config's (``--model standin``)."""
     metrics = Metrics()
     frames = FrameSamples(config.fps)
     engine = build_engine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics,
-                          on_frame=frames.on_frame)
+                          on_frame=frames.on_frame, opener=standin or open_model)
     loop = asyncio.get_running_loop()
     if progress is not None:
         progress.phase(f"{streams} streams (max_batch {config.max_batch}, starting)",
@@ -264,7 +268,8 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         result = _result(config, frames, sts, metrics, snap0, _snapshot(engine, sts, metrics),
                          cpu=(r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
                          wall=max(t1w - t0w, 1e-6), duty=duty, sink=sink, jitter=jitter,
-                         partial=cancelled)
+                         partial=cancelled,
+                         model=standin.name if standin else config.model)
         if out is not None:
             out.append(result)
     finally:
@@ -309,7 +314,7 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
 
 def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: Metrics,
             a: _Snap, b: _Snap, *, cpu: float, wall: float, duty: float, sink: str,
-            jitter: str, partial: bool) -> BenchResult:
+            jitter: str, partial: bool, model: str) -> BenchResult:
     streams = len(sts)
     fps = [(f1 - f0) / wall for f0, f1 in zip(a.frames, b.frames, strict=True)]
     under_by = [u1 - u0 for u0, u1 in zip(a.underruns, b.underruns, strict=True)]
@@ -321,7 +326,8 @@ def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: M
     exact = ({q: float(np.quantile(samples, q)) for q in (0.5, 0.95, 0.99)} if len(samples)
              else dict.fromkeys((0.5, 0.95, 0.99), 0.0))
     onsets = [s - f for st in sts for f, s in zip(st.fed, st.started, strict=False)]
-    lag_ms, lag_r, lag_margin = frames.lag()
+    # The stand-in's mouth never moves: there is no lag to measure.
+    lag_ms, lag_r, lag_margin = frames.lag() if model != STANDIN else (None, None, None)
     first = [1000.0 * (frames.first_frame[st.session.id] - st.created_at) for st in sts
              if st.session.id in frames.first_frame]
     batch_cum = histograms.hist_delta(a.batch, b.batch)
@@ -361,7 +367,7 @@ def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: M
         realtime=(fps_min >= config.fps - report.REALTIME_FPS_SLACK
                   and p99_exact < report.REALTIME_P99_MS and under == 0 and misses == 0
                   and sink_dropped == 0 and encoding_ok and not partial),
-        model=config.model, backend=config.backend, device=config.device, jitter=jitter,
+        model=model, backend=config.backend, device=config.device, jitter=jitter,
         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms,
         frames_sampled=len(samples),
         lateness_exact_p50_ms=round(exact[0.5], 3),
@@ -414,7 +420,8 @@ async def _capacity(config: Config, args: argparse.Namespace, outcome: Outcome,
 
     async def ok(n: int) -> bool:
         r = await run_once(config, n, args.duration, args.warmup, args.speech, args.sink,
-                           jitter=args.jitter, progress=progress, out=outcome.runs)
+                           jitter=args.jitter, progress=progress, out=outcome.runs,
+                           standin=_standin(args))
         await _pause_progress(progress)
         _log_run(r)
         return r.realtime
@@ -435,6 +442,10 @@ async def _capacity(config: Config, args: argparse.Namespace, outcome: Outcome,
     outcome.capacity = lo
 
 
+def _standin(args: argparse.Namespace) -> StandinModel | None:
+    return StandinModel(args.standin_latency_ms) if args.model == STANDIN else None
+
+
 async def _pause_progress(progress: report.Progress) -> None:
     """End the bar's line before a log line; it starts again on the next run."""
     await progress.stop()
@@ -453,16 +464,17 @@ async def _main(config: Config, args: argparse.Namespace, outcome: Outcome) -> N
         elif args.compare == "batching":
             batched = await run_once(config, args.streams, args.duration, args.warmup,
                                      args.speech, args.sink, jitter=args.jitter,
-                                     progress=progress, out=outcome.runs)
+                                     progress=progress, out=outcome.runs,
+                                     standin=_standin(args))
             unbatched = await run_once(_run_config(config, 1), args.streams, args.duration,
                                        args.warmup, args.speech, args.sink,
                                        jitter=args.jitter, progress=progress,
-                                       out=outcome.runs)
+                                       out=outcome.runs, standin=_standin(args))
             outcome.comparison = report.comparison_json(batched.json(), unbatched.json())
         else:
             await run_once(config, args.streams, args.duration, args.warmup, args.speech,
                            args.sink, jitter=args.jitter, progress=progress,
-                           out=outcome.runs)
+                           out=outcome.runs, standin=_standin(args))
     finally:
         await progress.stop()
 
@@ -508,7 +520,9 @@ def emit(config: Config, args: argparse.Namespace, outcome: Outcome) -> int:
                                     "single run (a lower bound; use --capacity)")
     plot_path = None
     if args.plot and rows:
-        sub = (f"model {config.model}, max_batch {config.max_batch}, speech {args.speech}, "
+        model = (f"standin ({args.standin_latency_ms:g} ms a batch)" if args.model == STANDIN
+                 else config.model)
+        sub = (f"model {model}, max_batch {config.max_batch}, speech {args.speech}, "
                f"jitter {args.jitter}, sink {args.sink}")
         plot_path = str(report.plot(rows, args.plot, fps=config.fps, machine=machine,
                                     subtitle=sub))

@@ -163,11 +163,16 @@ def open_model(settings: ModelSettings, max_batch: int) -> tuple[ModelBackend, M
     return backend, manifest
 
 
+#: Opens a model for a batch limit: :func:`open_model`, or the bench's free stand-in.
+ModelOpener = Callable[[ModelSettings, int], tuple[ModelBackend, ModelManifest]]
+
+
 def open_renderer(model: ModelSettings, batch: BatchSettings, *,
                   metrics: BatcherSeries | None = None,
-                  on_quality: Callable[[float], None] | None = None) -> LipSyncRenderer:
+                  on_quality: Callable[[float], None] | None = None,
+                  opener: ModelOpener = open_model) -> LipSyncRenderer:
     """The lip-sync renderer over the configured model (slow: off the event loop)."""
-    backend, manifest = open_model(model, batch.max_batch)
+    backend, manifest = opener(model, batch.max_batch)
     renderer = LipSyncRenderer(
         backend, blend=manifest.blend, max_batch=batch.max_batch,
         max_wait_ms=batch.max_wait_ms,
