@@ -8,6 +8,10 @@ so it never drifts; a loop stall is caught up frame by frame.
 The engine knows no concrete part: the renderer and avatars come from a loader, the
 sinks from providers registered by name, both built from the configuration by
 :mod:`rapido.wiring`.
+
+Why more than the ~250 lines first aimed at: draining, the idle sweep of unwatched sessions,
+the lesson lookup for the cluster and the frame hook came later and each needs the
+registry of sessions and the clock that live here.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from rapido.bench.args import parse_counts
-from rapido.bench.cluster import (
+from rapido.bench.cluster import print_table, verdicts
+from rapido.bench.cluster_nodes import (
     busy_fraction,
     latency_summary,
     node_verdicts,
@@ -27,9 +28,7 @@ from rapido.bench.cluster import (
     parse_cpu_stat,
     percentile,
     print_node_table,
-    print_table,
     stream_totals,
-    verdicts,
 )
 from rapido.bench.netns import (
     Counter,

@@ -74,7 +74,7 @@ def validate(args: argparse.Namespace) -> str | None:
 #: The phases of ``bench cluster``, in order (rapido.bench.cluster.PHASES runs them).
 CLUSTER_PHASES = ("join", "tags", "bytes_idle", "bytes_churn", "churn_serial", "join_one",
                   "loss", "kill")
-#: The phases of ``bench cluster --nodes`` (rapido.bench.cluster.NODE_PHASES runs them).
+#: The phases of ``bench cluster --nodes`` (rapido.bench.cluster_nodes.NODE_PHASES runs them).
 NODE_PHASE_NAMES = ("proxy_rest", "proxy_ws", "media_load", "scale", "node_kill")
 
 

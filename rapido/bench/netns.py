@@ -33,6 +33,9 @@ ways. A process started without a group is never partitioned (the driver's own R
 the agents, for example).
 
 Pure parts (rule text, parsing ``nft`` output) are functions, tested with inputs.
+
+Why one module over 500 lines: the namespace runner, the firewall's rules and the parsing
+of nft's output are one tool whose parts only make sense together.
 """
 
 from __future__ import annotations

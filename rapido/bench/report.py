@@ -4,6 +4,7 @@ the machine description, the progress bar and the plot (matplotlib, imported laz
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import sys
@@ -168,6 +169,30 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def host_summary() -> dict[str, Any]:
+    """Cores, CPU model and memory: the machine line of the cluster bench's JSON."""
+    info: dict[str, Any] = {"cores": os.cpu_count(), "cpu_model": cpu_model()}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            info["mem_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    return info
+
+
+def process_cpu_s() -> float:
+    """This process's CPU time (user + system), seconds."""
+    t = os.times()
+    return t.user + t.system
+
+
+def cell(v: Any) -> str:
+    """A table cell: "-" for None, floats to two places."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
 
 
 # -- progress -------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ counted (``on_restart``); the new agent gets fresh connections and tasks, joins 
 ``join`` addresses again and has its tags written at once; the state is ``ok`` again once
 joined. Meanwhile the view is the last one read. An agent the operator runs is not
 restarted but reconnected to, with the same backoff, until it answers again.
+
+Why one module over 500 lines: the three tasks share one agent, its RPC connections and
+the view they keep; the protocol pieces (tags, placement, Serf RPC) are modules of their own.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ which keeps the winner of :func:`~rapido.cluster.placement.resolve_double` and h
 loser closed with reason ``moved``.
 
 :meth:`Router.locate` routes a session's own URLs: the node is in the session id.
+
+Why one module over 500 lines: creating, forwarding, claiming and resolving doubles
+are one protocol between nodes, each step reading the others' headers and records; split,
+the halves of each exchange would sit in different files.
 """
 
 from __future__ import annotations
