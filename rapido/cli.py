@@ -70,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                        "none, or standin: a free model that only waits --standin-latency-ms "
                        "a batch with the GIL released, as a GPU call does (the bench only; "
                        "default: the config's)")
+    bench.add_argument("--profile", metavar="FILE",
+                       help="record where the GIL goes over the measured window with "
+                       "py-spy: FILE gets the collapsed stacks, FILE.svg a flame graph, "
+                       "and the table GIL-held time per stage per speaking stream-frame "
+                       "(one run; needs py-spy and ptrace rights over this process)")
     bench.add_argument("--standin-latency-ms", type=float, default=5.0, metavar="MS",
                        help="--model standin: the wait per batch (default 5)")
     bench.add_argument("--backend", choices=("auto", "onnx", "torch"), help="model backend")

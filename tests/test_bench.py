@@ -262,6 +262,7 @@ BAD_ARGS = [
      "--standin-latency-ms must be within 0..1000"),
     (["--model", "standin", "--http", "http://127.0.0.1:9"],
      "--model standin runs in-process"),
+    (["--profile", "p.txt", "--capacity"], "--profile records one in-process run"),
 ]
 
 

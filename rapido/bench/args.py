@@ -54,6 +54,8 @@ def validate(args: argparse.Namespace) -> str | None:
         return "--standin-latency-ms must be within 0..1000"
     if args.model == "standin" and args.http:
         return "--model standin runs in-process; a server over --http serves its own model"
+    if args.profile and (args.capacity or args.compare or args.http):
+        return "--profile records one in-process run: not with --capacity, --compare, --http"
     if args.capacity and args.compare:
         return "--capacity and --compare cannot be combined"
     if args.http:

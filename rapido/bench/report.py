@@ -36,14 +36,15 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = TABL
         print("(no runs measured)", file=out)
         return
     cols = [c for c in columns if any(c in r for r in rows)]
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)), file=out)
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)), file=out)
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A table cell: "-" for None, floats to two places (whole from 1000 on)."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -184,15 +185,6 @@ def process_cpu_s() -> float:
     """This process's CPU time (user + system), seconds."""
     t = os.times()
     return t.user + t.system
-
-
-def cell(v: Any) -> str:
-    """A table cell: "-" for None, floats to two places."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.2f}"
-    return str(v)
 
 
 # -- progress -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,15 @@ import numpy as np
 from rapido.aio import cancel_and_wait
 from rapido.bench import histograms, report
 from rapido.bench.args import validate
+from rapido.bench.profile import (
+    RATE_HZ,
+    GilRecorder,
+    GilRow,
+    flame_svg,
+    gil_table,
+    parse_collapsed,
+    table_text,
+)
 from rapido.bench.standin import STANDIN, StandinModel
 from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
@@ -114,6 +124,10 @@ class BenchResult:
     lipsync_corr: float | None = None
     lipsync_margin: float | None = None  # near 0: no single peak, the lag means little
 
+    # -- where the GIL went (--profile; rapido.bench.profile) ------------------------------
+    gil_us_per_speaking_frame: float | None = None
+    gil_stages: list[dict[str, Any]] | None = None
+
     def json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -127,6 +141,7 @@ class FrameSamples:
     def __init__(self, fps: int) -> None:
         self.fps = fps
         self.collect = False
+        self.speaking = 0  # speaking frames handed to sinks while collecting
         self.lateness: list[float] = []
         self.first_frame: dict[str, float] = {}
         self._lag: dict[str, tuple[tuple[slice, slice], LagMeter]] = {}
@@ -140,6 +155,7 @@ class FrameSamples:
             self.first_frame[session_id] = asyncio.get_running_loop().time()
         if self.collect:
             self.lateness.append(max(0.0, lateness_s))
+            self.speaking += chunk.speaking
             lag = self._lag.get(session_id)
             if lag is not None:
                 # The chunk's place on the stream clock is the time of both its parts.
@@ -222,10 +238,12 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                    duty: float, sink: str, *, jitter: str = "steady",
                    progress: report.Progress | None = None,
                    out: list[BenchResult] | None = None,
-                   standin: StandinModel | None = None) -> BenchResult:
+                   standin: StandinModel | None = None,
+                   profile: Path | None = None) -> BenchResult:
     """One measured run. On cancellation (Ctrl-C) during the measurement the window so
     far is measured, appended to ``out`` (marked partial), and the cancellation goes on.
-    ``standin``: the free model in place of the config's (``--model standin``)."""
+    ``standin``: the free model in place of the config's (``--model standin``).
+    ``profile``: record where the GIL goes over the window into this file (py-spy)."""
     metrics = Metrics()
     frames = FrameSamples(config.fps)
     engine = build_engine(dataclasses.replace(config, max_streams=max(streams, 1)), metrics,
@@ -260,6 +278,9 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                            warmup + duration)
         await asyncio.sleep(warmup)
         snap0 = _snapshot(engine, sts, metrics)
+        recorder = GilRecorder(profile) if profile is not None else None
+        if recorder is not None:
+            await recorder.start()
         frames.collect = True
         r0, t0w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         try:
@@ -267,12 +288,18 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         except asyncio.CancelledError:
             cancelled = True
         frames.collect = False
+        stacks = await recorder.stop() if recorder is not None else None
         r1, t1w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         result = _result(config, frames, sts, metrics, snap0, _snapshot(engine, sts, metrics),
                          cpu=(r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
                          wall=max(t1w - t0w, 1e-6), duty=duty, sink=sink, jitter=jitter,
                          partial=cancelled,
                          model=standin.name if standin else config.model)
+        if stacks is not None:
+            rows = gil_table(parse_collapsed(stacks), rate_hz=RATE_HZ,
+                             speaking_frames=frames.speaking)
+            result.gil_stages = [dataclasses.asdict(r) for r in rows]
+            result.gil_us_per_speaking_frame = rows[-1].us_per_speaking_frame
         if out is not None:
             out.append(result)
     finally:
@@ -477,7 +504,8 @@ async def _main(config: Config, args: argparse.Namespace, outcome: Outcome) -> N
         else:
             await run_once(config, args.streams, args.duration, args.warmup, args.speech,
                            args.sink, jitter=args.jitter, progress=progress,
-                           out=outcome.runs, standin=_standin(args))
+                           out=outcome.runs, standin=_standin(args),
+                           profile=Path(args.profile) if args.profile else None)
     finally:
         await progress.stop()
 
@@ -529,8 +557,16 @@ def emit(config: Config, args: argparse.Namespace, outcome: Outcome) -> int:
                f"jitter {args.jitter}, sink {args.sink}")
         plot_path = str(report.plot(rows, args.plot, fps=config.fps, machine=machine,
                                     subtitle=sub))
+    profile: dict[str, str] | None = None
+    stacks = Path(args.profile) if args.profile else None
+    if stacks is not None and stacks.exists() and stacks.stat().st_size:
+        svg = flame_svg(stacks.read_text(), stacks.with_name(stacks.name + ".svg"),
+                        title=f"GIL held: rapido bench, {args.streams} streams, model "
+                              f"{args.model or config.model}")
+        profile = {"stacks": str(stacks), "flame_graph": str(svg)}
     if args.json:
         doc: dict[str, Any] = {
+            "profile": profile,
             "runs": rows, "capacity": outcome.capacity, "comparison": outcome.comparison,
             "cost": cost, "machine": machine, "plot": plot_path,
             "interrupted": outcome.interrupted,
@@ -548,4 +584,10 @@ def emit(config: Config, args: argparse.Namespace, outcome: Outcome) -> int:
             print(report.cost_line(cost))
         if plot_path:
             print(f"plot: {plot_path}")
+        for r in outcome.runs:
+            if r.gil_stages is not None:
+                print(table_text([GilRow(**g) for g in r.gil_stages]))
+        if profile is not None:
+            print(f"profile: {profile['stacks']} (collapsed stacks), "
+                  f"{profile['flame_graph']} (flame graph)")
     return 130 if outcome.interrupted else 0
