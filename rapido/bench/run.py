@@ -216,7 +216,10 @@ async def _drive(st: _Stream, trace: list[Arrival], t0: float, seed: int) -> Non
                 session.start_utterance()
                 st.fed.append(loop.time())
                 open_utt, pos = True, 0
-            await session.feed(np.resize(audio[pos:], a.samples))
+            end = pos + a.samples
+            # A slice where it fits (no copy); np.resize wraps around, at a cost.
+            await session.feed(audio[pos:end] if end <= len(audio)
+                               else np.resize(audio[pos:], a.samples))
             pos = (pos + a.samples) % len(audio)
     except SessionClosed:
         return

@@ -130,7 +130,9 @@ class _IntegerUpsampler:
 
 def _to_int16(x: np.ndarray) -> np.ndarray:
     np.rint(x, out=x)
-    np.clip(x, -32768, 32767, out=x)
+    # minimum/maximum: the same as clip, and faster on the short blocks of a stream.
+    np.minimum(x, 32767, out=x)
+    np.maximum(x, -32768, out=x)
     return x.astype(np.int16)
 
 
