@@ -1,8 +1,10 @@
 """``bench --profile FILE``: where the GIL goes, per stage, over the measured window.
 
 py-spy samples this process from outside (``py-spy record --gil``: only the thread that
-holds the GIL is sampled, so every sample is GIL-held time; ``--nonblocking``: the
-process is never paused, so the run's real-time verdict is not the profiler's). Each
+holds the GIL is sampled, so every sample is GIL-held time). py-spy pauses the process
+for each sample, some tens of microseconds 100 times a second: without the pause
+(``--nonblocking``) stacks came back torn (a policy call "calling" a batch's completion),
+which would put time in the wrong stage. Each
 sample's stack is given to one stage by its innermost frame in rapido (:data:`STAGES`);
 samples with no rapido frame are the event loop and the libraries under it. GIL-held
 time per stage is samples / rate, and per speaking stream-frame it is that over the
@@ -159,7 +161,7 @@ class GilRecorder:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            py_spy(), "record", "--gil", "--nonblocking", "--full-filenames",
+            py_spy(), "record", "--gil", "--full-filenames",
             "--rate", str(RATE_HZ), "--format", "raw", "--output", str(self.out),
             "--pid", str(os.getpid()),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
