@@ -103,6 +103,8 @@ class Compositor:
         self._prepare_folded(s)
         self._lock = threading.Lock()
         self._torch: _TorchState | None = None
+        # Pinned host buffers by batch shape, per thread (batches may run in several).
+        self._host_bufs = threading.local()
 
     def _prepare_folded(self, s: int) -> None:
         """The per-frame maths with everything avatar-only folded in ahead of time.
@@ -197,8 +199,10 @@ class Compositor:
 
     def compose_batch_torch(self, indices: list[int], crops: torch.Tensor | np.ndarray,
                             device: str = "cpu") -> list[VideoFrame]:
-        """Blend a batch of crops (a torch tensor ``[B,3,S,S]`` already on ``device``) on
-        the device; one device-to-host copy per frame for the finished region."""
+        """Blend a batch of crops (a torch tensor ``[B,3,S,S]``, best already on
+        ``device``) on the device, colour conversion included; the finished regions of
+        the whole batch come down in one copy, into a pinned host buffer on CUDA (reused
+        batch to batch, per thread), so the copy is a DMA that needs no staging."""
         import torch  # loads only where a torch backend runs (rapido.gpu.backends)
 
         st = self._torch_state(device)
@@ -213,8 +217,29 @@ class Compositor:
                          ).to(torch.uint8)
         uv = torch.clamp(st.ry_c @ yuv[:, 1:] @ st.rxt_c * st.m255_c + st.uv_base[idx], 0,
                          255).to(torch.uint8)
-        y_host, uv_host = yv.cpu().numpy(), uv.cpu().numpy()
+        b = len(idx_list)
+        planes = torch.cat([yv.reshape(b, -1), uv.reshape(b, -1)], dim=1)
+        host = self._download(planes)
+        n_y = yv[0].numel()
+        y_host = host[:, :n_y].reshape(yv.shape)
+        uv_host = host[:, n_y:].reshape(uv.shape)
         return [self._paste_planes(i, y_host[k], uv_host[k]) for k, i in enumerate(idx_list)]
+
+    def _download(self, planes: torch.Tensor) -> np.ndarray:
+        """One device-to-host copy of a batch's planes (the pasting copies out of it)."""
+        import torch
+
+        if planes.device.type != "cuda":
+            return planes.numpy()
+        bufs: dict[tuple[int, ...], torch.Tensor] = self._host_bufs.__dict__.setdefault(
+            "by_shape", {})
+        host = bufs.get(tuple(planes.shape))
+        if host is None:
+            host = bufs[tuple(planes.shape)] = torch.empty(
+                planes.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(planes, non_blocking=True)
+        torch.cuda.current_stream(planes.device).synchronize()
+        return host.numpy()
 
     def _paste_planes(self, i: int, y: np.ndarray, uv: np.ndarray) -> VideoFrame:
         av = self.avatar

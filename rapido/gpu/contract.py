@@ -7,11 +7,14 @@ Its own module so the backends (``backends.py`` for ONNX Runtime and the choice 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from rapido.gpu.manifest import FACE_CHANNELS, MEL_BINS, MEL_FRAMES
+
+if TYPE_CHECKING:
+    import torch
 
 TorchDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -37,6 +40,17 @@ class ModelBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class DeviceOutput(Protocol):
+    """A backend that can leave a batch's crops on its device: ``run_device`` returns a
+    float32 torch tensor ``[B, 3, S, S]`` where the model ran, so compositing and the
+    colour conversion run there too and the pictures come down once per batch."""
+
+    device: str
+
+    def run_device(self, mel: np.ndarray, face: np.ndarray) -> torch.Tensor: ...
+
+
 def check_batch(mel: object, face: object, crop_size: int, max_batch: int) -> int:
     """Validate one batch against the contract; returns B. Costs a few attribute reads."""
     for arg, x, tail in (("mel", mel, (1, MEL_BINS, MEL_FRAMES)),
@@ -56,12 +70,16 @@ def check_batch(mel: object, face: object, crop_size: int, max_batch: int) -> in
     return int(b)
 
 
+def check_output_shape(shape: tuple[int, ...], b: int, crop_size: int) -> None:
+    want = (b, 3, crop_size, crop_size)
+    if shape != want:
+        # The model broke the contract; say so rather than hand garbage to compositing.
+        raise RuntimeError(f"model returned {list(shape)}, the contract wants {list(want)}")
+
+
 def check_output(out: np.ndarray, b: int, crop_size: int) -> np.ndarray:
     """The model's output for a batch of ``b``, checked against the contract (float32)."""
-    want = (b, 3, crop_size, crop_size)
-    if out.shape != want:
-        # The model broke the contract; say so rather than hand garbage to compositing.
-        raise RuntimeError(f"model returned {list(out.shape)}, the contract wants {list(want)}")
+    check_output_shape(tuple(out.shape), b, crop_size)
     if out.dtype != np.float32:
         out = out.astype(np.float32)
     return out

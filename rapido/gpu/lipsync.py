@@ -12,6 +12,11 @@ Faults stay local: a failed batch or a missed deadline shows idle frames for the
 it held (counted, logged), and the streams go on. When misses rise the renderer degrades
 on purpose instead of letting every stream stutter: speaking frames run the model at half
 rate and repeat the previous crop in between, reported in ``video_quality_score``.
+
+On a GPU the batch stays on the device (a backend with ``run_device``,
+:class:`~rapido.gpu.contract.DeviceOutput`): the crops, the blending and the colour
+conversion are computed there and the finished pictures come down once per batch
+(:meth:`Compositor.compose_batch_torch`); a crop kept for repeating stays there too.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from rapido.gpu.backends import ModelBackend
 from rapido.gpu.batcher import BatcherSeries, MicroBatcher
 from rapido.gpu.compositor import Blend, Compositor, compositor_for
+from rapido.gpu.contract import DeviceOutput
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.features import MelSpec, MelStream, compute_pending
 from rapido.pipeline.media import VideoFrame
@@ -51,7 +57,7 @@ class _Stream:
     utterance: int | None = None
     fed: int = 0  # samples of the utterance already given to the mel stream
     last_window: np.ndarray | None = None
-    last_crop: np.ndarray | None = None  # read and written on the event loop only
+    last_crop: Crop | None = None  # read and written on the event loop only
     last_crop_index: int = -1  # with several batches in flight, keep the newest crop
     finished: bool = False
     #: Bumped whenever the crop state is reset (a new utterance): a result that comes back
@@ -64,14 +70,17 @@ class _Request:
     job: FrameJob
     compositor: Compositor
     mel: np.ndarray | None  # [1, 80, 16]; None when the crop is repeated (degraded)
-    repeat: np.ndarray | None = None  # the crop to repeat instead of running the model
+    repeat: Crop | None = None  # the crop to repeat instead of running the model
     stream: _Stream | None = None
     epoch: int = 0  # ``stream.epoch`` when the request was made
 
 
+#: A model crop ``[3, S, S]``: a numpy array, or a torch tensor on the model's device
+#: when the batch stays there.
+Crop = Any
 #: What the worker hands back per request: the frame, and the model's crop (None for a
 #: repeated crop) for the loop to keep as the stream's latest.
-_Result = tuple[VideoFrame, np.ndarray | None]
+_Result = tuple[VideoFrame, Crop | None]
 
 
 @dataclass
@@ -107,8 +116,19 @@ class LipSyncRenderer:
         on_quality: Any = None,
         model_name: str = "model",
         batch_workers: int = 1,
+        device_compositing: bool | None = None,
     ) -> None:
+        """``device_compositing``: None (the default) keeps the batch on the device when
+        the backend runs on CUDA and can (:class:`DeviceOutput`); True forces it (tests
+        run it on CPU tensors); False never."""
         self.backend = backend
+        if device_compositing is None:
+            device_compositing = (isinstance(backend, DeviceOutput)
+                                  and backend.device.startswith("cuda"))
+        if device_compositing and not isinstance(backend, DeviceOutput):
+            raise ValueError(f"backend {backend.name} cannot leave its output on a device")
+        self._device: DeviceOutput | None = (
+            backend if device_compositing and isinstance(backend, DeviceOutput) else None)
         self.spec = spec or MelSpec()
         self.lookahead_samples = self.spec.lookahead_samples48
         self.blend = blend
@@ -215,38 +235,53 @@ class LipSyncRenderer:
         return list(zip(frames, model_crops, strict=True))
 
     def _render(self, reqs: list[_Request]
-                ) -> tuple[list[VideoFrame], list[np.ndarray | None]]:
+                ) -> tuple[list[VideoFrame], list[Crop | None]]:
         """The batch's frames, and per request the model's crop (None where repeated)."""
-        crops: list[np.ndarray | None] = [r.repeat for r in reqs]
-        model_crops: list[np.ndarray | None] = [None] * len(reqs)
+        crops: list[Crop | None] = [r.repeat for r in reqs]
+        model_crops: list[Crop | None] = [None] * len(reqs)
         model = [k for k, r in enumerate(reqs) if r.mel is not None]
-        out: np.ndarray | None = None
+        device = self._device
+        out: Crop | None = None
         if model:
             mel = np.stack([reqs[k].mel for k in model])  # type: ignore[misc]
             face = np.stack([reqs[k].compositor.face_input(reqs[k].job.index)
                              for k in model])
-            out = self.backend.run(mel, face)
+            out = (device.run_device(mel, face) if device is not None
+                   else self.backend.run(mel, face))
             if len(out) != len(model):
                 raise RuntimeError(f"the model returned {len(out)} crops for "
                                    f"{len(model)} frames")
             for k, crop in zip(model, out, strict=True):
                 crops[k] = model_crops[k] = crop
-        ready: list[np.ndarray] = []
+        ready: list[Crop] = []
         for crop in crops:
             assert crop is not None  # a request without a mel carries its repeat crop
             ready.append(crop)
+        if device is not None:
+            import torch  # the device path exists only with a torch backend
+
+            stack: Any = torch.stack
+
+            def compose(comp: Compositor, idx: list[int], batch: Crop) -> list[VideoFrame]:
+                assert device is not None
+                return comp.compose_batch_torch(idx, batch, device.device)
+        else:
+            stack = np.stack
+
+            def compose(comp: Compositor, idx: list[int], batch: Crop) -> list[VideoFrame]:
+                return comp.compose_batch(idx, batch)
         comp = reqs[0].compositor
         if all(r.compositor is comp for r in reqs):
             # The usual case: one avatar, so the whole batch composites in one pass.
-            batch = out if out is not None and len(model) == len(reqs) else np.stack(ready)
-            return comp.compose_batch([r.job.index for r in reqs], batch), model_crops
+            batch = out if out is not None and len(model) == len(reqs) else stack(ready)
+            return compose(comp, [r.job.index for r in reqs], batch), model_crops
         frames: list[VideoFrame | None] = [None] * len(reqs)
         groups: dict[int, list[int]] = {}
         for k, r in enumerate(reqs):
             groups.setdefault(id(r.compositor), []).append(k)
         for ks in groups.values():
-            done = reqs[ks[0]].compositor.compose_batch(
-                [reqs[k].job.index for k in ks], np.stack([ready[k] for k in ks]))
+            done = compose(reqs[ks[0]].compositor, [reqs[k].job.index for k in ks],
+                           stack([ready[k] for k in ks]))
             for k, frame in zip(ks, done, strict=True):
                 frames[k] = frame
         return frames, model_crops  # type: ignore[return-value]
@@ -274,7 +309,7 @@ class LipSyncRenderer:
         self._update_mode()
         job.done()
 
-    def _keep_crop(self, req: _Request, crop: np.ndarray | None) -> None:
+    def _keep_crop(self, req: _Request, crop: Crop | None) -> None:
         """Remember the model's crop as the stream's latest, for half-rate frames to repeat;
         unless the stream has since moved on to a new utterance: the crop of old speech
         must not come back as the mouth of the new."""

@@ -18,6 +18,7 @@ from rapido.gpu.contract import (
     TorchDtype,
     check_batch,
     check_output,
+    check_output_shape,
 )
 from rapido.gpu.manifest import (
     FACE_CHANNELS,
@@ -169,6 +170,24 @@ class TorchBackend:
         return _Graph(graph, mel, face, out)
 
     def run(self, mel: np.ndarray, face: np.ndarray) -> np.ndarray:
+        b, out = self._forward(mel, face)
+        # .cpu() always makes a fresh host tensor (the graph's static output is reused by
+        # the next replay); the half -> float cast happens on the host, after copying half
+        # the bytes.
+        return check_output(out.cpu().float().numpy(), b, self.crop_size)
+
+    def run_device(self, mel: np.ndarray, face: np.ndarray) -> torch.Tensor:
+        """The batch's crops left on this backend's device as float32 ``[B, 3, S, S]``
+        (:class:`rapido.gpu.contract.DeviceOutput`): compositing runs there too and the
+        finished pictures come down once per batch."""
+        import torch
+
+        b, out = self._forward(mel, face)
+        check_output_shape(tuple(out.shape), b, self.crop_size)
+        # A copy: a captured graph's static output is overwritten by the next replay.
+        return out.to(torch.float32, copy=True)
+
+    def _forward(self, mel: np.ndarray, face: np.ndarray) -> tuple[int, torch.Tensor]:
         import torch
 
         b = check_batch(mel, face, self.crop_size, self.max_batch)
@@ -188,14 +207,9 @@ class TorchBackend:
                 g.mel[:b].copy_(mel_t)  # host -> device (and cast) into the static input
                 g.face[:b].copy_(face_t)
                 g.graph.replay()
-                out = g.out[:b]
-            else:
-                out = module(mel_t.to(self._dev, self._torch_dtype),
+                return b, g.out[:b]
+            return b, module(mel_t.to(self._dev, self._torch_dtype),
                              face_t.to(self._dev, self._torch_dtype))
-            # .cpu() always makes a fresh host tensor (the graph's static output is
-            # reused by the next replay); the half -> float cast happens on the host,
-            # after copying half the bytes.
-            return check_output(out.cpu().float().numpy(), b, self.crop_size)
 
     def _graph_for(self, b: int) -> _Graph | None:
         """The CUDA graph of b's bucket, captured on first use; None to run eagerly."""
