@@ -7,9 +7,10 @@ stay at 24 fps or more in every second of the attack.
 
 Starting a node (the model warmed up) is the costly part: the nodes of the selected
 tests (``on_node``: their settings) start all at once, and are all ready before the
-first attack (``AbuseNodes``); tests with the same settings share a node (the two upload
-tests do), each getting it without sessions and with its peak RSS reset to the current
-RSS, so a test measures its own attack as on a fresh node.
+first attack (``AbuseNodes``); tests with the same settings share a node (the upload
+tests do, the WHEP tests, the timeout tests), each getting it without sessions and with
+its peak RSS reset to the current RSS, so a test measures its own attack as on a fresh
+node.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import speech
+from tests.test_ws import next_event
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The honest neighbour's floor, every second of an attack.
@@ -335,10 +337,14 @@ async def honest_neighbour(node: NodeProcess, http: aiohttp.ClientSession,
         yield h
 
 
-#: Each attack's node (the upload tests share theirs: UPLOADS).
+#: Each attack's node; attacks whose bounds can be set side by side share one (the WHEP
+#: tests; the read- and idle-timeout tests; the upload tests: UPLOADS).
 WHEP_NODE: Settings = {"webrtc_max_viewers": 10, "whep_connect_timeout_s": 2.0}
 DEMO_NODE: Settings = {"demo_grace_s": 1.0}
-TRICKLE_NODE: Settings = {"http_read_timeout_s": 1.5}
+#: At info level the node logs each session's close with its reason (idle_timeout):
+#: nothing else reports why a session nobody listens to was closed.
+TIMEOUTS_NODE: Settings = {"http_read_timeout_s": 1.5, "session_idle_timeout_s": 2.0,
+                           "log_level": "info"}
 
 
 @on_node(WHEP_NODE)
@@ -409,6 +415,94 @@ async def test_whep_offers_without_candidates_are_reaped_then_a_viewer_connects(
         honest.assert_kept_up(t0)
 
 
+@on_node(WHEP_NODE)
+async def test_oversized_whep_offers_get_413_and_reserve_no_viewer_slot(
+        abuse_node: NodeProcess) -> None:
+    """A flood of SDP offers over MAX_OFFER_BYTES (64 KiB) to a webrtc session: one byte
+    over, 1 MiB with a Content-Length, 1 MiB chunked (counted as read): each gets 413
+    body_too_large; no viewer slot is taken, even for a moment (the sink's viewers,
+    joining and total stay 0 throughout), so all of the session's slots still take
+    offers afterwards; the honest neighbour never stutters."""
+    from rapido.http.whep import MAX_OFFER_BYTES
+    from tests.test_whep import client_offer, without_candidates
+
+    slots = WHEP_NODE["webrtc_max_viewers"]
+    node = abuse_node
+    pc, sdp = await client_offer()
+    await pc.close()
+    offer = without_candidates(sdp)
+
+    def padded(size: int) -> bytes:
+        """The offer with an attribute line padding it to exactly ``size`` bytes."""
+        head = (offer + "a=x-pad:").encode()
+        return head + b"p" * (size - len(head) - 2) + b"\r\n"
+
+    just_over, big = padded(MAX_OFFER_BYTES + 1), padded(1024 * 1024)
+    assert (len(just_over), len(big)) == (MAX_OFFER_BYTES + 1, 1024 * 1024)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 16 * 1024):
+            yield big[i:i + 16 * 1024]
+
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        async with http.post(f"{node.url}/api/sessions",
+                             json={"lesson_id": "watched", "sink": "webrtc"}) as r:
+            assert r.status == 201, await r.text()
+            s = await r.json()
+        headers = {"Content-Type": "application/sdp",
+                   "Authorization": f"Bearer {s['viewer_token']}"}
+        stats_url = f"{node.url}/api/sessions/{s['session_id']}"
+
+        async def sink_stats() -> dict[str, Any]:
+            async with http.get(stats_url) as r:
+                assert r.status == 200, await r.text()
+                return dict((await r.json())["stats"]["sink"])
+
+        async def post(body: Any) -> tuple[int, dict[str, Any]]:
+            async with aiohttp.ClientSession() as attacker, \
+                    attacker.post(s["whep_url"], data=body, headers=headers) as r:
+                return r.status, await r.json()
+
+        seen: list[dict[str, Any]] = []
+
+        async def watch_slots() -> None:
+            while True:
+                seen.append(await sink_stats())
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_slots())
+        t0 = honest.mark()
+        flood: list[tuple[int, dict[str, Any]]] = []
+        try:
+            # Rounds of 30 at once for 3 s: long enough to judge the neighbour by.
+            while not flood or honest.mark() - t0 < 3.0:
+                flood += await asyncio.gather(*(post(body) for _ in range(10)
+                                                for body in (just_over, big, chunked())))
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        print(f"\noversized WHEP offers: {len(flood)} in {honest.mark() - t0:.1f} s")
+        for status, body in flood:
+            assert (status, body["error"]) == (413, "body_too_large"), body
+            assert str(MAX_OFFER_BYTES) in body["message"]
+        seen.append(await sink_stats())
+        assert len(seen) >= 2
+        assert all(st["viewers"] == st["viewers_joining"] == st["viewers_total"] == 0
+                   for st in seen), [st for st in seen if st["viewers_total"]]
+        assert seen[-1]["connect_timeouts"] == 0
+        # Every slot is still free: `slots` offers are answered, one more is turned away.
+        async with aiohttp.ClientSession() as attacker:
+            async def offer_ok() -> int:
+                async with attacker.post(s["whep_url"], data=offer, headers=headers) as r:
+                    return r.status
+            assert await asyncio.gather(*(offer_ok() for _ in range(slots))) == [201] * slots
+            assert await offer_ok() == 503
+        async with http.delete(stats_url) as r:
+            assert r.status == 200
+        await settle()
+        honest.assert_kept_up(t0)
+
+
 # -- sessions are reaped; slow clients are cut off -----------------------------------------
 
 
@@ -441,12 +535,12 @@ async def test_demo_presses_leave_no_session_open(abuse_node: NodeProcess) -> No
         honest.assert_kept_up(t0)
 
 
-@on_node(TRICKLE_NODE)
+@on_node(TIMEOUTS_NODE)
 async def test_a_client_trickling_its_request_is_cut_off(abuse_node: NodeProcess) -> None:
     """Bodies and headers sent slower than http_read_timeout_s: the body gets 408 and the
     connection closes; headers that never finish get the connection closed. Twenty of
     each at once, while the honest lesson plays on."""
-    timeout = TRICKLE_NODE["http_read_timeout_s"]
+    timeout = TIMEOUTS_NODE["http_read_timeout_s"]
     node = abuse_node
     host, port = node.url.removeprefix("http://").rsplit(":", 1)
     head = (f"POST /api/sessions HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -493,6 +587,69 @@ async def test_a_client_trickling_its_request_is_cut_off(abuse_node: NodeProcess
         honest.assert_kept_up(t0)
         async with http.get(f"{node.url}/api/sessions") as r:
             assert [s["lesson_id"] for s in (await r.json())["sessions"]] == ["honest"]
+
+
+@on_node(TIMEOUTS_NODE)
+async def test_sessions_nobody_feeds_or_watches_are_reaped(abuse_node: NodeProcess) -> None:
+    """Ten sessions created at once and then left alone (nobody sends audio or listens)
+    are closed, for idle_timeout, no sooner than session_idle_timeout_s after they were
+    asked for and at most a sweep (1 s) and some slack after that; a silent session with
+    a WebSocket listening stays, and the honest neighbour plays on at 24 fps."""
+    timeout = TIMEOUTS_NODE["session_idle_timeout_s"]
+    node = abuse_node
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest:
+        async with http.post(f"{node.url}/api/sessions", json={"lesson_id": "listened"}) as r:
+            assert r.status == 201, await r.text()
+            listened = await r.json()
+        async with http.ws_connect(listened["ws_url"]) as ws:
+            await next_event(ws, "ready")  # subscribed: a listener from now on
+            t0 = honest.mark()
+
+            async def abandon(i: int) -> tuple[str, float, float]:
+                """A session asked for and left: its id, when asked, when answered."""
+                sent = loop.time()
+                async with http.post(f"{node.url}/api/sessions",
+                                     json={"lesson_id": f"forgotten-{i}"}) as r:
+                    assert r.status == 201, await r.text()
+                    return str((await r.json())["session_id"]), sent, loop.time()
+
+            forgotten = await asyncio.gather(*(abandon(i) for i in range(10)))
+            gone: dict[str, float] = {}
+            deadline = max(t for _, _, t in forgotten) + timeout + 10
+            while len(gone) < len(forgotten):
+                async with http.get(f"{node.url}/api/sessions") as r:
+                    live = {s["session_id"] for s in (await r.json())["sessions"]}
+                now = loop.time()
+                gone.update({sid: now for sid, _, _ in forgotten
+                             if sid not in live and sid not in gone})
+                assert now < deadline, f"never reaped: {set(live) - set(gone)}"
+                await asyncio.sleep(0.1)
+            assert live == {honest.session["session_id"], listened["session_id"]}
+            lived = {sid: (gone[sid] - sent, gone[sid] - answered)
+                     for sid, sent, answered in forgotten}
+            print(f"\nidle sessions, timeout {timeout} s: closed "
+                  f"{min(a for _, a in lived.values()):.2f}-"
+                  f"{max(a for _, a in lived.values()):.2f} s after their 201")
+            for sid, (since_sent, since_answered) in lived.items():
+                # Never before the timeout; within a sweep (once a second) and slack after.
+                assert since_sent >= timeout, (sid, since_sent)
+                assert since_answered <= timeout + 1.0 + 1.5, (sid, since_answered)
+                async with http.get(f"{node.url}/api/sessions/{sid}") as r:
+                    assert r.status == 404, await r.text()
+            # The reason: the node's log line for each close.
+            want = {f"session {sid} closed (idle_timeout)" for sid, _, _ in forgotten}
+            for _ in range(50):
+                if all(any(w in line for line in node.output) for w in want):
+                    break
+                await asyncio.sleep(0.1)
+            missing = {w for w in want if not any(w in line for line in node.output)}
+            assert not missing, (missing, node.output[-20:])
+            assert not ws.closed
+        async with http.delete(f"{node.url}/api/sessions/{listened['session_id']}") as r:
+            assert r.status == 200, await r.text()
+        await settle()
+        honest.assert_kept_up(t0)
 
 
 # -- item 1: maximum-size audio uploads ---------------------------------------------------
@@ -602,3 +759,73 @@ async def test_ten_max_size_uploads_at_once_keep_memory_bounded(
         print(f"\nVmHWM growth over {base / 1024:.0f} MiB: {growth:.0f} MiB")
         honest.assert_kept_up(t0)
     assert growth < 400, growth
+
+
+@on_node(UPLOADS)
+async def test_uploads_beyond_max_concurrent_uploads_get_429_unread(
+        abuse_node: NodeProcess) -> None:
+    """Three times max_concurrent_uploads uploads at once, each body sent in two halves
+    with the second held back: as many as the bound are admitted and wait for their
+    bodies; every other one gets 429 too_many_uploads with Retry-After while its body is
+    still unfinished (refused unread). Once the bodies go, the admitted ones are queued
+    (202) and the slots are free again; the honest neighbour keeps 24 fps."""
+    limit = UPLOADS["max_concurrent_uploads"]
+    node = abuse_node
+    half = pcm(0.1)  # 0.1 s of L16 at 16 kHz
+    headers = {"Content-Type": "audio/L16;rate=16000"}
+    release = asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield half
+        await release.wait()
+        yield half
+
+    async with aiohttp.ClientSession() as http, honest_neighbour(node, http) as honest, \
+            aiohttp.ClientSession() as attacker:
+        sid = await create(http, node.url, "flooded")
+        url = f"{node.url}/api/sessions/{sid}/audio"
+
+        async def attempt() -> tuple[int, dict[str, Any], str | None]:
+            async with attacker.post(url, data=held_body(), headers=headers) as r:
+                return r.status, await r.json(), r.headers.get("Retry-After")
+
+        t0 = honest.mark()
+        tasks = [asyncio.create_task(attempt()) for _ in range(3 * limit)]
+        try:
+            refused: set[asyncio.Task[tuple[int, dict[str, Any], str | None]]] = set()
+            deadline = time.monotonic() + 20
+            while len(refused) < 2 * limit:
+                done, _ = await asyncio.wait(set(tasks) - refused, timeout=0.5,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                refused |= done
+                assert time.monotonic() < deadline, f"{len(refused)} answered"
+            # While the admitted hold every slot, more waves for 3 s: all refused too.
+            while honest.mark() - t0 < 3.0:
+                wave = [asyncio.create_task(attempt()) for _ in range(limit)]
+                tasks += wave
+                done, _ = await asyncio.wait(wave, timeout=10)
+                assert len(done) == limit, f"{len(done)} of a wave answered"
+                refused |= done
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)  # none of the admitted answers while its body waits
+            assert sum(t.done() for t in tasks) == len(refused) == len(tasks) - limit
+            for t in refused:
+                status, body, retry_after = t.result()
+                assert (status, body["error"]) == (429, "too_many_uploads"), body
+                assert retry_after is not None and int(retry_after) > 0
+            admitted = [t for t in tasks if t not in refused]
+            release.set()
+            for status, body, _ in await asyncio.gather(*admitted):
+                assert status == 202 and body["duration_ms"] == 200.0, body
+        finally:
+            release.set()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # The slots are free again: a whole upload is taken at once.
+        status, answer = await upload(http, node.url, sid, half + half, headers["Content-Type"])
+        assert status == 202 and answer["queued_ms"] > 0, answer
+        async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
+            assert r.status == 200
+        await settle()
+        honest.assert_kept_up(t0)
