@@ -478,6 +478,9 @@ async def test_oversized_whep_offers_get_413_and_reserve_no_viewer_slot(
             while not flood or honest.mark() - t0 < 3.0:
                 flood += await asyncio.gather(*(post(body) for _ in range(10)
                                                 for body in (just_over, big, chunked())))
+                # A breath between rounds: this client also sends the honest stream,
+                # and the node, not the client's own loop, is what is under test.
+                await asyncio.sleep(0.02)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
