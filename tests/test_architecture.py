@@ -22,5 +22,6 @@ def test_every_module_over_500_lines_says_why_at_its_top() -> None:
         doc = ast.get_docstring(ast.parse(text)) or ""
         if not re.search(r"\b\d{3,4} lines\b", doc):
             silent.append(f"{path.relative_to(ROOT.parent)} ({text.count(chr(10))} lines)")
-    assert not silent, ("modules over 500 lines without the reason in their docstring "
-                        "(a sentence naming its size, 'over 500 lines', and why): " + ", ".join(silent))
+    assert not silent, ("modules over 500 lines without the reason in their docstring (a "
+                        "sentence naming its size, 'over 500 lines', and why): "
+                        + ", ".join(silent))
