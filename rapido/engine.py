@@ -285,6 +285,7 @@ class Engine:
                 provider.closed(session)
         self._account_audio([session])
         self.metrics.concurrent_streams.set(len(self.sessions))
+        self.metrics.sessions_closed.labels(reason).inc()
         self._notify(session, False)
         log.info("session %s closed (%s)", session_id, reason)
         return True

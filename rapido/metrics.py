@@ -86,6 +86,9 @@ class Metrics:
             "utterances", "Utterances finished", ["outcome"], registry=r)
         self.sessions_created = Counter(
             "sessions_created", "Sessions created", registry=r)
+        self.sessions_closed = Counter(
+            "sessions_closed", "Sessions ended, by why (the close reason clients get)",
+            ["reason"], registry=r)
         self.sessions_rejected = Counter(
             "sessions_rejected", "Session creates refused", ["reason"], registry=r)
         self.session_errors = Counter(
