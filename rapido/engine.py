@@ -355,6 +355,12 @@ class Engine:
             delay = next_t - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            else:
+                # Catching up after a stall. Audio that arrived meanwhile is still in the
+                # sockets (or in its feeder's timer): let it in before this frame is
+                # taken, or the catch-up frames drain the buffers back to back and every
+                # stream underruns on audio that was on time.
+                await asyncio.sleep(0.001)
             now = loop.time()
             behind = int((now - next_t) / frame_s)
             if behind > MAX_CATCH_UP_FRAMES:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import signal
@@ -832,3 +833,55 @@ async def test_uploads_beyond_max_concurrent_uploads_get_429_unread(
             assert r.status == 200
         await settle()
         honest.assert_kept_up(t0)
+
+
+# -- the node's own stall (issue 13: the underruns at utterance boundaries) ----------------
+
+@on_node(DEMO_NODE)
+async def test_speech_that_arrives_while_the_node_stalls_is_played_without_underruns(
+        abuse_node: NodeProcess) -> None:
+    """The node's process stopped for 170 ms (SIGSTOP: the loop stalls, as it did when 30
+    utterances began at once) while 8 clients go on sending 40 ms chunks on time. The
+    speech waits in the sockets; the clock, catching up, must let it in before it takes
+    each late frame, or every playing stream's buffer drains and underruns (it did: 8 of
+    8 before the fix). Each utterance then plays whole, without an underrun."""
+    node = abuse_node
+    loop = asyncio.get_running_loop()
+    chunk = np.asarray(speech(0.04), dtype="<i2").tobytes()
+    chunks, ready = 50, asyncio.Event()
+    t0 = loop.time() + 1.0
+    async with aiohttp.ClientSession() as http:
+        async def client(i: int) -> str:
+            async with http.post(f"{node.url}/api/sessions",
+                                 json={"lesson_id": f"stall-{i}", "sample_rate": 16_000}) as r:
+                assert r.status == 201, await r.text()
+                s = await r.json()
+            async with http.ws_connect(s["ws_url"]) as ws:
+                await next_event(ws, "ready")
+                await ready.wait()
+                await ws.send_str(json.dumps({"type": "start"}))
+                for k in range(chunks):
+                    await asyncio.sleep(max(0.0, t0 + 0.04 * k - loop.time()))
+                    await ws.send_bytes(chunk)
+                await ws.send_str(json.dumps({"type": "end"}))
+                await next_event(ws, "playback_finished")
+            return str(s["session_id"])
+
+        clients = [asyncio.create_task(client(i)) for i in range(8)]
+        await asyncio.sleep(0.5)
+        ready.set()
+        # 1.5 s into the utterances, halfway between two chunks: the last one is 20 ms
+        # old, so the buffers hold no more than their usual level when the node stops.
+        await asyncio.sleep(t0 + 1.5 - loop.time())
+        os.kill(node.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.17)  # the clients send on meanwhile
+        finally:
+            os.kill(node.proc.pid, signal.SIGCONT)
+        ids = await asyncio.wait_for(asyncio.gather(*clients), 30)
+        for sid in ids:
+            async with http.get(f"{node.url}/api/sessions/{sid}") as r:
+                stats = (await r.json())["stats"]
+            assert stats["underruns"] == 0, stats
+            async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
+                assert r.status == 200
