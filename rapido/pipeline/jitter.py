@@ -645,6 +645,7 @@ class AudioJitterBuffer:
         self.stats.utterances_finished += 1
         self._utts.popleft()
         self._concealed_run = 0
+        self._op = None  # a decision is the playing utterance's, never the next one's
         self._state = self.IDLE
 
     def _check_refill(self, events: list[JitterEvent]) -> None:
