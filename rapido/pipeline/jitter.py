@@ -28,7 +28,10 @@ will be heard) and decides one thing for the next block of speech it commits:
 * *accelerate* (remove one pitch period) when the level is above the target by
   ``_ACCEL_MARGIN_MS`` and the source is not simply ahead of real time: a source held by
   back-pressure (TTS faster than real time) keeps the buffer full whatever playout does,
-  and draining it would only speed the voice up;
+  and draining it would only speed the voice up. Nor while the target sits at
+  ``max_ms``: the estimator is saturated (stalls longer than any target), the level above
+  it is what rides out the next stall, and draining it only added underruns (54 -> 60 in
+  four minutes of the ``stalls`` profile, in the trace simulation);
 * *preemptive expand* (insert one) when the level has fallen below ``_EXPAND_FRAC`` of the
   start level: an underrun is near, and a slower voice is better than a gap;
 * otherwise nothing. Never once the utterance's end has arrived (everything is here: no
@@ -36,16 +39,18 @@ will be heard) and decides one thing for the next block of speech it commits:
 
 Rates are bounded twice: a token bucket fills at ``stretch_rate_pct`` of speech played and
 holds at most ``_BUCKET_MS``, and after a change of ``P`` samples the next waits until
-``P * 100 / stretch_burst_pct`` more have played. Audio is *committed* (stretched or
+``P * (100 / stretch_burst_pct - 1)`` more have played, so no stretch of the short term
+exceeds ``stretch_burst_pct``; one change per frame at most. Audio is *committed* (stretched or
 passed as it is) before anyone reads it, the frame or the model's look-ahead
 (:meth:`peek`), so the lip-sync features see exactly the audio that will be played.
 Positions (``PlaybackFinished``, ``Underrun``, :attr:`position_ms`) stay in *source*
 samples; the level, ``emitted_samples`` and back-pressure count samples as played. Counted
 like WebRTC: ``removed_samples_for_acceleration``, ``inserted_samples_for_deceleration``.
 
-One module, a little over 500 lines, on purpose: it is one pure state machine
+One module, about 700 lines, on purpose: it is one pure state machine
 (:class:`AudioJitterBuffer`) plus the event and stats types it returns; splitting those
-apart would only scatter its interface.
+apart would only scatter its interface. The signal processing of stretching lives in
+:mod:`rapido.pipeline.stretch`; when and how much stays here, with the state it reads.
 """
 
 from __future__ import annotations
