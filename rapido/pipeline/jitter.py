@@ -33,7 +33,10 @@ will be heard) and decides one thing for the next block of speech it commits:
   it is what rides out the next stall, and draining it only added underruns (54 -> 60 in
   four minutes of the ``stalls`` profile, in the trace simulation);
 * *preemptive expand* (insert one) when the level has fallen below ``_EXPAND_FRAC`` of the
-  start level: an underrun is near, and a slower voice is better than a gap;
+  target: an underrun is near, and a slower voice is better than a gap. Relative to the
+  target, not the start level, so a lower ``start_ms`` is made up for by stretching
+  (in the trace simulation, ``heavy`` at a 104 ms start: 31 underruns in six minutes
+  without, 13 with; at 128 ms: 5 without, 2 with);
 * otherwise nothing. Never once the utterance's end has arrived (everything is here: no
   underrun to fear, no latency to win back), and a block never spans two utterances.
 
@@ -220,7 +223,7 @@ class _Utterance:
 
 # Time-stretch policy (see the module docstring).
 _ACCEL_MARGIN_MS = 20.0  # accelerate above target + this (NetEQ's high limit is 20 ms up)
-_EXPAND_FRAC = 0.5  # expand below this share of the start level
+_EXPAND_FRAC = 0.5  # expand below this share of the target
 _AHEAD_FRAC = 0.5  # a source this share of max_ms ahead of real time is faster than it
 _BUCKET_MS = 60.0  # at burst rate 25 % and 5 % sustained: bursts of about 300 ms
 
@@ -554,7 +557,7 @@ class AudioJitterBuffer:
                                  - (utt.last_arrival - utt.first_arrival))
             if ahead_ms < _AHEAD_FRAC * cfg.max_ms:
                 self._op = "accelerate"
-        elif level_ms < _EXPAND_FRAC * self.start_level_ms:
+        elif level_ms < _EXPAND_FRAC * self._target_ms:
             self._op = "expand"
 
     def _commit(self, utt: _Utterance, n: int) -> None:
