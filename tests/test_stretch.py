@@ -15,6 +15,7 @@ from rapido.pipeline.stretch import (
     Stretched,
     accelerate,
     expand,
+    extend,
     min_block,
     time_stretch,
 )
@@ -128,3 +129,33 @@ def test_max_period_and_short_blocks() -> None:
     short = tone(220.0, 0.04)[: min_block(RATE) - 1]
     assert accelerate(short, RATE).period == 0 and expand(short, RATE).period == 0
     assert min_block(RATE) == 1440  # two longest periods: 30 ms
+
+
+@pytest.mark.parametrize("kind", ["tone", "speech"])
+def test_extend_repeats_the_last_period_and_changes_nothing_before(kind: str) -> None:
+    """Lengthening audio that is final already: every 40 ms block followed by a repeat of
+    its last period while the output is behind +10 %. The blocks are untouched, the
+    repeats are exact copies, and the pitch and the joins survive."""
+    x = tone(220.0) if kind == "tone" else speech()
+    parts: list[np.ndarray] = []
+    produced = inserted = 0
+    for start in range(0, len(x), BLOCK):
+        seg = x[start : start + BLOCK]
+        out = Stretched(seg, 0, 0.0)
+        if len(seg) >= min_block(RATE) and produced + len(seg) < 1.1 * (start + len(seg)):
+            out = extend(seg, RATE)
+        p = out.period
+        assert np.array_equal(out.audio[: len(seg)], seg)  # nothing final changed
+        assert len(out.audio) == len(seg) + p
+        assert np.array_equal(out.audio[len(seg) :], seg[len(seg) - p :])  # a true repeat
+        parts.append(out.audio)
+        produced += len(out.audio)
+        inserted += p
+    y = np.concatenate(parts)
+    assert len(y) == len(x) + inserted
+    assert abs(len(y) - 1.1 * len(x)) <= BLOCK
+    assert peak_hz(y) == pytest.approx(peak_hz(x), rel=0.01)
+    # A repeat has no cross-fade (what follows it is not known yet): its start steps by
+    # the fraction of a sample the whole-sample period misses, a little, never a click.
+    assert np.abs(np.diff(y.astype(np.int32))).max() <= \
+        1.25 * np.abs(np.diff(x.astype(np.int32))).max()

@@ -45,7 +45,10 @@ holds at most ``_BUCKET_MS``, and after a change of ``P`` samples the next waits
 ``P * (100 / stretch_burst_pct - 1)`` more have played, so no stretch of the short term
 exceeds ``stretch_burst_pct``; one change per frame at most. Audio is *committed* (stretched or
 passed as it is) before anyone reads it, the frame or the model's look-ahead
-(:meth:`peek`), so the lip-sync features see exactly the audio that will be played.
+(:meth:`peek`), so the lip-sync features see exactly the audio that will be played. A
+decision applies where committed audio ends: to the next block of source (30 ms at
+least), or, to expand when the look-ahead has committed all there is (the level is low:
+just when expanding matters), as a repeat of the last committed period, appended.
 Positions (``PlaybackFinished``, ``Underrun``, :attr:`position_ms`) stay in *source*
 samples; the level, ``emitted_samples`` and back-pressure count samples as played. Counted
 like WebRTC: ``removed_samples_for_acceleration``, ``inserted_samples_for_deceleration``.
@@ -66,7 +69,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rapido.pipeline.media import AUDIO_RATE
-from rapido.pipeline.stretch import MIN_LAG_MS, accelerate, expand, min_block
+from rapido.pipeline.stretch import (
+    MIN_LAG_MS,
+    Stretched,
+    accelerate,
+    expand,
+    extend,
+    min_block,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,11 +571,11 @@ class AudioJitterBuffer:
             self._op = "expand"
 
     def _commit(self, utt: _Utterance, n: int) -> None:
-        """Make the first ``n`` samples left to play final (or all there are), applying
-        this frame's decision to the first block of source that it covers."""
+        """Make the first ``n`` samples left to play final (or all there are), after
+        applying this frame's decision where committed audio ends."""
+        if self._op is not None:
+            self._apply(utt)
         while utt.ready_len < n and utt.chunks:
-            if self._op is not None and self._stretch_block(utt):
-                continue
             chunk = utt.chunks[0]
             k = min(n - utt.ready_len, chunk.remaining)
             utt.ready.append(_Chunk(chunk.samples[chunk.offset : chunk.offset + k],
@@ -575,24 +585,34 @@ class AudioJitterBuffer:
                 utt.chunks.popleft()
             utt.ready_len += k
 
-    def _stretch_block(self, utt: _Utterance) -> bool:
-        """Commit the next block of source with this frame's decision applied; False
-        (and nothing done) when too little source is here for a block."""
+    def _apply(self, utt: _Utterance) -> None:
+        """This frame's decision, at the boundary of committed and uncommitted audio:
+        on the next block of source when one is here (30 ms at least); otherwise, to
+        expand, by repeating the last period of what is committed and not yet played
+        (the level is low, so the look-ahead has committed everything there is). Left
+        pending when neither can be done: a later commit of this frame may manage."""
         avail = utt.buffered - utt.ready_len  # source samples not committed yet
-        if avail < self._min_block:
-            return False
-        op, self._op = self._op, None  # one attempt per frame
-        seg, arrival = self._pop_source(utt, min(avail, max(self._fs, self._min_block)))
-        cfg = self.config
-        if op == "accelerate":
-            res = accelerate(seg, self._rate, int(self._bucket))
+        op = self._op
+        max_p = int(self._bucket)
+        if avail >= self._min_block:
+            self._op = None  # one attempt per frame
+            seg, arrival = self._pop_source(utt, min(avail, max(self._fs, self._min_block)))
+            res = (accelerate if op == "accelerate" else expand)(seg, self._rate, max_p)
+            src = len(seg)
+        elif op == "expand" and utt.ready_len >= self._min_block:
+            self._op = None
+            tail = self._ready_tail(utt, self._min_block)
+            ext = extend(tail, self._rate, max_p)
+            # Only the repeat is new; it stands for no source samples at all.
+            res = Stretched(ext.audio[len(tail) :], ext.period, ext.correlation)
+            arrival, src = utt.ready[-1].arrival, 0
         else:
-            res = expand(seg, self._rate, int(self._bucket))
+            return
         p = res.period
         if p:
             self._bucket -= p
             self._since_op = 0
-            self._op_gap = math.ceil(p * 100.0 / cfg.stretch_burst_pct) - p
+            self._op_gap = math.ceil(p * 100.0 / self.config.stretch_burst_pct) - p
             delta = -p if op == "accelerate" else p
             utt.buffered += delta
             self._buffered += delta
@@ -600,11 +620,22 @@ class AudioJitterBuffer:
                 self.stats.removed_samples_for_acceleration += p
             else:
                 self.stats.inserted_samples_for_deceleration += p
-            utt.ready.append(_Chunk(res.audio, arrival, src=len(seg)))
-        else:
-            utt.ready.append(_Chunk(seg, arrival))
-        utt.ready_len += len(res.audio)
-        return True
+        if len(res.audio):
+            utt.ready.append(_Chunk(res.audio, arrival, src=src if p else -1))
+            utt.ready_len += len(res.audio)
+
+    @staticmethod
+    def _ready_tail(utt: _Utterance, n: int) -> np.ndarray:
+        """The last ``n`` committed samples not yet played (there are at least ``n``)."""
+        parts: list[np.ndarray] = []
+        need = n
+        for chunk in reversed(utt.ready):
+            part = chunk.samples[max(chunk.offset, len(chunk.samples) - need) :]
+            parts.append(part)
+            need -= len(part)
+            if need <= 0:
+                break
+        return np.concatenate(parts[::-1])
 
     @staticmethod
     def _pop_source(utt: _Utterance, n: int) -> tuple[np.ndarray, float]:

@@ -18,6 +18,10 @@ The method (NetEQ's ``TimeStretch``, simplified):
   the signal is periodic the fade mixes two near-identical periods: the pitch is kept.
 * **Preemptive expand** inserts one: ``x[0:P]``, a cross-fade from ``x[P:2P]`` into
   ``x[0:P]``, then ``x[P:]``.
+* **Extend** lengthens audio that is already final (heard, or read by a look-ahead) without
+  changing any of it: ``x`` followed by a repeat of its last period. The repeat ends on
+  ``x``'s last sample, so whatever comes next follows as it would have followed ``x``; its
+  start continues ``x`` as far as ``x`` is periodic (the period is searched on ``x``'s end).
 * Only where the signal is periodic enough (correlation >= 0.9, NetEQ's threshold) or so
   quiet that nothing can be heard either way; otherwise the block passes unchanged.
 
@@ -47,6 +51,7 @@ __all__ = [
     "Stretched",
     "accelerate",
     "expand",
+    "extend",
     "min_block",
     "time_stretch",
 ]
@@ -91,6 +96,15 @@ def expand(x: np.ndarray, rate: int, max_period: int | None = None) -> Stretched
         return Stretched(x, 0, corr)
     fade = _crossfade(x[period : 2 * period], x[:period])
     return Stretched(np.concatenate([x[:period], fade, x[period:]]), period, corr)
+
+
+def extend(x: np.ndarray, rate: int, max_period: int | None = None) -> Stretched:
+    """``x`` followed by a repeat of its last pitch period; ``x`` itself unchanged. For
+    audio that must not change any more; otherwise as :func:`expand`."""
+    period, corr = _find_period(x[::-1], rate, max_period)
+    if period == 0:
+        return Stretched(x, 0, corr)
+    return Stretched(np.concatenate([x, x[len(x) - period :]]), period, corr)
 
 
 def time_stretch(x: np.ndarray, rate: int, factor: float, block_ms: float = 40.0
