@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 from rapido.bench.traces import make_trace, play_trace
+from rapido.engine import Engine
+from rapido.metrics import Metrics
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.events import SessionEvent
 from rapido.pipeline.jitter import (
     AudioJitterBuffer,
     JitterConfig,
     JitterEvent,
+    JitterStats,
     PlaybackFinished,
     PullResult,
     Underrun,
 )
 from rapido.pipeline.render import FrameJob
-from rapido.pipeline.session import SessionSpec, StreamSession
+from rapido.pipeline.session import SessionCounters, SessionSpec, StreamSession
 from rapido.pipeline.sinks.null import NullSink
 from rapido.pipeline.speech import speech_like
 
@@ -310,3 +314,22 @@ async def test_interrupt_dropping_stretched_frames_reports_the_source_position()
     # 60 frames reached the sink: the position is the source samples they carried.
     assert fin == [PlaybackFinished(1, round(1000.0 * renderer.shown_source / RATE, 1),
                                     True, "interrupt")]
+
+
+def test_stretch_counters_are_folded_into_the_node_metrics_once() -> None:
+    metrics = Metrics()
+    node = SimpleNamespace(metrics=metrics, sessions={})
+    stats = JitterStats(received_samples=96_000, removed_samples_for_acceleration=4_800,
+                        inserted_samples_for_deceleration=2_400)
+    session = SimpleNamespace(jb=SimpleNamespace(stats=stats), counters=SessionCounters())
+    # The engine's bookkeeping, on stand-ins: it reads only these attributes.
+    fold = Engine._account_audio
+    fold(cast(Engine, node), [cast(StreamSession, session)])
+    fold(cast(Engine, node), [cast(StreamSession, session)])  # nothing new: adds 0
+
+    def value(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert value("audio_removed_for_acceleration_seconds_total") == pytest.approx(0.1)
+    assert value("audio_inserted_for_deceleration_seconds_total") == pytest.approx(0.05)
+    assert value("audio_received_seconds_total") == pytest.approx(2.0)
