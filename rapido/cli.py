@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="search the largest stream count that stays real time")
     bench.add_argument("--max-streams-search", type=int, default=512,
                        help="upper bound of the --capacity search")
-    bench.add_argument("--compare", choices=("batching",),
+    bench.add_argument("--compare", choices=("batching", "stretch"),
                        help="batching: run with the configured max_batch and with "
-                       "max_batch=1, one after the other, and compare")
+                       "max_batch=1, one after the other, and compare; stretch: run with "
+                       "jitter_stretch off, then on")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--plot", metavar="FILE.png",
                        help="plot delivered fps and p99 lateness against streams "

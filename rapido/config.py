@@ -218,6 +218,15 @@ class Config:
     jitter_stall_timeout_ms: float = _opt(_JB["stall_timeout_ms"], "end an utterance whose "
                                           "audio stopped this long without an end",
                                           lo=100, hi=600000)
+    jitter_stretch: bool = _opt(_JB["stretch"], "time-stretch speech by whole pitch periods "
+                                "(NetEQ's accelerate / preemptive expand) to keep the buffer "
+                                "near its target")
+    jitter_stretch_rate_pct: float = _opt(_JB["stretch_rate_pct"], "sustained bound on "
+                                          "time-stretching, %% of speech played",
+                                          lo=0.1, hi=50)
+    jitter_stretch_burst_pct: float = _opt(_JB["stretch_burst_pct"], "short-term bound on "
+                                           "time-stretching, %% of speech played",
+                                           lo=0.1, hi=50)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -411,6 +420,9 @@ class Config:
             refill_pct=self.jitter_refill_pct,
             stall_timeout_ms=self.jitter_stall_timeout_ms,
             quantile=self.jitter_quantile,
+            stretch=self.jitter_stretch,
+            stretch_rate_pct=self.jitter_stretch_rate_pct,
+            stretch_burst_pct=self.jitter_stretch_burst_pct,
         )
 
     @property

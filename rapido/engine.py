@@ -397,15 +397,21 @@ class Engine:
     def _account_audio(self, sessions: Iterable[StreamSession] | None = None) -> None:
         """Fold the streams' audio counters into the node's, once a second (not per
         frame: this is bookkeeping, not the hot path) and when a stream closes."""
-        received = concealed = 0
+        received = concealed = removed = inserted = 0
         for s in self.sessions.values() if sessions is None else sessions:
-            js = s.jb.stats
-            received += js.received_samples - s.counters.reported_received
-            concealed += js.concealed_samples - s.counters.reported_concealed
-            s.counters.reported_received = js.received_samples
-            s.counters.reported_concealed = js.concealed_samples
+            js, c = s.jb.stats, s.counters
+            received += js.received_samples - c.reported_received
+            concealed += js.concealed_samples - c.reported_concealed
+            removed += js.removed_samples_for_acceleration - c.reported_removed
+            inserted += js.inserted_samples_for_deceleration - c.reported_inserted
+            c.reported_received = js.received_samples
+            c.reported_concealed = js.concealed_samples
+            c.reported_removed = js.removed_samples_for_acceleration
+            c.reported_inserted = js.inserted_samples_for_deceleration
         self.metrics.audio_in.inc(received / AUDIO_RATE)
         self.metrics.concealed.inc(concealed / AUDIO_RATE)
+        self.metrics.accelerated.inc(removed / AUDIO_RATE)
+        self.metrics.decelerated.inc(inserted / AUDIO_RATE)
 
     def _close_later(self, session_id: str, reason: str) -> None:
         """Close a session from the clock without holding the clock up."""

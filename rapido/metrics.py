@@ -82,6 +82,15 @@ class Metrics:
             "audio_received_seconds", "Speech received, after resampling", registry=r)
         self.concealed = Counter(
             "audio_concealed_seconds", "Silence inserted during underruns", registry=r)
+        # Time-stretching (jitter_stretch), as WebRTC counts it.
+        self.accelerated = Counter(
+            "audio_removed_for_acceleration_seconds",
+            "Speech removed by the jitter buffer's accelerate (whole pitch periods)",
+            registry=r)
+        self.decelerated = Counter(
+            "audio_inserted_for_deceleration_seconds",
+            "Speech inserted by the jitter buffer's preemptive expand (whole pitch periods)",
+            registry=r)
         self.utterances = Counter(
             "utterances", "Utterances finished", ["outcome"], registry=r)
         self.sessions_created = Counter(

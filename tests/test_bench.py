@@ -134,6 +134,20 @@ def test_compare_batching_gives_two_rows_and_ratios(bench_env: dict[str, str]) -
 
 
 @pytest.mark.slow
+def test_compare_stretch_gives_an_off_and_an_on_row(bench_env: dict[str, str]) -> None:
+    doc = _bench_json(bench_env, "--streams", "2", "--duration", "1", "--warmup", "0.3",
+                      "--compare", "stretch", "--jitter", "heavy")
+    off, on = doc["runs"]
+    assert (off["stretch"], on["stretch"]) == (False, True)
+    assert off["jitter"] == on["jitter"] == "heavy"
+    assert off["accelerated_ms"] == off["decelerated_ms"] == 0.0  # off is off
+    assert on["accelerated_ms"] >= 0.0 and on["decelerated_ms"] >= 0.0
+    for r in (off, on):
+        assert r["buffer_delay_ms"] is not None and r["buffer_delay_ms"] > 0
+    assert doc["comparison"] is None
+
+
+@pytest.mark.slow
 def test_capacity_plot_and_cost(bench_env: dict[str, str], tmp_path: Path) -> None:
     png = tmp_path / "bench.png"
     doc = _bench_json(bench_env, "--streams", "1", "--duration", "1", "--warmup", "0.3",

@@ -23,9 +23,11 @@ REALTIME_P99_MS = 40.0
 
 TABLE_COLUMNS = (
     "streams", "max_batch", "jitter", "speech_duty", "fps_min", "fps_median",
-    "lateness_p99_ms", "lateness_exact_p99_ms", "onset_p50_ms", "lipsync_lag_ms", "batch_mean",
+    "lateness_p99_ms", "lateness_exact_p99_ms", "onset_p50_ms", "onset_p95_ms", "lipsync_lag_ms",
+    "batch_mean",
     "deadline_misses", "underruns", "sink_dropped", "encoded_fps_min", "cpu_percent",
-    "cpu_ms_per_stream_second", "realtime",
+    "cpu_ms_per_stream_second", "stretch", "buffer_delay_ms", "accelerated_ms",
+    "decelerated_ms", "realtime",
 )
 
 

@@ -118,6 +118,11 @@ class BenchResult:
     #: window's chunks the sinks did not drop (None: no publisher).
     quality_score: float | None = None
     adaptive: bool = False
+    # -- the jitter buffer's time-stretching (jitter_stretch) and its delay -----------------
+    stretch: bool = False
+    accelerated_ms: float = 0.0  # speech removed by accelerate, all streams, in the window
+    decelerated_ms: float = 0.0  # speech inserted by preemptive expand, likewise
+    buffer_delay_ms: float | None = None  # mean time a played sample spent buffered
 
     # -- lip sync on what the sinks get (rapido.pipeline.lipsync_lag; > 0: mouth late) ------
     lipsync_lag_ms: float | None = None
@@ -326,6 +331,10 @@ class _Snap:
     wait_sum: float
     wait_count: float
     batcher: dict[str, Any]
+    removed: int = 0  # jitter buffers' sums over the streams
+    inserted: int = 0
+    emitted: int = 0
+    delay_ss: float = 0.0
 
 
 def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
@@ -342,6 +351,10 @@ def _snapshot(engine: Engine, sts: list[_Stream], metrics: Metrics) -> _Snap:
         wait=histograms.hist_snapshot(metrics, "batch_queue_wait_seconds"),
         wait_sum=wait_sum, wait_count=wait_count,
         batcher=dict(info.get("batcher") or {}),
+        removed=sum(st.session.jb.stats.removed_samples_for_acceleration for st in sts),
+        inserted=sum(st.session.jb.stats.inserted_samples_for_deceleration for st in sts),
+        emitted=sum(st.session.jb.stats.emitted_samples for st in sts),
+        delay_ss=sum(st.session.jb.stats.delay_sample_seconds for st in sts),
     )
 
 
@@ -408,6 +421,11 @@ def _result(config: Config, frames: FrameSamples, sts: list[_Stream], metrics: M
         lateness_exact_p99_ms=round(p99_exact, 3),
         lateness_exact_max_ms=round(float(samples.max()) if len(samples) else 0.0, 3),
         lipsync_lag_ms=lag_ms, lipsync_corr=lag_r, lipsync_margin=lag_margin,
+        stretch=config.jitter_stretch,
+        accelerated_ms=round(1000.0 * (b.removed - a.removed) / AUDIO_RATE, 1),
+        decelerated_ms=round(1000.0 * (b.inserted - a.inserted) / AUDIO_RATE, 1),
+        buffer_delay_ms=(round(1000.0 * (b.delay_ss - a.delay_ss) / (b.emitted - a.emitted),
+                               1) if b.emitted > a.emitted else None),
         onsets=len(onsets),
         onset_p50_ms=histograms.ms_quantile(onsets, 0.5),
         onset_p95_ms=histograms.ms_quantile(onsets, 0.95),
@@ -504,6 +522,12 @@ async def _main(config: Config, args: argparse.Namespace, outcome: Outcome) -> N
                                        jitter=args.jitter, progress=progress,
                                        out=outcome.runs, standin=_standin(args))
             outcome.comparison = report.comparison_json(batched.json(), unbatched.json())
+        elif args.compare == "stretch":
+            # The same streams and arrivals, stretching off then on: the rows side by side.
+            for on in (False, True):
+                await run_once(dataclasses.replace(config, jitter_stretch=on), args.streams,
+                               args.duration, args.warmup, args.speech, args.sink,
+                               jitter=args.jitter, progress=progress, out=outcome.runs)
         else:
             await run_once(config, args.streams, args.duration, args.warmup, args.speech,
                            args.sink, jitter=args.jitter, progress=progress,

@@ -97,6 +97,10 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "frames_out": {"type": "integer"},
                 "playout_position_ms": {"type": "number"},
                 "played_ms": {"type": "number"},
+                "accelerated_ms": {"type": "number", "description":
+                                   "speech removed by time-stretching (jitter_stretch)"},
+                "decelerated_ms": {"type": "number", "description":
+                                   "speech inserted by time-stretching (jitter_stretch)"},
             },
         },
         "Session": {

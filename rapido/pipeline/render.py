@@ -30,6 +30,8 @@ class FrameJob:
     utterance: int | None = None  # the utterance whose speech this frame carries
     utt_pos: int = 0  # where this frame's speech starts inside its utterance (samples)
     real_samples: int = 0  # speech samples in ``audio`` (the rest is padding/silence)
+    # Source samples that speech stands for: ``real_samples`` unless time-stretched.
+    source_samples: int = 0
     lookahead: np.ndarray | None = None  # speech after this frame, for models that need it
     utt_complete: bool = False  # ``lookahead`` reaches the utterance's end
     video: VideoFrame | None = None

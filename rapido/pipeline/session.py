@@ -78,6 +78,8 @@ class SessionCounters:
     played_ms: float = 0.0  # speech played out, all utterances together
     reported_received: int = 0  # samples already folded into the node's metrics
     reported_concealed: int = 0
+    reported_removed: int = 0  # time-stretching, likewise
+    reported_inserted: int = 0
     last_activity: float = field(default_factory=time.monotonic)
 
 
@@ -168,6 +170,9 @@ class StreamSession:
             "emitted_ms": round(1000.0 * js.emitted_samples / AUDIO_RATE, 1),
             "received_ms": round(1000.0 * js.received_samples / AUDIO_RATE, 1),
             "mean_buffer_delay_ms": round(js.mean_delay_ms, 1),
+            "accelerated_ms": round(1000.0 * js.removed_samples_for_acceleration / AUDIO_RATE, 1),
+            "decelerated_ms": round(1000.0 * js.inserted_samples_for_deceleration / AUDIO_RATE,
+                                    1),
             "frames_out": c.frames_out,
             "speaking_frames": c.speaking_frames,
             "late_frames": c.late_frames,
@@ -306,7 +311,8 @@ class StreamSession:
         carried: list[JitterEvent] = []
         for job in self._pending:
             if job.utterance is not None:
-                unplayed[job.utterance] = unplayed.get(job.utterance, 0) + job.real_samples
+                # Positions count source samples, which a stretched frame is not.
+                unplayed[job.utterance] = unplayed.get(job.utterance, 0) + job.source_samples
             carried.extend(job.events)
         out: list[JitterEvent] = []
         for ev in carried + flushed:
@@ -342,7 +348,8 @@ class StreamSession:
         job = FrameJob(
             index=self._frame_index, due=now, audio=pull.audio, speaking=pull.speaking,
             avatar=self.avatar, stream=self.id, utterance=pull.utterance,
-            utt_pos=self._utt_pos, real_samples=pull.real_samples, lookahead=lookahead,
+            utt_pos=self._utt_pos, real_samples=pull.real_samples,
+            source_samples=pull.source_samples, lookahead=lookahead,
             utt_complete=complete, on_done=self._job_done, events=frame_events,
         )
         self._utt_pos += pull.real_samples
