@@ -4,6 +4,9 @@ States: ``idle`` (silent, idle frames), ``speaking`` (an utterance is playing),
 ``interrupted`` (barge-in flushed everything; idle frames until the next utterance) and
 ``closed``. The engine's clock calls :meth:`tick` once per frame; everything else is
 driven by the session's clients (WebSocket, HTTP uploads).
+
+A little over 500 lines, as one class on purpose: ingest, playout, interrupts and events
+share the session's state and its one lock-free order of operations on the loop.
 """
 
 from __future__ import annotations
