@@ -65,12 +65,6 @@ CLOSED: Final = "closed"
 #: Codecs a publisher may choose. The SFU never transcodes, so this is what viewers get.
 CODECS: Final = {"h264": rtc.VideoCodec.H264, "vp8": rtc.VideoCodec.VP8}
 
-#: How much later libwebrtc stamps a piece of audio (its RTP time, which receivers sync
-#: pictures to) than ``AudioSource.queued_duration`` says it starts playing: that is a
-#: Python-side estimate of the native queue. Measured at the loopback stand-in
-#: (tests/test_livekit_e2e.py): without this the mouth led the sound by 25-41 ms.
-NATIVE_AUDIO_DELAY_S: Final = 0.030
-
 #: Rates libwebrtc's audio device path accepts for a native source.
 _AUDIO_RATES: Final = frozenset({8000, 16000, 24000, 32000, 44100, 48000})
 
@@ -372,8 +366,7 @@ class LiveKitSink:
                 self.frames_thinned += 1  # adaptive quality: the node sheds pictures
                 continue
             # This frame's audio starts playing once what is queued before it has played.
-            delay = max(0.0, audio.queued_duration - self.samples_per_frame / self.audio_rate
-                        + NATIVE_AUDIO_DELAY_S)
+            delay = max(0.0, audio.queued_duration - self.samples_per_frame / self.audio_rate)
             vframe = rtc.VideoFrame(self.width, self.height, rtc.VideoBufferType.I420,
                                     np.ascontiguousarray(chunk.video.data).tobytes())
             self._video.append((time.monotonic() + delay, chunk.index, vframe))
