@@ -24,8 +24,10 @@ client signalling (protocol 18, as ``livekit`` 1.2.x talks it) with the protobuf
   restarted on the same port, and told to refuse joins.
 
 Not covered: forwarding media to subscribers (no subscriber peer connection is ever
-offered), simulcast layer selection, TURN, region routing, session resumption (a client
-that tries to resume is told to rejoin).
+offered), simulcast layer selection, TURN, region routing, congestion control (it
+reports an ample link, see ``REMB_BPS``), session resumption (a client that tries to
+resume is told to rejoin). While it runs, aiortc's video header extensions (a global)
+include the RID extensions; ``aclose`` restores them.
 """
 
 from __future__ import annotations
