@@ -61,7 +61,8 @@ async def test_segment_plays_and_is_reported(make_node: NodeFactory) -> None:
         finishes = [json.loads(r.payload) for r in sent[3:]
                     if r.method == "lk.playback_finished"]
         assert len(finishes) == 1 and finishes[0]["interrupted"] is True
-        assert 0.0 <= finishes[0]["playback_position"] < 3.0
+        # It reports what played before the clear (about 0.3 s), not 0.
+        assert 0.2 <= finishes[0]["playback_position"] <= 0.6, finishes
         assert session.state == "interrupted"
     finally:
         await bridge.aclose()

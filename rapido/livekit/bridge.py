@@ -97,6 +97,15 @@ class AgentBridge:
         self._taken(self.queued_samples)
         with contextlib.suppress(SessionClosed):
             self.session.interrupt()
+        # The interrupt queued its PlaybackFinished (with the position played) for the
+        # relay task: pass it on now, so the protocol answers the clear with that
+        # position instead of assuming nothing had played (it reported 0.0).
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            if event is None:
+                self._events.put_nowait(None)  # the relay task ends on it
+                break
+            self._on_event(event)
 
     async def _pump(self) -> None:
         while True:
@@ -120,11 +129,13 @@ class AgentBridge:
             event = await self._events.get()
             if event is None:
                 return
-            if isinstance(event, PlaybackStarted):
-                self.send(self.protocol.playback_started())
-            elif isinstance(event, PlaybackFinished):
-                self.send(self.protocol.playback_finished(event.position_ms,
-                                                          event.interrupted))
+            self._on_event(event)
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, PlaybackStarted):
+            self.send(self.protocol.playback_started())
+        elif isinstance(event, PlaybackFinished):
+            self.send(self.protocol.playback_finished(event.position_ms, event.interrupted))
 
     async def aclose(self) -> None:
         self.session.unsubscribe(self._events)

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import numpy as np
 from livekit import rtc
+from livekit.rtc._proto.room_pb2 import DEGRADATION_PREFERENCE_MAINTAIN_RESOLUTION
 
 from rapido.aio import cancel_and_wait
 from rapido.livekit.limits import validate_queue_size_ms
@@ -442,6 +443,11 @@ class LiveKitSink:
                 simulcast=self.simulcast,
                 video_encoding=rtc.VideoEncoding(max_bitrate=self.max_bitrate,
                                                  max_framerate=float(self.fps)),
+                # Left unset, libwebrtc may trade resolution for frame rate: it starts a
+                # new connection at 3/4 size (854x480 arrived as 636x360) and climbs back
+                # only after seconds of ample bandwidth. The picture keeps its size; the
+                # frame rate is what gives way (adaptive quality sheds it here first).
+                degradation_preference=DEGRADATION_PREFERENCE_MAINTAIN_RESOLUTION,
             )
             aopts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
             await asyncio.wait_for(lp.publish_track(vtrack, vopts), self._connect_timeout)
