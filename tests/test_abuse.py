@@ -837,7 +837,7 @@ async def test_uploads_beyond_max_concurrent_uploads_get_429_unread(
 
 # -- the node's own stall (issue 13: the underruns at utterance boundaries) ----------------
 
-@on_node(DEMO_NODE)
+@on_node(UPLOADS)  # any node will do: the one the tests before it left running
 async def test_speech_that_arrives_while_the_node_stalls_is_played_without_underruns(
         abuse_node: NodeProcess) -> None:
     """The node's process stopped for 170 ms (SIGSTOP: the loop stalls, as it did when 30
