@@ -706,18 +706,13 @@ class AudioJitterBuffer:
         # under back-pressure they would read as large delays against the early burst.
         informative = self._buffered < self._ms_to_samples(self._target_ms)
         delay = now - self._media_s
-        # The window's minimum delay, kept as a deque of increasing delays: an arrival
-        # drops every older one that is no lower (it can never be the minimum again),
-        # so the minimum is the head, with no scan of the window per chunk.
         window = self._window
-        while window and window[-1][1] >= delay:
-            window.pop()
         window.append((now, delay))
-        while now - window[0][0] > cfg.window_s:
+        while window and now - window[0][0] > cfg.window_s:
             window.popleft()
         if not informative:
             return
-        rel_ms = 1000.0 * (delay - window[0][1])
+        rel_ms = 1000.0 * (delay - min(d for _, d in window))
         forget = 0.5 ** ((n / self._rate) / cfg.half_life_s)
         self._hist *= forget
         self._hist[min(_HIST_BINS - 1, int(rel_ms / _HIST_BIN_MS))] += 1.0 - forget
