@@ -4,9 +4,15 @@ Timing. The engine's clock hands one chunk per frame to :meth:`LiveKitSink.write
 only appends to a bounded deque (the event loop must never wait on the network). One
 pusher task feeds the audio into ``rtc.AudioSource``, whose ``capture_frame`` returns
 once the native queue is at or below ``queue_size_ms``: that is the real-time
-back-pressure. Audio captured now is heard ``queued_duration`` later, so the frame's
-video is captured when its audio starts to play (a timer, not at once), which keeps the
-two within a few ms of each other instead of video leading by the queue depth.
+back-pressure. The native side sends 10 ms of the queue every 10 ms and sends nothing
+while it is empty, so a chunk starts to play when what was queued before it has played,
+or at once if the queue ran dry: :class:`~rapido.livekit.playout.AudioPlayout` keeps
+that instant. The SDK's own
+``queued_duration`` does not: it lets the queue go below empty, so after every stall
+longer than the queue it underestimates for good, and video captured by it led the
+sound by up to 110 ms under load. The frame's picture is captured when its audio starts
+(a timer), stamped with that instant on the monotonic clock libwebrtc also reads, so the
+two stay within a few ms at the receiver.
 
 Connection. The sources work without a room, so the stream runs from the first frame;
 a connect task joins the room in the background, publishes both tracks, and on failure
@@ -49,6 +55,7 @@ from livekit.rtc._proto.room_pb2 import DEGRADATION_PREFERENCE_MAINTAIN_RESOLUTI
 from rapido.aio import cancel_and_wait
 from rapido.livekit.limits import validate_queue_size_ms
 from rapido.livekit.linkstats import VideoLink, video_link
+from rapido.livekit.playout import SEND_DELAY_S, AudioPlayout
 from rapido.livekit.sinkstats import LiveKitStats
 from rapido.pipeline.media import AUDIO_RATE, DEFAULT_FPS, MediaChunk, frame_samples
 from rapido.pipeline.quality import PublisherQuality, QualityBounds
@@ -156,7 +163,6 @@ class LiveKitSink:
         self.audio_rate = audio_rate
         self.num_channels = num_channels
         self.samples_per_frame = frame_samples(fps, audio_rate)
-        self.frame_us = 1_000_000 // fps
         self.video_codec = video_codec.lower()
         self.max_bitrate = max_bitrate
         self.simulcast = simulcast
@@ -181,8 +187,9 @@ class LiveKitSink:
         self._pending: deque[MediaChunk] = deque()
         self._max_pending = max_pending
         self._wake = asyncio.Event()
-        # Video waiting for its audio to start playing: (due monotonic time, index, frame).
-        self._video: deque[tuple[float, int, rtc.VideoFrame]] = deque()
+        # Video waiting for its audio to start playing: (when it starts, monotonic; frame).
+        self._video: deque[tuple[float, rtc.VideoFrame]] = deque()
+        self._playout = AudioPlayout()
         self._video_timer: asyncio.TimerHandle | None = None
         self._epoch = 0  # bumped by interrupt: a capture in flight drops its video
 
@@ -287,6 +294,7 @@ class LiveKitSink:
         self._video.clear()
         if self._audio is not None:
             self._audio.clear_queue()
+            self._playout.clear(time.monotonic())
 
     @property
     def playout_frames(self) -> int:
@@ -322,7 +330,7 @@ class LiveKitSink:
         return self.quality.score()
 
     def stats(self) -> SinkStats:
-        queued = self._audio.queued_duration if self._audio is not None else 0.0
+        queued = self._playout.queued(time.monotonic())
         return SinkStats(
             kind=self.kind, frames=self.playout_frames, dropped=self.dropped_backlog,
             interrupts=self.interrupts, quality=self.quality.quality(),
@@ -352,6 +360,9 @@ class LiveKitSink:
             epoch = self._epoch
             frame = rtc.AudioFrame(chunk.audio.tobytes(), self.audio_rate, self.num_channels,
                                    self.samples_per_frame)
+            # The samples enter the native buffer within this call, before its first await.
+            starts = self._playout.capture(time.monotonic(),
+                                           self.samples_per_frame / self.audio_rate)
             try:
                 await audio.capture_frame(frame)  # back-pressure: real time
             except asyncio.CancelledError:
@@ -365,11 +376,9 @@ class LiveKitSink:
             if not self.quality.keep(chunk.index, self.fps):
                 self.frames_thinned += 1  # adaptive quality: the node sheds pictures
                 continue
-            # This frame's audio starts playing once what is queued before it has played.
-            delay = max(0.0, audio.queued_duration - self.samples_per_frame / self.audio_rate)
             vframe = rtc.VideoFrame(self.width, self.height, rtc.VideoBufferType.I420,
                                     np.ascontiguousarray(chunk.video.data).tobytes())
-            self._video.append((time.monotonic() + delay, chunk.index, vframe))
+            self._video.append((starts + SEND_DELAY_S, vframe))
             self._schedule_video()
 
     def _schedule_video(self) -> None:
@@ -383,11 +392,15 @@ class LiveKitSink:
         vsource = self._vsource
         now = time.monotonic()
         while self._video and self._video[0][0] <= now + 0.001:
-            _, index, vframe = self._video.popleft()
+            _, vframe = self._video.popleft()
             if vsource is None or self._closed:
                 return
-            # The chunk's own timestamp, so the picture keeps its place on the audio clock.
-            vsource.capture_frame(vframe, timestamp_us=index * self.frame_us)
+            # Stamped "now" (0), released when its audio starts. Not an intended instant:
+            # libwebrtc's TimestampAligner moves every stamp by the mean lateness of the
+            # releases and, for good, by any release earlier than that mean (its clip
+            # bias never shrinks), which after a loaded spell put pictures 30-110 ms
+            # ahead of their sound. "Now" has a steady offset to its clock.
+            vsource.capture_frame(vframe)
             self.frames_captured += 1
             if self._state != CONNECTED:
                 self.frames_unpublished += 1
