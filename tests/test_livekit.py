@@ -4,6 +4,7 @@ agents avatar protocol at the message level."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import socket
@@ -174,7 +175,9 @@ async def test_interrupt_flushes_queue_and_audio() -> None:
             sink.write(_chunk(i))
         await asyncio.sleep(0.15)
         assert sink.stats().json()["audio_queued_ms"] > 50
-        sink.interrupt()
+        # 2 s of speech went in; about 150 ms of it has played out of the native queue.
+        unheard = sink.interrupt()
+        assert 1700.0 <= unheard <= 1900.0, unheard
         st = sink.stats().json()
         assert st["pending_frames"] == 0 and st["video_waiting"] == 0
         assert st["audio_queued_ms"] == 0.0 and st["interrupts"] == 1
@@ -185,6 +188,10 @@ async def test_interrupt_flushes_queue_and_audio() -> None:
         sink.write(_chunk(50))
         await asyncio.sleep(0.1)
         assert sink.audio_frames_captured >= captured + 1
+        # Silence dropped unplayed is no speech unheard.
+        for i in range(51, 56):
+            sink.write(dataclasses.replace(_chunk(i), speaking=False))
+        assert sink.interrupt() == 0.0
     finally:
         await sink.aclose()
 

@@ -36,3 +36,15 @@ def test_clear_empties_the_queue() -> None:
 def test_a_capture_of_nothing_is_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         AudioPlayout().capture(1.0, 0.0)
+
+
+def test_clear_tells_the_speech_never_heard() -> None:
+    p = AudioPlayout()
+    p.capture(10.0, 0.04)  # silence, then three frames of speech behind it
+    for _ in range(3):
+        p.capture(10.0, 0.04, speaking=True)
+    # At 10.06: the silence and half the first speech frame have played.
+    assert p.clear(10.06) == pytest.approx(0.10)
+    assert p.clear(10.07) == 0.0  # nothing left after a clear
+    p.capture(11.0, 0.04, speaking=True)
+    assert p.clear(11.05) == 0.0  # all of it played

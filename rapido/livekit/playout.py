@@ -16,6 +16,8 @@ Pure and synchronous, on the caller's clock (seconds, monotonic).
 
 from __future__ import annotations
 
+from collections import deque
+
 __all__ = ["SEND_DELAY_S", "AudioPlayout"]
 
 #: How much later than :meth:`AudioPlayout.capture` says a sound is placed on the
@@ -29,23 +31,33 @@ SEND_DELAY_S = 0.022
 
 
 class AudioPlayout:
-    """The instant the native buffer runs dry, advanced by each capture."""
+    """The instant the native buffer runs dry, advanced by each capture; and where the
+    speech in it lies, so a clear can tell how much of it was never heard."""
 
     def __init__(self) -> None:
         self._end = 0.0
+        self._speech: deque[tuple[float, float]] = deque()  # (start, end) still queued
 
-    def capture(self, now: float, duration_s: float) -> float:
+    def capture(self, now: float, duration_s: float, speaking: bool = False) -> float:
         """Audio of ``duration_s`` entered the buffer at ``now``: when it starts to play."""
         if duration_s <= 0:
             raise ValueError(f"duration must be positive, got {duration_s}")
         start = max(self._end, now)
         self._end = start + duration_s
+        while self._speech and self._speech[0][1] <= now:
+            self._speech.popleft()
+        if speaking:
+            self._speech.append((start, self._end))
         return start
 
     def queued(self, now: float) -> float:
         """Seconds of audio in the buffer at ``now``."""
         return max(0.0, self._end - now)
 
-    def clear(self, now: float) -> None:
-        """The buffer was emptied (``clear_queue``): nothing is left to play."""
+    def clear(self, now: float) -> float:
+        """The buffer was emptied (``clear_queue``) at ``now``: nothing is left to play.
+        Returns the seconds of speech it held that had not been played."""
+        unheard = sum(end - max(start, now) for start, end in self._speech if end > now)
+        self._speech.clear()
         self._end = min(self._end, now)
+        return unheard

@@ -285,16 +285,19 @@ class LiveKitSink:
         self._pending.append(chunk)
         self._wake.set()
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         """Barge-in: drop our queued chunks and video AND the native audio queue, so no
         old speech plays on (the agents' AvatarRunner misses the latter)."""
         self.interrupts += 1
         self._epoch += 1
+        unheard = sum(1 for c in self._pending if c.speaking) * self.samples_per_frame
         self._pending.clear()
         self._video.clear()
+        unheard_s = unheard / self.audio_rate
         if self._audio is not None:
             self._audio.clear_queue()
-            self._playout.clear(time.monotonic())
+            unheard_s += self._playout.clear(time.monotonic())
+        return 1000.0 * unheard_s
 
     @property
     def playout_frames(self) -> int:
@@ -362,7 +365,8 @@ class LiveKitSink:
                                    self.samples_per_frame)
             # The samples enter the native buffer within this call, before its first await.
             starts = self._playout.capture(time.monotonic(),
-                                           self.samples_per_frame / self.audio_rate)
+                                           self.samples_per_frame / self.audio_rate,
+                                           chunk.speaking)
             try:
                 await audio.capture_frame(frame)  # back-pressure: real time
             except asyncio.CancelledError:

@@ -286,7 +286,7 @@ class StreamSession:
         """Barge-in: flush buffered and queued speech and queued frames at once."""
         self._check_open()
         now = self._now()
-        was_playing = self.jb.current_utterance is not None
+        current = self.jb.current_utterance
         position = self.jb.position_ms
         self._epoch += 1
         self._queued.clear()
@@ -295,21 +295,26 @@ class StreamSession:
         events = self.jb.flush(now)
         # Frames already made but not yet handed over are stale speech: drop them too,
         # and tell what they would have told, as an interruption at the last frame out.
+        # So is the speech the sink still held: it was never heard.
         dropped = len(self._pending)
-        events = self._dropped_events(events)
+        unheard_ms = self.sink.interrupt()
+        events = self._dropped_events(events, current, unheard_ms)
         self._pending.clear()
-        self.sink.interrupt()
         self._room.set()
         self.counters.interrupts += 1
         self._state = INTERRUPTED
         for ev in events:
             self._handle(ev)
-        return {"interrupted": bool(events), "was_playing": was_playing,
+        return {"interrupted": bool(events), "was_playing": current is not None,
                 "position_ms": round(position, 1), "dropped_frames": dropped}
 
-    def _dropped_events(self, flushed: list[JitterEvent]) -> list[JitterEvent]:
+    def _dropped_events(self, flushed: list[JitterEvent], current: int | None,
+                        unheard_ms: float) -> list[JitterEvent]:
         """The playback events of frames dropped by an interrupt, then the buffer's own,
-        with positions counting only speech that reached the sink."""
+        with positions counting only speech that was played out: not the frames dropped
+        here, nor the ``unheard_ms`` the sink dropped (the speech of ``current``, the
+        utterance playing; with time-stretching on, output time stands in for source
+        time there, off by at most its few percent)."""
         unplayed: dict[int, int] = {}
         carried: list[JitterEvent] = []
         for job in self._pending:
@@ -321,6 +326,8 @@ class StreamSession:
         for ev in carried + flushed:
             if isinstance(ev, PlaybackFinished):
                 lost = 1000.0 * unplayed.get(ev.utterance, 0) / AUDIO_RATE
+                if ev.utterance == current:
+                    lost += unheard_ms
                 ev = PlaybackFinished(ev.utterance, max(0.0, ev.position_ms - lost), True,
                                       "interrupt")
             out.append(ev)

@@ -56,7 +56,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from rapido.pipeline.media import MediaChunk, frame_samples
+from rapido.pipeline.media import AUDIO_RATE, MediaChunk, frame_samples
 from rapido.pipeline.quality import PublisherQuality, QualityBounds
 from rapido.pipeline.sinks.base import SinkError, SinkStats, error_text
 from rapido.pipeline.sinks.pool import EncoderPool, Lane
@@ -266,13 +266,15 @@ class WebRtcSink:
             # Dropping the whole chunk keeps audio and video of what is sent together.
             self._dropped += 1
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         self._interrupts += 1
-        if self._lane is not None:
-            self._lane.clear()
+        dropped: list[MediaChunk] = self._lane.clear() if self._lane is not None else []
+        # What the viewers' tracks still hold is encoded and differs per viewer (a frame
+        # or two each); it is dropped but not counted.
         for tracks in self._consumers.values():
             for track in tracks:
                 track.flush()
+        return 1000.0 * sum(c.audio.shape[0] for c in dropped if c.speaking) / AUDIO_RATE
 
     @property
     def playout_frames(self) -> int:

@@ -97,8 +97,10 @@ class Sink(Protocol):
 
     def write(self, chunk: MediaChunk) -> None: ...
 
-    def interrupt(self) -> None:
-        """Drop whatever is queued but not yet played out (barge-in)."""
+    def interrupt(self) -> float:
+        """Drop whatever is queued but not yet played out (barge-in). Returns the
+        milliseconds of speech (chunks ``speaking``) it dropped unplayed, which the
+        session takes off the position it reports as played."""
         ...
 
     @property

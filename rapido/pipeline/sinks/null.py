@@ -81,10 +81,11 @@ class NullSink:
         if chunk.speaking:
             self.speaking_frames += 1
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         # Nothing is buffered, so there is nothing to drop; the count is still useful
         # to check that barge-in reached the sink.
         self.interrupts += 1
+        return 0.0
 
     @property
     def playout_frames(self) -> int:

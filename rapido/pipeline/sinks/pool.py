@@ -66,12 +66,12 @@ class Lane:
                 self._idle.clear()
         return True
 
-    def clear(self) -> int:
-        """Drop what is queued and not yet handled (barge-in); returns how many."""
+    def clear(self) -> list[Any]:
+        """Drop what is queued and not yet handled (barge-in); returns it."""
         with self._lock:
-            n = len(self._items)
+            dropped = list(self._items)
             self._items.clear()
-            return n
+            return dropped
 
     def qsize(self) -> int:
         return len(self._items)

@@ -226,10 +226,11 @@ class RecorderSink:
             )
             log.warning("recorder %s: ignoring frames because %s", self.path, why)
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         # A recording keeps what was played out; queued chunks were already delivered
         # to the viewer, so they stay in the file too.
         self._interrupts += 1
+        return 0.0
 
     @property
     def playout_frames(self) -> int:
