@@ -308,6 +308,11 @@ async def _state(run: Run, sid: str) -> str:
         return str((await r.json())["stats"]["sink"]["state"])
 
 
+async def _stat(run: Run, sid: str, key: str) -> Any:
+    async with run.http.get(f"{run.node.url}/api/sessions/{sid}") as r:
+        return (await r.json())["stats"][key]
+
+
 async def test_outage_degrades_then_republishes(run: Run) -> None:
     """The stand-in down for 2 s: the session reports ``degraded`` (the SDK is
     reconnecting), then is connected and publishing again within 5 s of the return;
@@ -412,14 +417,13 @@ def _steady_vowel(seconds: float) -> np.ndarray:
     return (9000 * voice / np.max(np.abs(voice))).astype(np.int16)
 
 
-def _audible(media: Media, since: float, level: int = 1500) -> tuple[float, float]:
-    """First and last sender-clock instants of sound louder than ``level`` arriving
-    after ``since`` (monotonic)."""
-    loud = [(media.sender_time("audio", s.rtp, s.rate), s.samples.size / s.rate)
-            for s in media.sounds
+def _heard(media: Media, since: float, level: int = 1500) -> float:
+    """Seconds of sound louder than ``level`` that arrived after ``since`` (monotonic):
+    counted in samples, so a gap in the sending (a stalled loop) does not count."""
+    loud = [s.samples.size / s.rate for s in media.sounds
             if s.at >= since and np.sqrt(np.mean(s.samples.astype(np.float64) ** 2)) > level]
     assert loud, "no sound"
-    return loud[0][0], loud[-1][0] + loud[-1][1]
+    return sum(loud)
 
 
 async def test_agent_avatar_through_the_standin(run: Run) -> None:
@@ -448,20 +452,33 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         a, b = agents
         media = run.standin.find(a.avatar)[-1].media
 
-        # Both rooms at once: one segment each, played to its end.
-        start = time.monotonic()
+        # Both rooms at once: one segment each, played to its end. The lag is read on a
+        # segment the node played without an underrun: when the two cores, shared with
+        # the stand-in's Python decoding and data relay, starve the relay, the speech
+        # arrives late and what plays is concealment, whose lag means nothing (seen once
+        # in ten runs). Such a segment is spoken again, at most twice.
         lengths = (5.0, 2.0)
-        writers = [await ag.speak(syllables(n, rate=AGENT_RATE, seed=50 + i))
-                   for i, (ag, n) in enumerate(zip(agents, lengths, strict=True))]
-        for w in writers:
-            await w.aclose()
-        for ag, n in zip(agents, lengths, strict=True):
-            _, done = await ag.next_event("lk.playback_finished", 0)
-            assert done["interrupted"] is False
-            assert abs(done["playback_position"] - n) <= 0.04, (ag.identity, done)
-        assert [m for _, m, _ in b.events] == ["lk.playback_started", "lk.playback_finished"]
-        (began, _, _), (ended, _, _) = a.events[:2]
-        assert began >= start
+        for attempt in range(3):
+            underruns = await _stat(run, sessions[0]["session_id"], "underruns")
+            seen = [len(ag.events) for ag in agents]
+            start = time.monotonic()
+            writers = [await ag.speak(syllables(n, rate=AGENT_RATE, seed=50 + i))
+                       for i, (ag, n) in enumerate(zip(agents, lengths, strict=True))]
+            for w in writers:
+                await w.aclose()
+            for ag, n, k in zip(agents, lengths, seen, strict=True):
+                _, done = await ag.next_event("lk.playback_finished", k)
+                assert done["interrupted"] is False
+                assert abs(done["playback_position"] - n) <= 0.04, (ag.identity, done)
+            assert [m for _, m, _ in b.events[seen[1]:]] == ["lk.playback_started",
+                                                             "lk.playback_finished"]
+            (began, _, _), (ended, _, _) = a.events[seen[0]:seen[0] + 2]
+            assert began >= start
+            if await _stat(run, sessions[0]["session_id"], "underruns") == underruns:
+                break
+            print(f"\nlivekit e2e agent: segment {attempt + 1} underran; spoken again")
+        else:
+            pytest.fail("every segment underran: the machine starved the stand-in")
         await asyncio.sleep(0.5)
         res = lag_of(media, began - 0.3, ended + 0.3)
         print(f"\nlivekit e2e agent: lag {res.lag_ms:+.1f} ms (r {res.corr:.2f}, margin "
@@ -470,24 +487,23 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         assert abs(res.lag_ms) <= LAG_BOUND_MS, res
 
         # A long segment, cleared a second into its playback.
-        seen = len(a.events)
+        k = len(a.events)
         writer = await a.speak(_steady_vowel(4.0))
-        began, _ = await a.next_event("lk.playback_started", seen)
+        began, _ = await a.next_event("lk.playback_started", k)
         await asyncio.sleep(1.0)
         t_clear = time.monotonic()
         await a.room.local_participant.perform_rpc(
             destination_identity=a.avatar, method="lk.clear_buffer", payload="")
         cleared = time.monotonic()
         await writer.aclose()
-        _, done = await a.next_event("lk.playback_finished", seen)
+        _, done = await a.next_event("lk.playback_finished", k)
         assert done["interrupted"] is True
         played = done["playback_position"]
         # Cleared a second or more into its playback (RPCs take their time on a loaded
         # machine), well before its end.
         assert 0.95 <= played <= 3.5, played
         await asyncio.sleep(0.8)
-        first, last = _audible(media, began - 0.5)
-        heard = last - first
+        heard = _heard(media, began - 0.5)
         print(f"livekit e2e agent: clear_buffer answered in {1000 * (cleared - t_clear):.0f} "
               f"ms; played {played:.3f} s by the avatar's count, heard {heard:.3f} s")
         # The sound stops within a frame of the clear, and the position is what was
