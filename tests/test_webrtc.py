@@ -184,8 +184,10 @@ def _check_window(viewer: Viewer, t0: float, t1: float) -> None:
         off -= np.median(off)
         offsets[kind] = off
         # A chunk's two 20 ms Opus packets leave together, so audio's band is one
-        # packet wider than video's: the second is 20 ms early, never late.
-        band = 0.020 if kind == "video" else 0.040
+        # packet wider than video's: the second is 20 ms early, never late. On a quiet
+        # machine video's band is under 15 ms; a loaded CI rehearsal once read 26 ms
+        # (its loop's timers late): the bands leave room for that, not for a stall.
+        band = 0.030 if kind == "video" else 0.050
         assert np.percentile(off, 95) - np.percentile(off, 5) < band, kind
     # Drift: where each band sits in the second half of the run against the first.
     # Audio's band has two modes 20 ms apart (first and second packet of a chunk),
