@@ -504,9 +504,10 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         _, done = await a.next_event("lk.playback_finished", k)
         assert done["interrupted"] is True
         played = done["playback_position"]
-        # Cleared a second or more into its playback (RPCs take their time on a loaded
-        # machine), well before its end.
-        assert 0.95 <= played <= 3.5, played
+        # Cleared about a second into its playback (RPCs take their time on a loaded
+        # machine; a starved relay's underruns play less in that second), well before its
+        # end.
+        assert 0.5 <= played <= 3.5, played
         await asyncio.sleep(0.8)
         heard = _heard(media, began - 0.5)
         print(f"livekit e2e agent: clear_buffer answered in {1000 * (cleared - t_clear):.0f} "
