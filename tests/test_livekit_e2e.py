@@ -161,70 +161,6 @@ async def test_publishes_854x480_at_25fps_with_48khz_audio_in_sync(run: Run) -> 
     assert abs(res.lag_ms) <= LAG_BOUND_MS, res.lag_ms
 
 
-def _rises(times: list[float], level: list[float], threshold: float) -> list[float]:
-    return [t for t, a, b in zip(times[1:], level, level[1:], strict=False)
-            if a <= threshold < b]
-
-
-async def test_pulses_in_picture_and_sound_arrive_together(run: Run) -> None:
-    """The transport alone, without a model: a sink fed chunks whose picture turns light
-    exactly when their sound turns on, with the loop stalled for 150 ms now and then (a
-    loaded node). At the stand-in, each picture's rise and its sound's rise, placed on the
-    sender's clock by its reports, are within a few ms. Before the sink kept its own
-    account of the native audio queue, pictures led by 30 ms, and by 110 ms after stalls."""
-    rng = np.random.default_rng(7)
-    n = 8 * FPS
-    on: set[int] = set()
-    k = 10
-    while k < n - 10:
-        on.update(range(k, k + int(rng.integers(2, 5))))
-        k += int(rng.integers(7, 14))
-    dark = np.full((H * 3 // 2, W), 128, np.uint8)
-    dark[:H] = 40
-    light = dark.copy()
-    light[:H] = 200
-    samples = RATE // FPS
-    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(samples) / RATE)).astype(np.int16)
-    quiet = np.zeros(samples, np.int16)
-    sink = LiveKitSink(url=run.standin.url, min_fps=FPS, width=W, height=H,
-                       token_factory=lambda: publisher_token(KEY, SECRET, room=PULSES,
-                                                             identity="pulses"))
-    await sink.start()
-    try:
-        t0 = time.monotonic()
-        for i in range(n):
-            await asyncio.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
-            if i % 50 == 25:
-                time.sleep(0.15)  # the loop stalls: that is the point
-            pulse = i in on
-            sink.write(MediaChunk(i, VideoFrame(light if pulse else dark, W, H),
-                                  tone if pulse else quiet, pulse))
-        await asyncio.sleep(1.0)
-    finally:
-        await sink.aclose()
-    media = run.standin.find("pulses")[-1].media
-    pics = [(p.rtp, float(p.kept.mean())) for p in media.pictures if p.kept is not None]
-    video = _rises([media.sender_time("video", rtp, 90_000) for rtp, _ in pics],
-                   [luma for _, luma in pics], 120.0)
-    times: list[float] = []
-    level: list[float] = []
-    for s in media.sounds:  # 1 ms blocks
-        at = media.sender_time("audio", s.rtp, s.rate)
-        x = s.samples.astype(np.float64).reshape(-1, s.rate // 1000)
-        times.extend(at + np.arange(x.shape[0]) / 1000)
-        level.extend(np.sqrt(np.mean(x * x, axis=1)))
-    audio = _rises(times, level, 2000.0)
-    offsets = np.array([1000 * (v - audio[int(np.argmin(np.abs(np.subtract(audio, v))))])
-                        for v in video])
-    print(f"\nlivekit e2e pulses: {len(video)} picture rises, {len(audio)} sound rises; "
-          f"picture minus sound {np.median(offsets):+.1f} ms (median), "
-          f"{offsets.min():+.1f}..{offsets.max():+.1f}")
-    assert len(video) >= 12 and len(audio) >= 12, (len(video), len(audio))
-    # The median is the offset; the spread is the loop's timer lateness (a picture goes
-    # out when a timer fires): within +-6 ms on a quiet machine, +-38 ms under CI's load.
-    assert abs(float(np.median(offsets))) <= 12.0, offsets
-    assert float(np.percentile(np.abs(offsets), 90)) <= 50.0, offsets
-
 async def test_tokens_grant_exactly_what_each_side_needs(run: Run) -> None:
     """The node's token: verified by the stand-in, publish-only for the lesson's room;
     its auto-subscription refused. The viewer token: subscribe-only, hidden, and its
@@ -523,3 +459,69 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         for s in sessions:
             async with run.http.delete(f"{run.node.url}/api/sessions/{s['session_id']}"):
                 pass
+
+
+def _rises(times: list[float], level: list[float], threshold: float) -> list[float]:
+    return [t for t, a, b in zip(times[1:], level, level[1:], strict=False)
+            if a <= threshold < b]
+
+
+async def test_pulses_in_picture_and_sound_arrive_together(run: Run) -> None:
+    """The transport alone, without a model: a sink fed chunks whose picture turns light
+    exactly when their sound turns on, with the loop stalled for 150 ms now and then (a
+    loaded node). At the stand-in, each picture's rise and its sound's rise, placed on the
+    sender's clock by its reports, are within a few ms. Before the sink kept its own
+    account of the native audio queue, pictures led by 30 ms, and by 110 ms after stalls.
+    Last in the module: its stalls and its publisher would only disturb the others."""
+    rng = np.random.default_rng(7)
+    n = 8 * FPS
+    on: set[int] = set()
+    k = 10
+    while k < n - 10:
+        on.update(range(k, k + int(rng.integers(2, 5))))
+        k += int(rng.integers(7, 14))
+    dark = np.full((H * 3 // 2, W), 128, np.uint8)
+    dark[:H] = 40
+    light = dark.copy()
+    light[:H] = 200
+    samples = RATE // FPS
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(samples) / RATE)).astype(np.int16)
+    quiet = np.zeros(samples, np.int16)
+    sink = LiveKitSink(url=run.standin.url, min_fps=FPS, width=W, height=H,
+                       token_factory=lambda: publisher_token(KEY, SECRET, room=PULSES,
+                                                             identity="pulses"))
+    await sink.start()
+    try:
+        t0 = time.monotonic()
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + i / FPS - time.monotonic()))
+            if i % 50 == 25:
+                time.sleep(0.15)  # the loop stalls: that is the point
+            pulse = i in on
+            sink.write(MediaChunk(i, VideoFrame(light if pulse else dark, W, H),
+                                  tone if pulse else quiet, pulse))
+        await asyncio.sleep(1.0)
+    finally:
+        await sink.aclose()
+    media = run.standin.find("pulses")[-1].media
+    pics = [(p.rtp, float(p.kept.mean())) for p in media.pictures if p.kept is not None]
+    video = _rises([media.sender_time("video", rtp, 90_000) for rtp, _ in pics],
+                   [luma for _, luma in pics], 120.0)
+    times: list[float] = []
+    level: list[float] = []
+    for s in media.sounds:  # 1 ms blocks
+        at = media.sender_time("audio", s.rtp, s.rate)
+        x = s.samples.astype(np.float64).reshape(-1, s.rate // 1000)
+        times.extend(at + np.arange(x.shape[0]) / 1000)
+        level.extend(np.sqrt(np.mean(x * x, axis=1)))
+    audio = _rises(times, level, 2000.0)
+    assert len(video) >= 12 and len(audio) >= 12, (len(video), len(audio))
+    offsets = np.array([1000 * (v - audio[int(np.argmin(np.abs(np.subtract(audio, v))))])
+                        for v in video])
+    print(f"\nlivekit e2e pulses: {len(video)} picture rises, {len(audio)} sound rises; "
+          f"picture minus sound {np.median(offsets):+.1f} ms (median), "
+          f"{offsets.min():+.1f}..{offsets.max():+.1f}")
+    # The median is the offset; the spread is the loop's timer lateness (a picture goes
+    # out when a timer fires): within +-6 ms on a quiet machine, +-38 ms under CI's load.
+    assert abs(float(np.median(offsets))) <= 12.0, offsets
+    assert float(np.percentile(np.abs(offsets), 90)) <= 50.0, offsets
