@@ -7,12 +7,11 @@ once the native queue is at or below ``queue_size_ms``: that is the real-time
 back-pressure. The native side sends 10 ms of the queue every 10 ms and sends nothing
 while it is empty, so a chunk starts to play when what was queued before it has played,
 or at once if the queue ran dry: :class:`~rapido.livekit.playout.AudioPlayout` keeps
-that instant. The SDK's own
-``queued_duration`` does not: it lets the queue go below empty, so after every stall
-longer than the queue it underestimates for good, and video captured by it led the
-sound by up to 110 ms under load. The frame's picture is captured when its audio starts
-(a timer), stamped with that instant on the monotonic clock libwebrtc also reads, so the
-two stay within a few ms at the receiver.
+that instant. The SDK's own ``queued_duration`` does not: it lets the queue go below
+empty, so after every stall longer than the queue it underestimates for good, and video
+captured by it led the sound by up to 110 ms under load. The frame's picture is
+captured (stamped "now") by a timer at that instant plus ``SEND_DELAY_S``, what the
+audio path adds after the queue, so the two stay within a few ms at the receiver.
 
 Connection. The sources work without a room, so the stream runs from the first frame;
 a connect task joins the room in the background, publishes both tracks, and on failure
