@@ -116,9 +116,24 @@ async def test_demo_plays_in_chromium_and_the_mouth_moves(
     await page.screenshot(path=str(SCREENSHOT))
     idle = [g for g in grabs if g[0] < first - 0.05]
     speaking = [g for g in grabs if first + 0.5 < g[0]]
-    assert len(idle) >= 4, f"only {len(idle)} grabs before the speech: the page was slow " \
-                           f"to play (grab times {[round(g[0], 2) for g in grabs]})"
     assert len(speaking) >= 8, f"only {len(speaking)} grabs during speech"
+    if len(idle) < 4:
+        # The page began to play too late to see the avatar before it spoke (under CI's
+        # load Chromium took 1.54 s to play): the idle reference is then taken after the
+        # script, in the demo's grace before the session ends.
+        late = [round(g[0], 2) for g in grabs[:3]]
+        end = sum(d for d, _ in SCRIPT) + SCRIPT[-1][1] + 0.8
+        await asyncio.sleep(max(0.0, end - (time.monotonic() - t0)))
+        await page.evaluate("window.__grab = null")
+        idle = []
+        while (t := time.monotonic() - t0) < end + 1.6:
+            grab = await page.evaluate(GRAB_JS, boxes)
+            if grab is not None:
+                idle.append((t, grab))
+            await asyncio.sleep(0.06)
+        print(f"the page played from {late[0]} s: idle grabs after the script")
+        assert len(idle) >= 4, f"only {len(idle)} idle grabs after the script (page slow " \
+                               f"to play: first grabs at {late} s)"
 
     mouth_idle = _variation(idle, 0)
     mouth_speaking = _variation(speaking, 0)

@@ -95,6 +95,9 @@ def openapi_document(config: HttpSettings) -> dict[str, Any]:
                 "target_ms": {"type": "number"},
                 "underruns": {"type": "integer"},
                 "frames_out": {"type": "integer"},
+                "degraded_frames": {"type": "integer", "description":
+                                    "frames whose mouth is not the model's for that frame "
+                                    "(repeated at half rate, or idle after a failure)"},
                 "playout_position_ms": {"type": "number"},
                 "played_ms": {"type": "number"},
                 "accelerated_ms": {"type": "number", "description":

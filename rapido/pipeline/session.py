@@ -179,6 +179,7 @@ class StreamSession:
             "frames_out": c.frames_out,
             "speaking_frames": c.speaking_frames,
             "late_frames": c.late_frames,
+            "degraded_frames": c.degraded_frames,
             "utterances": js.utterances_finished,
             "interrupts": c.interrupts,
             "playout_position_ms": round(self.jb.position_ms, 1),
