@@ -38,6 +38,10 @@ FS = 1920  # one 40 ms frame
 CHUNK = 960  # 20 ms
 PHASE = 0.013  # play_trace's default tick phase
 TICK = 0.04
+#: The buffer without time-stretching, at the start level it needs (128 ms at the initial
+#: target): its mechanics, with every sample played verbatim. The defaults (stretching on,
+#: a 96 ms start) are held against it in tests/test_jitter_stretch.py.
+PLAIN = JitterConfig(stretch=False, start_ms=128.0)
 
 
 def ms(n: int) -> int:
@@ -95,7 +99,7 @@ def check_integrity(r: PlayResult) -> None:
 
 def test_steady_trace_plays_without_underruns() -> None:
     trace = make_trace("steady")  # two 4 s utterances, 20 ms chunks, a 1 s pause
-    r = play_trace(AudioJitterBuffer(), trace)
+    r = play_trace(AudioJitterBuffer(PLAIN), trace)
     check_integrity(r)
     assert r.underruns == 0 and r.stats.concealed_samples == 0
     finished = [e.event for e in r.of_type(PlaybackFinished)]
@@ -108,7 +112,7 @@ def test_steady_trace_plays_without_underruns() -> None:
 
 
 def test_steady_trace_starts_at_128_ms() -> None:
-    r = play_trace(AudioJitterBuffer(), make_trace("steady", duration_s=5.0))
+    r = play_trace(AudioJitterBuffer(PLAIN), make_trace("steady", duration_s=5.0))
     # 128 ms is 6144 samples: the 7th 20 ms chunk, which arrives at 120 ms; the first
     # tick after that (ticks at 13 + 40k ms) is the one at 133 ms, frame 3.
     assert r.first_frame(PlaybackStarted) == 3
@@ -116,7 +120,7 @@ def test_steady_trace_starts_at_128_ms() -> None:
 
 
 def test_start_level_is_128_ms_at_the_initial_target() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     assert jb.target_ms == 160.0 and jb.start_level_ms == 128.0
     f = Feeder(jb)
     f.push(ms(128) - 1, 0.0)
@@ -133,7 +137,7 @@ def test_start_level_is_128_ms_at_the_initial_target() -> None:
 
 
 def test_target_grows_under_jitter_and_comes_back_down() -> None:
-    cfg = JitterConfig()
+    cfg = PLAIN
     steady1 = make_trace("steady", duration_s=20.0)
     heavy = make_trace("heavy", duration_s=30.0, seed=1)
     steady2 = make_trace("steady", duration_s=40.0)
@@ -152,7 +156,7 @@ def test_target_grows_under_jitter_and_comes_back_down() -> None:
 
 
 def test_target_stays_within_bounds_under_stalls() -> None:
-    cfg = JitterConfig()
+    cfg = PLAIN
     r = play_trace(AudioJitterBuffer(cfg), make_trace("stalls", duration_s=20.0))
     assert r.target_ms.max() == cfg.max_ms  # stalls push it to the ceiling, not past it
     assert r.target_ms.min() >= cfg.min_target_ms
@@ -165,7 +169,7 @@ def test_target_stays_within_bounds_under_stalls() -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_plays_every_sample(profile: str, seed: int) -> None:
     trace = make_trace(profile, duration_s=15.0, utterance_s=2.5, pause_s=0.5, seed=seed)
-    r = play_trace(AudioJitterBuffer(), trace)
+    r = play_trace(AudioJitterBuffer(PLAIN), trace)
     check_integrity(r)
     finished = [e.event for e in r.of_type(PlaybackFinished)]
     assert len(finished) == 5  # at 0, 3, 6, 9 and 12 s
@@ -173,11 +177,11 @@ def test_every_profile_plays_every_sample(profile: str, seed: int) -> None:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_defaults_underruns_per_profile(profile: str) -> None:
-    """The default configuration against a minute of each profile, several seeds."""
+def test_plain_buffer_underruns_per_profile(profile: str) -> None:
+    """The buffer without stretching against a minute of each profile, several seeds."""
     limits = {"steady": 0, "moderate": 0, "heavy": 3, "tts_fast": 0, "stalls": 25}
     for seed in range(3):
-        r = play_trace(AudioJitterBuffer(), make_trace(profile, duration_s=60.0, seed=seed))
+        r = play_trace(AudioJitterBuffer(PLAIN), make_trace(profile, duration_s=60.0, seed=seed))
         check_integrity(r)
         assert r.underruns <= limits[profile], (profile, seed, r.underruns)
         if profile == "stalls":
@@ -186,14 +190,14 @@ def test_defaults_underruns_per_profile(profile: str) -> None:
 
 def test_supplied_audio_is_played_verbatim() -> None:
     audio = (np.sin(np.arange(5000) / 7.0) * 12000).astype(np.int16)
-    r = play_trace(AudioJitterBuffer(), make_trace("heavy", duration_s=4.0, utterance_s=1.5),
+    r = play_trace(AudioJitterBuffer(PLAIN), make_trace("heavy", duration_s=4.0, utterance_s=1.5),
                    audio=audio)
     check_integrity(r)
     assert np.array_equal(r.played, np.resize(audio, len(r.played)))
 
 
 def test_backpressure_holds_the_source_at_max() -> None:
-    cfg = JitterConfig()
+    cfg = PLAIN
     trace = make_trace("tts_fast", duration_s=10.0, seed=2)
     r = play_trace(AudioJitterBuffer(cfg), trace, backpressure=True)
     check_integrity(r)
@@ -221,7 +225,7 @@ def random_traces(draw: st.DrawFn) -> list[Arrival]:
 
 
 def random_config(stall_timeout_ms: float) -> JitterConfig:
-    return JitterConfig(stall_timeout_ms=stall_timeout_ms)
+    return JitterConfig(stretch=False, start_ms=128.0, stall_timeout_ms=stall_timeout_ms)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -248,7 +252,7 @@ def test_utterances_delivered_whole_never_underrun(sizes: list[list[int]],
     for chunks, pause in zip(sizes, pauses, strict=False):
         trace += [Arrival(t, n) for n in chunks] + [Arrival(t, 0, end=True)]
         t += sum(chunks) / RATE + pause
-    r = play_trace(AudioJitterBuffer(), trace, phase_s=phase)
+    r = play_trace(AudioJitterBuffer(PLAIN), trace, phase_s=phase)
     check_integrity(r)
     assert r.underruns == 0 and r.stats.concealed_samples == 0
     assert [e.event.position_ms for e in r.of_type(PlaybackFinished)] == [
@@ -259,7 +263,7 @@ def test_utterances_delivered_whole_never_underrun(sizes: list[list[int]],
 
 
 def test_underrun_counted_once_and_resumes_at_resume_ms() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(200), 0.0)
     out = pulls(jb, 0.01, 5)  # plays the 200 ms
@@ -284,7 +288,7 @@ def test_underrun_counted_once_and_resumes_at_resume_ms() -> None:
 
 
 def test_partial_frame_underrun_plays_the_real_samples_first() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(130), 0.0)
     out = pulls(jb, 0.01, 4)  # 3 whole frames, then 10 ms of speech + 30 ms concealed
@@ -298,7 +302,7 @@ def test_partial_frame_underrun_plays_the_real_samples_first() -> None:
 
 
 def test_stalls_profile_underruns_then_resumes() -> None:
-    r = play_trace(AudioJitterBuffer(), make_trace("stalls", duration_s=10.0, seed=0))
+    r = play_trace(AudioJitterBuffer(PLAIN), make_trace("stalls", duration_s=10.0, seed=0))
     check_integrity(r)
     assert r.underruns >= 2
     finished = {e.event.utterance: e.frame for e in r.of_type(PlaybackFinished)}
@@ -311,7 +315,7 @@ def test_stalls_profile_underruns_then_resumes() -> None:
 
 def test_one_underrun_per_event_with_resume_below_a_frame() -> None:
     """resume_ms shorter than a frame must not turn one stall into several underruns."""
-    jb = AudioJitterBuffer(JitterConfig(resume_ms=20.0))
+    jb = AudioJitterBuffer(JitterConfig(stretch=False, start_ms=128.0, resume_ms=20.0))
     f = Feeder(jb)
     f.push(ms(200), 0.0)
     out = pulls(jb, 0.01, 6)  # plays 200 ms, then runs dry
@@ -328,7 +332,7 @@ def test_one_underrun_per_event_with_resume_below_a_frame() -> None:
 
 
 def test_silence_between_utterances_is_not_an_underrun() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(100), 0.0)
     jb.end_utterance(0.0)
@@ -343,7 +347,7 @@ def test_silence_between_utterances_is_not_an_underrun() -> None:
 
 
 def test_end_during_underrun_adds_no_padding() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     Feeder(jb).push(ms(200), 0.0)
     out = pulls(jb, 0.01, 7)  # plays 200 ms, then 2 concealed frames
     jb.end_utterance(0.29)  # the source ends without sending more
@@ -358,7 +362,7 @@ def test_end_during_underrun_adds_no_padding() -> None:
 
 
 def test_flush_discards_everything_and_reports_the_position() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(200), 0.0)
     pulls(jb, 0.01, 2)  # 80 ms played
@@ -383,7 +387,7 @@ def test_flush_discards_everything_and_reports_the_position() -> None:
 
 
 def test_flush_while_buffering_and_with_queued_utterances() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(50), 0.0)  # below the start level: buffering
     assert jb.pull(0.01).events == [] and jb.state == jb.BUFFERING
@@ -405,7 +409,7 @@ def test_flush_while_buffering_and_with_queued_utterances() -> None:
 
 
 def test_has_room_and_push_never_drops_past_max() -> None:
-    cfg = JitterConfig()
+    cfg = PLAIN
     jb = AudioJitterBuffer(cfg)
     f = Feeder(jb)
     f.push(ms(240) - 1, 0.0)
@@ -425,7 +429,7 @@ def test_has_room_and_push_never_drops_past_max() -> None:
 
 
 def test_refill_when_level_falls_below_30_percent_of_target() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(200), 0.0)
     out = pulls(jb, 0.01, 4)  # levels after each pull: 160, 120, 80, 40 ms
@@ -439,7 +443,7 @@ def test_refill_when_level_falls_below_30_percent_of_target() -> None:
 
 
 def test_no_refill_once_the_utterance_has_ended() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     Feeder(jb).push(ms(200), 0.0)
     jb.end_utterance(0.0)
     out = pulls(jb, 0.01, 6)
@@ -450,7 +454,7 @@ def test_no_refill_once_the_utterance_has_ended() -> None:
 
 
 def test_short_utterance_starts_when_its_end_arrives() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     f.push(ms(50), 0.0)
     assert [r.events for r in pulls(jb, 0.01, 3)] == [[], [], []]  # below the start level
@@ -464,7 +468,7 @@ def test_short_utterance_starts_when_its_end_arrives() -> None:
 
 
 def test_short_utterance_without_end_plays_after_the_stall_timeout() -> None:
-    jb = AudioJitterBuffer(JitterConfig(stall_timeout_ms=1000.0))
+    jb = AudioJitterBuffer(JitterConfig(stretch=False, start_ms=128.0, stall_timeout_ms=1000.0))
     Feeder(jb).push(ms(50), 0.0)
     out = pulls(jb, 0.01, 25)  # up to 0.97 s: still waiting for more
     assert events(out) == [] and jb.state == jb.BUFFERING
@@ -477,7 +481,7 @@ def test_short_utterance_without_end_plays_after_the_stall_timeout() -> None:
 
 
 def test_utterance_without_end_ends_after_stall_timeout() -> None:
-    jb = AudioJitterBuffer(JitterConfig(stall_timeout_ms=1000.0))
+    jb = AudioJitterBuffer(JitterConfig(stretch=False, start_ms=128.0, stall_timeout_ms=1000.0))
     Feeder(jb).push(ms(400), 0.0)
     out = pulls(jb, 0.01, 10)  # plays all 400 ms
     out += pulls(jb, 0.41, 30)  # then conceals while waiting
@@ -489,7 +493,7 @@ def test_utterance_without_end_ends_after_stall_timeout() -> None:
 
 
 def test_stall_timeout_plays_what_arrived_during_the_underrun() -> None:
-    jb = AudioJitterBuffer(JitterConfig(stall_timeout_ms=1000.0))
+    jb = AudioJitterBuffer(JitterConfig(stretch=False, start_ms=128.0, stall_timeout_ms=1000.0))
     f = Feeder(jb)
     f.push(ms(200), 0.0)
     out = pulls(jb, 0.01, 6)  # plays 200 ms, underrun
@@ -509,7 +513,7 @@ def test_stall_timeout_plays_what_arrived_during_the_underrun() -> None:
 
 
 def test_queued_utterances_play_in_order() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     f = Feeder(jb)
     for n in (ms(130), ms(70), ms(300)):
         jb.start_utterance(0.0)
@@ -526,7 +530,7 @@ def test_queued_utterances_play_in_order() -> None:
 
 
 def test_end_without_audio_leaves_nothing_to_play() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     assert jb.end_utterance(0.0) is None
     jb.start_utterance(0.0)
     jb.end_utterance(0.0)
@@ -535,7 +539,7 @@ def test_end_without_audio_leaves_nothing_to_play() -> None:
 
 
 def test_peek_does_not_consume() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     assert len(jb.peek(100)) == 0
     f = Feeder(jb)
     for _ in range(3):
@@ -561,14 +565,14 @@ def test_peek_does_not_consume() -> None:
     ],
 )
 def test_push_rejects_anything_but_1d_int16(bad: np.ndarray) -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     with pytest.raises(ValueError):
         jb.push(bad, 0.0)
     assert jb.stats.received_samples == 0 and not jb.receiving
 
 
 def test_empty_push_is_a_no_op() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     jb.push(np.zeros(0, dtype=np.int16), 0.0)
     assert not jb.receiving and jb.pending_utterances == 0
 
@@ -600,7 +604,7 @@ def test_invalid_config(kwargs: dict[str, float]) -> None:
 
 
 def test_mean_delay_is_time_spent_buffered() -> None:
-    jb = AudioJitterBuffer()
+    jb = AudioJitterBuffer(PLAIN)
     Feeder(jb).push(ms(200), 0.0)
     jb.end_utterance(0.0)
     pulls(jb, 0.01, 5)

@@ -9,7 +9,7 @@ Shape of the logic (after WebRTC's NetEQ):
   minimum over the last ``window_s``. Those delays go into a histogram that forgets
   (half-life measured in media time), and the *target level* is a high quantile of it plus
   two frames of headroom, clamped to ``[min_target_ms, max_ms]``.
-* An utterance starts playing once ``start_ratio * target`` is buffered (128 ms at the
+* An utterance starts playing once ``start_ratio * target`` is buffered (96 ms at the
   initial 160 ms target), or as soon as its end is known.
 * Playout needing audio mid-utterance with none buffered is an *underrun*: the frame is
   concealed with silence, one concealment event is counted, and playout resumes once
@@ -21,7 +21,7 @@ Shape of the logic (after WebRTC's NetEQ):
   (back-pressure, see :attr:`has_room`); the buffer itself accepts every push. Only
   :meth:`flush` (barge-in) discards audio, and it reports how much.
 
-Time-stretching (``stretch``, off by default). Once per frame, before taking it, the
+Time-stretching (``stretch``, on by default). Once per frame, before taking it, the
 playout looks at the level of the playing utterance (what is left to play, stretched as it
 will be heard) and decides one thing for the next block of speech it commits:
 
@@ -85,7 +85,10 @@ class JitterConfig:
     frame_samples: int = AUDIO_RATE // 25
     target_ms: float = 160.0  # initial target, before any arrival has been measured
     min_target_ms: float = 80.0
-    start_ms: float = 128.0  # start level at the initial target; scales with the target
+    # Start level at the initial target; scales with the target. 96 ms with stretching on:
+    # 128 (the level a buffer without stretching needs) started speech 35-45 ms later, with
+    # no fewer underruns (BENCHMARKS.md, "Onset: a lower start level").
+    start_ms: float = 96.0
     resume_ms: float = 40.0
     max_ms: float = 240.0
     refill_pct: float = 30.0
@@ -93,7 +96,7 @@ class JitterConfig:
     window_s: float = 2.0
     half_life_s: float = 1.5  # of media time: the histogram forgets at the rate speech arrives
     stall_timeout_ms: float = 3000.0  # an open utterance with no audio this long ends
-    stretch: bool = False  # steer the level by time-stretching (see the module docstring)
+    stretch: bool = True  # steer the level by time-stretching (see the module docstring)
     stretch_rate_pct: float = 5.0  # sustained bound: stretch per speech played, in %
     stretch_burst_pct: float = 25.0  # short-term bound, in %
 
