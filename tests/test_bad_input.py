@@ -38,7 +38,7 @@ class Neighbour:
         """The neighbour's utterance played through, untouched by the bad input: all of
         it, to the sample, without an underrun. The one exception: the node and this
         test's client share one process and one event loop, and on a loaded 2-core CI
-        machine the whole process can stall past the buffer's 128 ms (seen once in 20
+        machine the whole process can stall past the buffer's 96 ms start (seen once in 20
         CI runs, with the model missing deadlines meanwhile); the sender is then late
         by that much and one underrun follows. That is excused only when the neighbour's
         own frames show the stall (one left >= 100 ms late); the bad inputs here are
@@ -50,7 +50,9 @@ class Neighbour:
         stalled = s.counters.max_lateness_s >= 0.1
         assert s.jb.stats.underruns == 0 or (stalled and s.jb.stats.underruns == 1), \
             (s.jb.stats, s.counters)
-        assert s.jb.stats.emitted_samples == s.jb.stats.received_samples
+        js = s.jb.stats  # every sample played; time-stretching's changes counted
+        assert js.emitted_samples == (js.received_samples - js.removed_samples_for_acceleration
+                                      + js.inserted_samples_for_deceleration)
 
 
 @pytest.fixture

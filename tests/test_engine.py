@@ -43,7 +43,11 @@ def decode(path: Path) -> tuple[int, np.ndarray]:
 
 async def test_recorded_mp4_holds_the_audio_sent(make_node: NodeFactory, tmp_path: Path,
                                                  http: aiohttp.ClientSession) -> None:
-    node = await make_node(recordings_dir=str(tmp_path / "rec"))
+    # Time-stretching off (and the start level a buffer needs without it): the file is
+    # compared with what was sent, sample for sample; stretched playout is held to its
+    # accounting in tests/test_jitter_stretch.py.
+    node = await make_node(recordings_dir=str(tmp_path / "rec"), jitter_stretch=False,
+                           jitter_start_ms=128.0)
     s = await create_session(http, node, "rec", sample_rate=16_000, sink="record")
     sent = [speech(1.2, seed=1), speech(0.8, seed=2)]
     async with http.ws_connect(s["ws_url"]) as ws:
