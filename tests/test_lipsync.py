@@ -44,7 +44,10 @@ async def test_mouth_follows_audio_energy(make_node: NodeFactory, tmp_path: Path
             await send_jittered(ws, utterance, jitter_s=0.01)
             await ws.send_json({"type": "end"})
             await next_event(ws, "playback_finished")
-            await asyncio.sleep(0.6)  # silence between utterances: nothing is sent
+            # Silence between utterances: nothing is sent. 0.8 s leaves a few frames with
+            # silence 6 frames either side (the check below) in each gap; 0.6 s left 19
+            # in all once playback started at 96 ms and stretched (bound: > 20).
+            await asyncio.sleep(0.8)
     async with http.delete(f"{node.url}/api/sessions/{s['session_id']}") as r:
         stats = (await r.json())["stats"]
     video, audio = decode(Path(stats["sink"]["path"]))
@@ -69,7 +72,8 @@ async def test_mouth_follows_audio_energy(make_node: NodeFactory, tmp_path: Path
             silent_total += 1
             silent_exact += int(np.array_equal(frame, idle))
     pearson = float(np.corrcoef(change, energy)[0, 1])
-    print(f"pearson r = {pearson:.3f} over {n} frames")
+    print(f"pearson r = {pearson:.3f} over {n} frames; {silent_total} frames in silence, "
+          f"{silent_exact} of them exactly idle")
     assert pearson >= 0.6, pearson
     # Frames with silence all around them are exactly the idle frames.
     assert silent_total > 20
