@@ -85,9 +85,9 @@ class JitterConfig:
     frame_samples: int = AUDIO_RATE // 25
     target_ms: float = 160.0  # initial target, before any arrival has been measured
     min_target_ms: float = 80.0
-    # Start level at the initial target; scales with the target. 96 ms with stretching on:
-    # 128 (the level a buffer without stretching needs) started speech 35-45 ms later, with
-    # no fewer underruns (BENCHMARKS.md, "Onset: a lower start level").
+    # Start level at the initial target; scales with the target. With stretching on, 96 ms
+    # starts speech 35-45 ms sooner than 128 (the level a buffer without stretching needs),
+    # with no more underruns (BENCHMARKS.md, "Onset: a lower start level").
     start_ms: float = 96.0
     resume_ms: float = 40.0
     max_ms: float = 240.0
