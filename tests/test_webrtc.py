@@ -185,9 +185,12 @@ def _check_window(viewer: Viewer, t0: float, t1: float) -> None:
         offsets[kind] = off
         # A chunk's two 20 ms Opus packets leave together, so audio's band is one
         # packet wider than video's: the second is 20 ms early, never late. On a quiet
-        # machine video's band is under 15 ms; a loaded CI rehearsal once read 26 ms
-        # (its loop's timers late): the bands leave room for that, not for a stall.
-        band = 0.030 if kind == "video" else 0.050
+        # machine video's band is under 15 ms. Arrivals are stamped on the event loop
+        # the node shares with this client, so a late loop shows twice: loaded CI runs
+        # read 26 ms over 30 s and 48 ms over a 5 s window. A viewer's jitter buffer
+        # absorbs that; what must fail is a stall, a clock pass that skips frames
+        # (two frames late: 80 ms), so the bands stop short of it.
+        band = 0.065 if kind == "video" else 0.085
         assert np.percentile(off, 95) - np.percentile(off, 5) < band, kind
     # Drift: where each band sits in the second half of the run against the first.
     # Audio's band has two modes 20 ms apart (first and second packet of a chunk),
