@@ -17,6 +17,7 @@ import pytest
 from rapido.config import Config
 from rapido.http.locate import Locate
 from rapido.node import Node
+from rapido.pipeline.jitter import JitterStats
 from rapido.pipeline.speech import speech_like
 
 API_KEY = "test-key-123"
@@ -99,3 +100,11 @@ async def create_session(http: aiohttp.ClientSession, node: Node, lesson: str,
 
 def speech(seconds: float, rate: int = 16_000, seed: int = 0) -> np.ndarray:
     return speech_like(seconds, rate=rate, seed=seed)
+
+
+def stretched_total(js: JitterStats) -> int:
+    """The samples a jitter buffer must have played when it lost none: what it received,
+    less what time-stretching removed, plus what it inserted (stretching is on by
+    default and acts whenever the buffer runs off its target)."""
+    return (js.received_samples - js.removed_samples_for_acceleration
+            + js.inserted_samples_for_deceleration)

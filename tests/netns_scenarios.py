@@ -48,7 +48,7 @@ async def loss(firewall: Firewall, params: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rapido-faults-") as tmp:
         fleet = Fleet(Path(tmp), firewall=firewall)
         try:
-            out = await _converged(fleet, n)
+            out = await _converged(fleet, n, timeout_s=60)
             agents = fleet.live()
             faults = []
             snaps: list[Snapshot] = []
