@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     http.add_argument("--api-key", help="bearer key for the server's /api and /ws")
     http.add_argument("--ramp", type=float, default=2.0,
                       help="seconds over which the streams are started (default 2)")
+    http.add_argument("--viewers", type=int, default=0, metavar="K",
+                      help="with --sink webrtc: a WHEP viewer (aiortc, audio) on each of "
+                      "the first K sessions, for speech to first audible audio at a "
+                      "viewer (default 0)")
     http.add_argument("--allow-remote", action="store_true",
                       help="allow a --http URL that is not a loopback address")
     kinds = bench.add_subparsers(dest="bench_kind", metavar="[cluster]")

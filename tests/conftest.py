@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -108,3 +110,13 @@ def stretched_total(js: JitterStats) -> int:
     default and acts whenever the buffer runs off its target)."""
     return (js.received_samples - js.removed_samples_for_acceleration
             + js.inserted_samples_for_deceleration)
+
+
+async def eventually(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``cond`` until it holds; fail saying ``what`` after ``timeout_s``. For "the
+    stream goes on" checks: a fixed sleep then a count fails when a slow spell of the
+    machine lands at the sleep's end, before the node's clock has caught up."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s: {what}"
+        await asyncio.sleep(0.02)

@@ -861,24 +861,31 @@ async def test_speech_that_arrives_while_the_node_stalls_is_played_without_under
     node = abuse_node
     loop = asyncio.get_running_loop()
     chunk = np.asarray(speech(0.04), dtype="<i2").tobytes()
-    chunks, ready = 50, asyncio.Event()
-    t0 = loop.time() + 1.0
-    async with aiohttp.ClientSession() as http:
-        async def client(i: int) -> str:
+    chunks = 50
+
+    async def attempt(n: int, http: aiohttp.ClientSession) -> list[tuple[float, dict[str, Any]]]:
+        """One run: per client, its worst send lateness (s) and its session's stats."""
+        ready = asyncio.Event()
+        t0 = loop.time() + 1.0
+
+        async def client(i: int) -> tuple[float, str]:
             async with http.post(f"{node.url}/api/sessions",
-                                 json={"lesson_id": f"stall-{i}", "sample_rate": 16_000}) as r:
+                                 json={"lesson_id": f"stall-{n}-{i}",
+                                       "sample_rate": 16_000}) as r:
                 assert r.status == 201, await r.text()
                 s = await r.json()
+            late = 0.0
             async with http.ws_connect(s["ws_url"]) as ws:
                 await next_event(ws, "ready")
                 await ready.wait()
                 await ws.send_str(json.dumps({"type": "start"}))
                 for k in range(chunks):
                     await asyncio.sleep(max(0.0, t0 + 0.04 * k - loop.time()))
+                    late = max(late, loop.time() - (t0 + 0.04 * k))
                     await ws.send_bytes(chunk)
                 await ws.send_str(json.dumps({"type": "end"}))
                 await next_event(ws, "playback_finished")
-            return str(s["session_id"])
+            return late, str(s["session_id"])
 
         clients = [asyncio.create_task(client(i)) for i in range(8)]
         await asyncio.sleep(0.5)
@@ -891,10 +898,25 @@ async def test_speech_that_arrives_while_the_node_stalls_is_played_without_under
             await asyncio.sleep(0.17)  # the clients send on meanwhile
         finally:
             os.kill(node.proc.pid, signal.SIGCONT)
-        ids = await asyncio.wait_for(asyncio.gather(*clients), 30)
-        for sid in ids:
+        out = []
+        for late, sid in await asyncio.wait_for(asyncio.gather(*clients), 30):
             async with http.get(f"{node.url}/api/sessions/{sid}") as r:
-                stats = (await r.json())["stats"]
-            assert stats["underruns"] == 0, stats
+                out.append((late, (await r.json())["stats"]))
             async with http.delete(f"{node.url}/api/sessions/{sid}") as r:
                 assert r.status == 200
+        return out
+
+    # The clients share this machine: a slow spell of the test's own loop sends speech
+    # late, and the node rightly underruns on it. Such a run proves nothing either way;
+    # it is run again (up to three times) until the clients sent on time (within 60 ms).
+    async with aiohttp.ClientSession() as http:
+        for n in range(3):
+            runs = await attempt(n, http)
+            worst = max(late for late, _ in runs)
+            if worst < 0.06:
+                for _, stats in runs:
+                    assert stats["underruns"] == 0, stats
+                return
+            print(f"\nstall test: run {n + 1}: the clients sent up to {1000 * worst:.0f} ms "
+                  f"late; underruns {[st['underruns'] for _, st in runs]}")
+    pytest.fail("in three runs the test's own clients could not send on time")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import wave
 
 import aiohttp
@@ -49,11 +50,16 @@ async def test_create_get_list_delete(node: Node, http: aiohttp.ClientSession) -
         ids = {x["session_id"] for x in (await r.json())["sessions"]}
     assert ids == {s["session_id"], other["session_id"]}
 
-    await asyncio.sleep(0.3)
-    async with http.get(f"{node.url}/api/sessions/{s['session_id']}") as r:
-        got = await r.json()
-    stats = got["stats"]
-    assert stats["frames_out"] >= 5  # the clock runs: idle frames flow while silent
+    # The clock runs: idle frames flow while silent (polled: a slow spell of the
+    # machine must not read as a stopped clock).
+    deadline = time.monotonic() + 10.0
+    while True:
+        async with http.get(f"{node.url}/api/sessions/{s['session_id']}") as r:
+            stats = (await r.json())["stats"]
+        if stats["frames_out"] >= 5 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["frames_out"] >= 5
     for key in ("buffered_ms", "underruns", "frames_out", "playout_position_ms"):
         assert key in stats
 
@@ -136,10 +142,12 @@ async def test_upload_l16_big_endian(node: Node, http: aiohttp.ClientSession) ->
 
 async def test_queue_limit_gives_429(make_node: NodeFactory,
                                      http: aiohttp.ClientSession) -> None:
-    node = await make_node(max_queued_audio_s=1.0)
+    # 2.5 s + 2.5 s over a 3 s queue: the first would have to play 2 s before the second
+    # arrives to make room for it (0.8 s over 1 s, once: 0.6 s, a slow spell's length).
+    node = await make_node(max_queued_audio_s=3.0)
     s = await create_session(http, node, "q")
     url = f"{node.url}/api/sessions/{s['session_id']}/audio"
-    body = wav_bytes(speech(0.8), 16_000)
+    body = wav_bytes(speech(2.5), 16_000)
     async with http.post(url, data=body, headers={"Content-Type": "audio/wav"}) as r:
         assert r.status == 202
     async with http.post(url, data=body, headers={"Content-Type": "audio/wav"}) as r:

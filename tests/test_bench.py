@@ -242,6 +242,26 @@ def test_http_mode_reports_client_side_figures(bench_env: dict[str, str], server
 
 
 @pytest.mark.slow
+def test_http_viewers_hear_each_utterance(bench_env: dict[str, str], server: str) -> None:
+    """--viewers: real aiortc WHEP viewers on a real node hear every utterance, and the
+    bench reads when: speech to first audible audio, beside the node's own onset."""
+    doc = _bench_json(bench_env, "--http", server, "--streams", "2", "--sink", "webrtc",
+                      "--viewers", "2", "--duration", "6", "--warmup", "0.5",
+                      "--ramp", "0.5", "--speech", "0.86")
+    [r] = doc["runs"]
+    assert r["errors"] == 0, r["error_samples"]
+    assert r["viewers"] == 2
+    # 3 s utterances with 0.5 s pauses over ~7 s: two each, those in the last second
+    # not judged.
+    assert r["viewer_onsets"] >= 2 and r["viewer_onsets_missed"] == 0, r
+    # Heard after the node said it started playing (the encoder, the network and the
+    # viewer's jitter buffer come after), and not a second late.
+    assert r["onset_p50_ms"] < r["viewer_onset_p50_ms"] < 1000, r
+    print(f"onset p50 {r['onset_p50_ms']} ms at the node, "
+          f"{r['viewer_onset_p50_ms']} ms at the viewer")
+
+
+@pytest.mark.slow
 def test_ctrl_c_prints_what_was_measured(bench_env: dict[str, str]) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "rapido", "bench", "--streams", "1", "--duration", "30",
@@ -279,6 +299,12 @@ BAD_ARGS = [
     (["--model", "standin", "--http", "http://127.0.0.1:9"],
      "--model standin runs in-process"),
     (["--profile", "p.txt", "--capacity"], "--profile records one in-process run"),
+    (["--viewers", "1"], "it needs --http and --sink webrtc"),
+    (["--http", "http://127.0.0.1:9", "--viewers", "1"], "it needs --http and --sink webrtc"),
+    (["--http", "http://127.0.0.1:9", "--sink", "webrtc", "--streams", "2", "--viewers", "3"],
+     "--viewers must be within 1..min(--streams, 16)"),
+    (["--http", "http://127.0.0.1:9", "--sink", "webrtc", "--viewers", "-1"],
+     "--viewers must be within 1..min(--streams, 16)"),
 ]
 
 

@@ -155,8 +155,10 @@ async def test_sources_pace_at_real_time() -> None:
                 break
             await asyncio.sleep(0.01)
         elapsed = time.monotonic() - t0
-        # The audio source lets the last frame in once the queue is down to 100 ms.
-        assert 1.2 <= elapsed <= 2.2, elapsed
+        # The audio source lets the last frame in once the queue is down to 100 ms: not
+        # sooner (1.5 s of the 1.6 s played), and not much later (a slow spell of the
+        # machine may hold the test's loop; the native queue plays on its own thread).
+        assert 1.2 <= elapsed <= 3.0, elapsed
         await asyncio.sleep(0.25)
         assert sink.frames_captured == 40 and sink.playout_frames == 40
         st = sink.stats().json()
@@ -171,13 +173,16 @@ async def test_interrupt_flushes_queue_and_audio() -> None:
     sink = LiveKitSink(url=None, queue_size_ms=200, max_pending=100)
     await sink.start()
     try:
+        t0 = time.monotonic()
         for i in range(50):
             sink.write(_chunk(i))
         await asyncio.sleep(0.15)
         assert sink.stats().json()["audio_queued_ms"] > 50
-        # 2 s of speech went in; about 150 ms of it has played out of the native queue.
+        # 2 s of speech went in; about 150 ms of it has played out of the native queue
+        # (no more than the time that passed, which a slow spell may stretch).
         unheard = sink.interrupt()
-        assert 1700.0 <= unheard <= 1900.0, unheard
+        elapsed_ms = 1000 * (time.monotonic() - t0)
+        assert 2000.0 - elapsed_ms - 60.0 <= unheard <= 1900.0, (unheard, elapsed_ms)
         st = sink.stats().json()
         assert st["pending_frames"] == 0 and st["video_waiting"] == 0
         assert st["audio_queued_ms"] == 0.0 and st["interrupts"] == 1
@@ -185,9 +190,11 @@ async def test_interrupt_flushes_queue_and_audio() -> None:
         await asyncio.sleep(0.2)
         assert sink.audio_frames_captured <= captured + 1  # at most the one in flight
         # The stream goes on after a barge-in.
+        before = sink.audio_frames_captured
         sink.write(_chunk(50))
-        await asyncio.sleep(0.1)
-        assert sink.audio_frames_captured >= captured + 1
+        await _until(lambda: sink.audio_frames_captured >= before + 1)
+        # ... and plays out (what follows is about silence only).
+        await _until(lambda: sink.stats().json()["audio_queued_ms"] == 0.0)
         # Silence dropped unplayed is no speech unheard.
         for i in range(51, 56):
             sink.write(dataclasses.replace(_chunk(i), speaking=False))

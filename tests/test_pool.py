@@ -45,7 +45,11 @@ def test_each_lane_keeps_its_order_and_never_runs_on_two_threads_at_once() -> No
 def test_a_busy_lane_does_not_starve_the_others() -> None:
     pool = EncoderPool(1)
     order: list[str] = []
+    queued = threading.Event()  # the slow lane waits until both lanes hold their work,
+    # so a preempted test thread cannot let it run ahead before the fast item is put
+
     def slow_work(i: int) -> None:
+        queued.wait(10)
         time.sleep(0.001)
         order.append("slow")
 
@@ -54,6 +58,7 @@ def test_a_busy_lane_does_not_starve_the_others() -> None:
     for i in range(40):
         slow.put(i)
     fast.put(0)
+    queued.set()
     assert fast.join(timeout=10) and slow.join(timeout=10)
     pool.close()
     # The fast lane's one item ran long before the slow lane's 40 were through.

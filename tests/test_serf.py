@@ -199,7 +199,8 @@ async def test_query_gets_a_response_from_another_agent(make_agent: AgentFactory
 
     task = asyncio.create_task(answer(), name="test-responder")
     try:
-        query = await rpc(a).query("load?", b"7", timeout_s=1.5, request_ack=True)
+        # 3 s: the answer goes agent -> this loop -> agent -> agent, on a shared machine.
+        query = await rpc(a).query("load?", b"7", timeout_s=3.0, request_ack=True)
         records = await query.collect()
     finally:
         await queries.stop()

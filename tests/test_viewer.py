@@ -231,6 +231,8 @@ async def test_demo_session_ends_after_its_script(make_node: NodeFactory) -> Non
         elapsed = time.monotonic() - t0
     assert msg["reason"] == "demo_finished"
     assert finished == len(SCRIPT)  # the whole script played before it ended
-    assert grace - 0.1 <= time.monotonic() - t_last <= grace + 2.0
+    # Not before the grace (less the time this client's loop, shared with the node, may
+    # have taken to read the finish), and not long after it.
+    assert grace - 0.3 <= time.monotonic() - t_last <= grace + 2.0
     assert elapsed <= sum(d + s for d, s in SCRIPT) + grace + 5.0
     assert body["session_id"] not in node.engine.sessions

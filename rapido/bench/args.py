@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 from rapido.bench.traces import PROFILES
 
+#: --viewers: each decodes Opus in the bench process, on the cores the node uses too.
+MAX_VIEWERS = 16
+
 
 def check_url(url: str, *, allow_remote: bool) -> str | None:
     """One line saying what is wrong with ``url``, or None."""
@@ -66,6 +69,11 @@ def validate(args: argparse.Namespace) -> str | None:
             return "--http measures one ramp; it cannot be combined with --capacity/--compare"
         if not (math.isfinite(args.ramp) and args.ramp >= 0):
             return "--ramp must be >= 0"
+    if args.viewers:
+        if not args.http or args.sink != "webrtc":
+            return "--viewers watches sessions over WHEP: it needs --http and --sink webrtc"
+        if not 0 < args.viewers <= min(args.streams, MAX_VIEWERS):
+            return f"--viewers must be within 1..min(--streams, {MAX_VIEWERS})"
     if args.plot and args.http:
         return "--plot needs in-process runs (not --http)"
     return None

@@ -5,7 +5,9 @@ Sessions are created with ``POST /api/sessions``, speech is streamed over
 are started over ``--ramp`` seconds and held for ``--duration``, and the sessions are
 deleted at the end. Everything is measured from the client side: speech onset (first
 chunk sent -> ``playback_started`` received), ``underrun`` events, delivered fps from the
-session's ``frames_out`` (``GET /api/sessions/{id}``), and errors.
+session's ``frames_out`` (``GET /api/sessions/{id}``), and errors. With ``--viewers K``
+(and ``--sink webrtc``) the first K sessions are also watched by a real WHEP viewer
+(:mod:`rapido.bench.viewer`): speech to first audible audio where a listener is.
 
 Bounded: at most :data:`MAX_HTTP_STREAMS` streams, and the whole run is cut off at
 ramp + warmup + duration + :data:`GRACE_S`. Loopback only unless ``--allow-remote``
@@ -29,6 +31,7 @@ import numpy as np
 from rapido.aio import cancel_and_wait
 from rapido.bench import report
 from rapido.bench.run import INPUT_RATE, stream_trace
+from rapido.bench.viewer import WhepViewer, first_audible, viewer_onsets
 from rapido.config import Config
 from rapido.pipeline.speech import speech_like
 
@@ -53,6 +56,10 @@ class _Client:
     t_frames0: float = 0.0
     t_frames1: float = 0.0
     final_stats: dict[str, Any] = field(default_factory=dict)
+    #: --viewers: per utterance, when the chunk holding its first audible sample left
+    #: and that sample's offset into the chunk (s); and what the viewer heard.
+    audible_sent: list[tuple[float, float]] = field(default_factory=list)
+    viewer: WhepViewer | None = None
 
 
 class _Api:
@@ -85,6 +92,11 @@ async def _stream(api: _Api, c: _Client, args: argparse.Namespace, start_at: flo
     c.created_at = loop.time()
     ws_url = api.base.replace("http", "ws", 1) + f"/ws/sessions/{c.session_id}"
     try:
+        if c.index < args.viewers:
+            # Connected and hearing (silence) before the first utterance is sent, so
+            # its onset is not the connection's set-up.
+            c.viewer = WhepViewer(api.http, created["whep_url"], created["viewer_token"])
+            await c.viewer.connect()
         async with api.http.ws_connect(ws_url, heartbeat=30.0) as ws:
             reader = loop.create_task(_read_events(ws, c), name=f"ws-read-{c.index}")
             sampler = loop.create_task(_sample_frames(api, c, hold_from, end_at))
@@ -103,13 +115,17 @@ async def _stream(api: _Api, c: _Client, args: argparse.Namespace, start_at: flo
                 "DELETE", f"/api/sessions/{c.session_id}")).get("stats") or {})
         except Exception as exc:  # the server may be gone; count it, keep the rest
             c.errors.append(f"delete: {exc}")
+        if c.viewer is not None:
+            await c.viewer.aclose()
 
 
 async def _send(ws: aiohttp.ClientWebSocketResponse, c: _Client, trace: list[Any],
                 t0: float, end_at: float) -> None:
     loop = asyncio.get_running_loop()
     audio = speech_like(3.5, seed=c.index)
+    lead = first_audible(audio)
     pos = 0
+    heard_from = False  # this utterance's first audible sample has been sent
     open_utt = False
     for a in trace:
         at = t0 + a.t
@@ -126,7 +142,10 @@ async def _send(ws: aiohttp.ClientWebSocketResponse, c: _Client, trace: list[Any
         if not open_utt:
             await ws.send_str(json.dumps({"type": "start"}))
             c.fed.append(loop.time())
-            open_utt, pos = True, 0
+            open_utt, pos, heard_from = True, 0, False
+        if lead is not None and not heard_from and pos <= lead < pos + a.samples:
+            c.audible_sent.append((loop.time(), (lead - pos) / INPUT_RATE))
+            heard_from = True
         chunk = np.resize(audio[pos:], a.samples).astype("<i2")
         await ws.send_bytes(chunk.tobytes())
         pos = (pos + a.samples) % len(audio)
@@ -178,6 +197,14 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
     onsets = [s - f for c in clients for f, s in zip(c.fed, c.started, strict=False)]
     errors = [e for c in clients for e in c.errors]
     under = [c.underruns for c in clients]
+    heard: list[float] = []
+    missed = 0
+    for c in clients:
+        if c.viewer is not None:
+            # Utterances sent in the last second may not have played when the run ended.
+            got, lost = viewer_onsets(c.audible_sent, c.viewer.heard, c.t_frames1 - 1.0)
+            heard += got
+            missed += lost
 
     def q(values: list[float], p: float) -> float | None:
         return round(1000.0 * float(np.quantile(values, p)), 2) if values else None
@@ -200,6 +227,11 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
         "onsets": len(onsets),
         "onset_p50_ms": q(onsets, 0.5),
         "onset_p95_ms": q(onsets, 0.95),
+        "viewers": args.viewers,
+        "viewer_onsets": len(heard),
+        "viewer_onsets_missed": missed,
+        "viewer_onset_p50_ms": q(heard, 0.5),
+        "viewer_onset_p95_ms": q(heard, 0.95),
         "playback_started": sum(len(c.started) for c in clients),
         "playback_finished": sum(c.finished for c in clients),
         "underruns": sum(under),
@@ -281,7 +313,10 @@ def http_main(config: Config, args: argparse.Namespace) -> int:
     else:
         report.print_table([summary], columns=(
             "streams", "sessions_created", "jitter", "speech_duty", "fps_min", "fps_median",
-            "onset_p50_ms", "onset_p95_ms", "underruns", "errors", "realtime"))
+            "onset_p50_ms", "onset_p95_ms", *(("viewer_onset_p50_ms", "viewer_onset_p95_ms",
+                                               "viewer_onsets_missed")
+                                              if args.viewers else ()),
+            "underruns", "errors", "realtime"))
         for e in summary["error_samples"]:
             print(f"  error: {e}")
         if cost is not None:
