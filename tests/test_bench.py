@@ -234,6 +234,8 @@ def test_http_mode_reports_client_side_figures(bench_env: dict[str, str], server
     assert r["onsets"] >= 2 and 0 < r["onset_p50_ms"] < 2000
     assert r["playback_started"] >= 2
     assert r["underruns"] >= 0 and len(r["underruns_by_session"]) == 2
+    # The client's own punctuality, to tell its late speech from the node's underruns.
+    assert 0 <= r["client_send_late_p99_ms"] <= r["client_send_late_max_ms"]
     # The sessions were deleted at the end.
     with urllib.request.urlopen(server + "/api/sessions", timeout=5) as resp:
         listed = json.loads(resp.read())
@@ -257,8 +259,11 @@ def test_http_viewers_hear_each_utterance(bench_env: dict[str, str], server: str
     # Heard after the node said it started playing (the encoder, the network and the
     # viewer's jitter buffer come after), and not a second late.
     assert r["onset_p50_ms"] < r["viewer_onset_p50_ms"] < 1000, r
+    # Its packets came before aiortc's jitter buffer let the sound out.
+    assert 0 < r["viewer_arrival_onset_p50_ms"] < r["viewer_onset_p50_ms"], r
     print(f"onset p50 {r['onset_p50_ms']} ms at the node, "
-          f"{r['viewer_onset_p50_ms']} ms at the viewer")
+          f"{r['viewer_arrival_onset_p50_ms']} ms at the viewer's socket, "
+          f"{r['viewer_onset_p50_ms']} ms out of its decoder")
 
 
 @pytest.mark.slow

@@ -67,3 +67,17 @@ def test_utterances_sent_after_until_are_not_judged() -> None:
     heard = _heard(0.0, 10, None)
     got, missed = viewer_onsets([(0.1, 0.0), (5.0, 0.0)], heard, until=1.0)
     assert (got, missed) == ([], 1)  # the first judged and never heard; the second not
+
+
+def test_by_arrival_places_frames_where_their_packets_arrived() -> None:
+    # aiortc's audio jitter buffer holds each frame until four more have arrived: the
+    # same frames, decoded 80 ms after their packets came, read 80 ms earlier by arrival.
+    heard = [Heard(h.at, h.audible_s, h.at - 0.08)
+             for h in _heard(0.0, 20, None) + _heard(0.4, 20, 2, offset_s=0.01)]
+    sent = [(0.3, 0.0)]
+    decoded, _ = viewer_onsets(sent, heard, until=10.0)
+    arrived, missed = viewer_onsets(sent, heard, until=10.0, by_arrival=True)
+    assert missed == 0 and np.allclose(decoded, [0.15]) and np.allclose(arrived, [0.07])
+    # A frame whose packet was not seen is left out, not placed at time 0.
+    blind = [Heard(h.at, h.audible_s, None) for h in heard]
+    assert viewer_onsets(sent, blind, until=10.0, by_arrival=True) == ([], 1)

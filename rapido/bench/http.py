@@ -59,6 +59,10 @@ class _Client:
     #: --viewers: per utterance, when the chunk holding its first audible sample left
     #: and that sample's offset into the chunk (s); and what the viewer heard.
     audible_sent: list[tuple[float, float]] = field(default_factory=list)
+    #: How late each send left against its trace (s): this client shares the machine
+    #: with the node, and speech it sends late underruns at the node for the client's
+    #: sake, not the node's.
+    send_late: list[float] = field(default_factory=list)
     viewer: WhepViewer | None = None
 
 
@@ -134,6 +138,7 @@ async def _send(ws: aiohttp.ClientWebSocketResponse, c: _Client, trace: list[Any
         delay = at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        c.send_late.append(max(0.0, loop.time() - at))
         if a.end:
             if open_utt:
                 await ws.send_str(json.dumps({"type": "end"}))
@@ -197,7 +202,9 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
     onsets = [s - f for c in clients for f, s in zip(c.fed, c.started, strict=False)]
     errors = [e for c in clients for e in c.errors]
     under = [c.underruns for c in clients]
+    late = [x for c in clients for x in c.send_late]
     heard: list[float] = []
+    arrived: list[float] = []
     missed = 0
     for c in clients:
         if c.viewer is not None:
@@ -205,6 +212,8 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
             got, lost = viewer_onsets(c.audible_sent, c.viewer.heard, c.t_frames1 - 1.0)
             heard += got
             missed += lost
+            arrived += viewer_onsets(c.audible_sent, c.viewer.heard, c.t_frames1 - 1.0,
+                                     by_arrival=True)[0]
 
     def q(values: list[float], p: float) -> float | None:
         return round(1000.0 * float(np.quantile(values, p)), 2) if values else None
@@ -232,8 +241,16 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
         "viewer_onsets_missed": missed,
         "viewer_onset_p50_ms": q(heard, 0.5),
         "viewer_onset_p95_ms": q(heard, 0.95),
+        # The same, by when the packets reached the viewer: before aiortc's jitter buffer.
+        "viewer_arrival_onset_p50_ms": q(arrived, 0.5),
+        "viewer_arrival_onset_p95_ms": q(arrived, 0.95),
         "playback_started": sum(len(c.started) for c in clients),
         "playback_finished": sum(c.finished for c in clients),
+        "client_send_late_p99_ms": q(late, 0.99),
+        "client_send_late_max_ms": round(1000.0 * max(late), 1) if late else None,
+        # Sends more than a 40 ms chunk late: each can drain a buffer that started at
+        # 96 ms, whatever the node does.
+        "client_sends_late_40ms": sum(x > 0.04 for x in late),
         "underruns": sum(under),
         "underruns_by_session": under,
         "underruns_per_session": round(sum(under) / max(len(clients), 1), 3),
@@ -313,9 +330,10 @@ def http_main(config: Config, args: argparse.Namespace) -> int:
     else:
         report.print_table([summary], columns=(
             "streams", "sessions_created", "jitter", "speech_duty", "fps_min", "fps_median",
-            "onset_p50_ms", "onset_p95_ms", *(("viewer_onset_p50_ms", "viewer_onset_p95_ms",
-                                               "viewer_onsets_missed")
-                                              if args.viewers else ()),
+            "onset_p50_ms", "onset_p95_ms",
+            *(("viewer_onset_p50_ms", "viewer_onset_p95_ms", "viewer_arrival_onset_p50_ms",
+               "viewer_arrival_onset_p95_ms", "viewer_onsets_missed")
+              if args.viewers else ()),
             "underruns", "errors", "realtime"))
         for e in summary["error_samples"]:
             print(f"  error: {e}")

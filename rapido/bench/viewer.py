@@ -1,9 +1,12 @@
 """A WHEP viewer for ``bench --http --viewers K``: what a listener hears, and when.
 
 A real aiortc peer (audio only, no ICE servers: loopback) watches one session's WebRTC
-output and stamps every decoded 20 ms audio frame with the loop time it came out of
+output and stamps every decoded 20 ms audio frame twice: the loop time it came out of
 aiortc's receiver (its jitter buffer and Opus decoder included, as at any WebRTC
-client). The bench compares those stamps with when it sent each utterance's audio:
+client), and the time its RTP packet arrived. The two differ by aiortc's audio jitter
+buffer, which holds each frame until four more have arrived (``prefetch=4``: 80 ms on
+a loss-free link; a browser's NetEQ adapts its delay to the link's jitter, a few tens
+of ms on loopback). The bench compares both with when it sent each utterance's audio:
 speech to first audible audio at a viewer (issue 13), not only to the node's
 ``playback_started`` event.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import av
@@ -36,15 +40,17 @@ def first_audible(samples: np.ndarray) -> int | None:
 
 @dataclass
 class Heard:
-    """One decoded audio frame: when it came out of the receiver, and where in it (in
-    seconds) the first audible sample sits (None: silent)."""
+    """One decoded audio frame: when it came out of the receiver (``at``) and when its
+    packet arrived (``arrived``), and where in it (in seconds) the first audible sample
+    sits (None: silent)."""
 
     at: float
     audible_s: float | None
+    arrived: float | None = None
 
 
-def viewer_onsets(sent: list[tuple[float, float]], heard: list[Heard], until: float
-                  ) -> tuple[list[float], int]:
+def viewer_onsets(sent: list[tuple[float, float]], heard: list[Heard], until: float,
+                  *, by_arrival: bool = False) -> tuple[list[float], int]:
     """Speech to first audible audio, per utterance.
 
     ``sent``: per utterance, (loop time its chunk holding the first audible sample left
@@ -55,9 +61,15 @@ def viewer_onsets(sent: list[tuple[float, float]], heard: list[Heard], until: fl
     the earlier utterance has gone quiet at the viewer by then (the bench pauses 0.5 s
     or more between utterances; the node buffers a few hundred ms at most).
     Utterances sent after ``until`` are not judged (the viewer may have closed before
-    they played); those judged but never heard are counted as missed."""
-    starts = [h.at + h.audible_s for prev, h in zip([None, *heard], heard, strict=False)
-              if h.audible_s is not None and (prev is None or prev.audible_s is None)]
+    they played); those judged but never heard are counted as missed. ``by_arrival``:
+    frames placed at their packet's arrival instead of their decoding (those with no
+    arrival are left out)."""
+    def when(h: Heard) -> float | None:
+        return h.arrived if by_arrival else h.at
+
+    starts = [t + h.audible_s for prev, h in zip([None, *heard], heard, strict=False)
+              if h.audible_s is not None and (prev is None or prev.audible_s is None)
+              and (t := when(h)) is not None]
     out: list[float] = []
     missed = 0
     k = 0
@@ -86,11 +98,13 @@ class WhepViewer:
     _pc: RTCPeerConnection | None = None
     _reader: asyncio.Task[None] | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrivals: dict[int, float] = field(default_factory=dict)
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Offer, answer, and wait for the first decoded audio frame."""
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTransceiver("audio", direction="recvonly")
+        receiver = pc.addTransceiver("audio", direction="recvonly").receiver
+        self._stamp_arrivals(receiver)
         got_track: asyncio.Future[MediaStreamTrack] = \
             asyncio.get_running_loop().create_future()
 
@@ -110,22 +124,39 @@ class WhepViewer:
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         async with asyncio.timeout(timeout_s):
             track = await got_track
-            self._reader = asyncio.create_task(self._read(track), name="whep-viewer-read")
+            self._reader = asyncio.create_task(self._read(track, receiver),
+                                               name="whep-viewer-read")
             await self._first.wait()
 
-    async def _read(self, track: MediaStreamTrack) -> None:
+    def _stamp_arrivals(self, receiver: Any) -> None:
+        """Loop time of each RTP timestamp's first packet. aiortc has no public hook
+        before its jitter buffer: its receiver's packet handler is wrapped (aiortc 1.x;
+        the tests' viewers do the same)."""
+        loop = asyncio.get_running_loop()
+        original = receiver._handle_rtp_packet
+
+        async def handle(packet: Any, arrival_time_ms: int) -> None:
+            self._arrivals.setdefault(packet.timestamp, loop.time())
+            await original(packet, arrival_time_ms=arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle
+
+    async def _read(self, track: MediaStreamTrack, receiver: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await track.recv()
                 now = loop.time()
-                assert isinstance(frame, av.AudioFrame)
+                assert isinstance(frame, av.AudioFrame) and frame.pts is not None
+                # aiortc hands frames over with pts = RTP timestamp - the first one's.
+                origin = receiver._RTCRtpReceiver__timestamp_mapper._origin
+                arrived = self._arrivals.pop((frame.pts + origin) & 0xFFFFFFFF, None)
                 pcm = frame.to_ndarray()  # (1, samples x channels), interleaved s16
                 channels = len(frame.layout.channels)
                 samples = pcm.reshape(-1, channels)
                 first = first_audible(samples)
                 self.heard.append(Heard(now, None if first is None
-                                        else first / frame.sample_rate))
+                                        else first / frame.sample_rate, arrived))
                 self._first.set()
         except MediaStreamError:
             pass
