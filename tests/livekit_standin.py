@@ -65,6 +65,7 @@ from livekit.api.access_token import Claims
 from livekit.protocol import models, rtc
 
 from rapido.aio import cancel_and_wait
+from rapido.bench.viewer import rtp_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -539,9 +540,7 @@ class StandIn:
                 frame = await track.recv()
                 at = time.monotonic()
                 assert frame.pts is not None
-                # aiortc hands frames over with pts = RTP timestamp - the first one seen.
-                origin = receiver._RTCRtpReceiver__timestamp_mapper._origin  # type: ignore[attr-defined]
-                rtp = (frame.pts + origin) & 0xFFFFFFFF
+                rtp = rtp_timestamp(frame.pts, receiver)
                 if isinstance(frame, av.VideoFrame):
                     kept = None
                     if keep is not None:

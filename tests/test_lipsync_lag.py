@@ -22,6 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpreceiver import RtcpSrPacket
 
 from rapido.aio import cancel_and_wait
+from rapido.bench.viewer import rtp_timestamp
 from rapido.gpu.portrait import default_avatar
 from rapido.pipeline.lipsync_lag import LagMeter, measure_lag, mouth_region
 from rapido.pipeline.media import AUDIO_RATE
@@ -212,9 +213,7 @@ async def _watch_decoded(http: aiohttp.ClientSession, whep_url: str, token: str
             while True:
                 frame = await track.recv()
                 assert frame.pts is not None
-                # aiortc hands frames over with pts = RTP timestamp - the first one seen.
-                rtp = (frame.pts + receiver._RTCRtpReceiver__timestamp_mapper._origin)
-                rtp &= 0xFFFFFFFF
+                rtp = rtp_timestamp(frame.pts, receiver)
                 if isinstance(frame, av.VideoFrame):
                     y = frame.to_ndarray(format="yuv420p")[: frame.height]
                     seen.pictures.append(

@@ -18,6 +18,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from rapido.bench.viewer import rtp_timestamp, stamp_arrivals
 from rapido.http.whep import VIEWER_SECRET, mint_token
 from rapido.node import Node
 from rapido.pipeline.media import MediaChunk, VideoFrame
@@ -58,15 +59,7 @@ class Viewer:
 
 def _time_rtp_arrivals(pc: RTCPeerConnection, viewer: Viewer) -> None:
     for t in pc.getTransceivers():
-        seen = viewer.rtp_arrivals.setdefault(t.kind, {})
-        original = t.receiver._handle_rtp_packet
-
-        async def handle(packet: Any, arrival_time_ms: int, _orig: Any = original,
-                         _seen: dict[int, float] = seen) -> None:
-            _seen.setdefault(packet.timestamp, time.monotonic())
-            await _orig(packet, arrival_time_ms=arrival_time_ms)
-
-        t.receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+        stamp_arrivals(t.receiver, viewer.rtp_arrivals.setdefault(t.kind, {}), time.monotonic)
 
 
 async def _read(track: MediaStreamTrack, receiver: Any, viewer: Viewer) -> None:
@@ -75,9 +68,7 @@ async def _read(track: MediaStreamTrack, receiver: Any, viewer: Viewer) -> None:
         while True:
             frame = await track.recv()
             assert frame.pts is not None and frame.time_base is not None
-            # aiortc hands frames over with pts = RTP timestamp - the first one seen.
-            origin = receiver._RTCRtpReceiver__timestamp_mapper._origin
-            arrival = seen.pop((frame.pts + origin) & 0xFFFFFFFF, None)
+            arrival = seen.pop(rtp_timestamp(frame.pts, receiver), None)
             assert arrival is not None, "a decoded frame whose packets were never seen"
             viewer.frames.append(Received(track.kind, arrival,
                                           float(frame.pts * frame.time_base),

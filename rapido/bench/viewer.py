@@ -14,6 +14,7 @@ speech to first audible audio at a viewer (issue 13), not only to the node's
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,27 @@ def first_audible(samples: np.ndarray) -> int | None:
     loud = np.abs(samples.astype(np.int32)) > AUDIBLE
     where = np.flatnonzero(loud.any(axis=1) if loud.ndim > 1 else loud)
     return int(where[0]) if len(where) else None
+
+
+def rtp_timestamp(pts: int, receiver: Any) -> int:
+    """The RTP timestamp of a frame an aiortc receiver handed over: aiortc gives frames
+    pts = RTP timestamp - the first one seen, and keeps that origin private (aiortc 1.x)."""
+    origin: int = receiver._RTCRtpReceiver__timestamp_mapper._origin
+    return (pts + origin) & 0xFFFFFFFF
+
+
+def stamp_arrivals(receiver: Any, seen: dict[int, float], clock: Callable[[], float]
+                   ) -> None:
+    """Record in ``seen`` the ``clock()`` time of each RTP timestamp's first packet, as
+    it reaches the receiver, before its jitter buffer and decoder. aiortc has no public
+    hook there: its receiver's packet handler is wrapped (aiortc 1.x)."""
+    original = receiver._handle_rtp_packet
+
+    async def handle(packet: Any, arrival_time_ms: int) -> None:
+        seen.setdefault(packet.timestamp, clock())
+        await original(packet, arrival_time_ms=arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle
 
 
 @dataclass
@@ -104,7 +126,7 @@ class WhepViewer:
         """Offer, answer, and wait for the first decoded audio frame."""
         pc = self._pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         receiver = pc.addTransceiver("audio", direction="recvonly").receiver
-        self._stamp_arrivals(receiver)
+        stamp_arrivals(receiver, self._arrivals, asyncio.get_running_loop().time)
         got_track: asyncio.Future[MediaStreamTrack] = \
             asyncio.get_running_loop().create_future()
 
@@ -128,19 +150,6 @@ class WhepViewer:
                                                name="whep-viewer-read")
             await self._first.wait()
 
-    def _stamp_arrivals(self, receiver: Any) -> None:
-        """Loop time of each RTP timestamp's first packet. aiortc has no public hook
-        before its jitter buffer: its receiver's packet handler is wrapped (aiortc 1.x;
-        the tests' viewers do the same)."""
-        loop = asyncio.get_running_loop()
-        original = receiver._handle_rtp_packet
-
-        async def handle(packet: Any, arrival_time_ms: int) -> None:
-            self._arrivals.setdefault(packet.timestamp, loop.time())
-            await original(packet, arrival_time_ms=arrival_time_ms)
-
-        receiver._handle_rtp_packet = handle
-
     async def _read(self, track: MediaStreamTrack, receiver: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -148,9 +157,7 @@ class WhepViewer:
                 frame = await track.recv()
                 now = loop.time()
                 assert isinstance(frame, av.AudioFrame) and frame.pts is not None
-                # aiortc hands frames over with pts = RTP timestamp - the first one's.
-                origin = receiver._RTCRtpReceiver__timestamp_mapper._origin
-                arrived = self._arrivals.pop((frame.pts + origin) & 0xFFFFFFFF, None)
+                arrived = self._arrivals.pop(rtp_timestamp(frame.pts, receiver), None)
                 pcm = frame.to_ndarray()  # (1, samples x channels), interleaved s16
                 channels = len(frame.layout.channels)
                 samples = pcm.reshape(-1, channels)
