@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rapido.pipeline.arrival import ForgettingQuantile, WindowMin
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.stretch import (
     MIN_LAG_MS,
@@ -269,13 +270,12 @@ class AudioJitterBuffer:
         self._buffered = 0
         # Arrival-delay estimation, per input-side utterance.
         self._media_s = 0.0
-        self._window: deque[tuple[float, float]] = deque()
-        self._hist = np.zeros(_HIST_BINS, dtype=np.float64)
-        initial = max(0.0, cfg.target_ms - self._headroom_ms())
-        # The quantile reads a bin as its upper edge, so seed the bin whose upper edge is
-        # the initial delay: the target stays at cfg.target_ms until arrivals move it.
-        seed_bin = math.ceil(initial / _HIST_BIN_MS) - 1
-        self._hist[min(_HIST_BINS - 1, max(0, seed_bin))] = 1.0
+        self._window = WindowMin(cfg.window_s)
+        # Seeded with the initial delay: the target stays at cfg.target_ms until
+        # arrivals move it.
+        self._delays = ForgettingQuantile(
+            _HIST_BINS, _HIST_BIN_MS, cfg.quantile,
+            seed=max(0.0, cfg.target_ms - self._headroom_ms()))
         self._target_ms = cfg.target_ms
         # Time-stretching: this frame's decision, the token bucket (samples) and the
         # spacing since the last change (samples played, and samples still to wait).
@@ -709,19 +709,11 @@ class AudioJitterBuffer:
         # under back-pressure they would read as large delays against the early burst.
         informative = self._buffered < self._ms_to_samples(self._target_ms)
         delay = now - self._media_s
-        window = self._window
-        window.append((now, delay))
-        while window and now - window[0][0] > cfg.window_s:
-            window.popleft()
+        lowest = self._window.push(now, delay)
         if not informative:
             return
-        rel_ms = 1000.0 * (delay - min(d for _, d in window))
         forget = 0.5 ** ((n / self._rate) / cfg.half_life_s)
-        self._hist *= forget
-        self._hist[min(_HIST_BINS - 1, int(rel_ms / _HIST_BIN_MS))] += 1.0 - forget
-        cdf = np.cumsum(self._hist)
-        q_bin = int(np.searchsorted(cdf, cfg.quantile * cdf[-1]))
-        q_ms = (q_bin + 1) * _HIST_BIN_MS
+        q_ms = self._delays.add(1000.0 * (delay - lowest), forget)
         self._target_ms = min(cfg.max_ms, max(cfg.min_target_ms, q_ms + self._headroom_ms()))
 
     def _headroom_ms(self) -> float:

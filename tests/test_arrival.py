@@ -1,0 +1,94 @@
+"""The jitter buffer's O(1) delay statistics give what the plain forms give."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+
+from rapido.pipeline.arrival import ForgettingQuantile, WindowMin
+
+
+class _ScanMin:
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.q: deque[tuple[float, float]] = deque()
+
+    def push(self, t: float, v: float) -> float:
+        self.q.append((t, v))
+        while t - self.q[0][0] > self.window_s:
+            self.q.popleft()
+        return min(d for _, d in self.q)
+
+
+class _NumpyQuantile:
+    def __init__(self, bins: int, width: float, quantile: float, seed: float) -> None:
+        self.h = np.zeros(bins)
+        self.h[min(bins - 1, max(0, math.ceil(seed / width) - 1))] = 1.0
+        self.width, self.quantile = width, quantile
+
+    def add(self, value: float, forget: float) -> float:
+        self.h *= forget
+        self.h[min(len(self.h) - 1, int(value / self.width))] += 1.0 - forget
+        cdf = np.cumsum(self.h)
+        return (int(np.searchsorted(cdf, self.quantile * cdf[-1])) + 1) * self.width
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_window_min_matches_a_scan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fast, plain = WindowMin(2.0), _ScanMin(2.0)
+    t = 0.0
+    for i in range(20000):
+        # Bursts, gaps longer than the window, equal times and equal values.
+        t += float(rng.choice([0.0, 0.02, 0.02, 0.005, 0.3, 2.5]))
+        v = float(rng.integers(-50, 50)) if i % 3 else float(rng.normal())
+        assert fast.push(t, v) == plain.push(t, v)
+        if i % 5000 == 4999:
+            fast.clear()
+            plain.q.clear()
+
+
+def test_window_min_keeps_a_value_exactly_window_old() -> None:
+    w = WindowMin(1.0)
+    assert w.push(0.0, 5.0) == 5.0
+    assert w.push(1.0, 7.0) == 5.0  # exactly 1 s old: still in
+    assert w.push(1.5, 9.0) == 7.0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_forgetting_quantile_matches_the_histogram(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fast = ForgettingQuantile(200, 5.0, 0.95, seed=100.0)
+    plain = _NumpyQuantile(200, 5.0, 0.95, seed=100.0)
+    assert fast.value == 100.0
+    forget = 0.5 ** (0.02 / 1.5)
+    # Long enough to pass several renormalisations (one every ~37 000 adds at this
+    # forget), with quiet spells, spikes and values past the last bin.
+    for i in range(80_000):
+        phase = (i // 4000) % 4
+        if phase == 0:
+            v = abs(float(rng.normal(0, 3)))
+        elif phase == 1:
+            v = float(rng.exponential(40))
+        elif phase == 2:
+            v = float(rng.choice([0.0, 0.0, 0.0, 300.0, 2000.0]))
+        else:
+            v = float(rng.uniform(0, 1000))
+        f = forget if i % 7 else 0.5 ** (float(rng.uniform(0.001, 0.2)) / 1.5)
+        expected = plain.add(v, f)
+        assert fast.add(v, f) == expected, i
+        assert fast.value == expected
+
+
+def test_forgetting_quantile_seed_and_movement() -> None:
+    q = ForgettingQuantile(10, 10.0, 0.9, seed=35.0)
+    assert q.value == 40.0  # the seed rounded up to a bin edge
+    for _ in range(400):
+        q.add(0.0, 0.9)
+    assert q.value == 10.0  # forgot the seed
+    for _ in range(400):
+        q.add(1e9, 0.9)
+    assert q.value == 100.0  # past the last bin counts in the last
