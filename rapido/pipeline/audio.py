@@ -128,11 +128,15 @@ class _IntegerUpsampler:
         return tail
 
 
+_INT16_MIN = np.float64(-32768.0)
+_INT16_MAX = np.float64(32767.0)
+
+
 def _to_int16(x: np.ndarray) -> np.ndarray:
     np.rint(x, out=x)
-    # minimum/maximum: the same as clip, and faster on the short blocks of a stream.
-    np.minimum(x, 32767, out=x)
-    np.maximum(x, -32768, out=x)
+    # The method with numpy scalars: on a stream's short blocks np.clip's Python wrapper
+    # and a Python int's conversion cost more than the clipping (1.6 against 6 µs).
+    x.clip(_INT16_MIN, _INT16_MAX, out=x)
     return x.astype(np.int16)
 
 
