@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5, 1.0)
+_GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _BATCH_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.2, 0.5,
                        1.0)
@@ -105,6 +106,10 @@ class Metrics:
         self.clock_tick = Histogram(
             "clock_tick_seconds", "CPU time of one clock tick over all streams",
             buckets=_LATENCY_BUCKETS, registry=r)
+        self.gc_pause = Histogram(
+            "gc_pause_seconds", "How long each collection of Python's cyclic garbage "
+            "collector stopped the process (every stream's clock and the model worker)",
+            ["generation"], buckets=_GC_BUCKETS, registry=r)
         self.bad_input = Counter(
             "bad_input", "Rejected inputs from outside", ["where", "code"], registry=r)
         self.batcher = BatcherMetrics(r)

@@ -28,6 +28,7 @@ from rapido.cluster.release import Release
 from rapido.cluster.serf import SerfError
 from rapido.config import Config, ConfigError, is_loopback
 from rapido.engine import Engine
+from rapido.heap import GcPauses, freeze_heap
 from rapido.http.app import make_app, websockets_done
 from rapido.http.keys import DrainControl
 from rapido.http.locate import Locate
@@ -104,6 +105,8 @@ class Node:
                             health_window=self.health.window)
         self.runner: web.AppRunner | None = None
         self.port = config.port
+        self.gc_pauses = GcPauses(
+            lambda generation, s: self.metrics.gc_pause.labels(str(generation)).observe(s))
 
     @property
     def url(self) -> str:
@@ -132,6 +135,7 @@ class Node:
         self.runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                     shutdown_timeout=5.0, keepalive_timeout=read_timeout,
                                     lingering_time=min(10.0, read_timeout))
+        self.gc_pauses.install()
         await self.runner.setup()  # runs cleanup_ctx: the engine starts here
         site = web.TCPSite(self.runner, self.config.host, self.config.port,
                            reuse_address=True)
@@ -194,6 +198,7 @@ class Node:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        self.gc_pauses.close()
 
 
 async def serve(config: Config) -> int:
@@ -213,6 +218,10 @@ async def serve(config: Config) -> int:
     except SerfError as exc:
         log.error("cannot start the cluster: %s", exc)
         return 1
+    if config.gc_freeze:
+        # The model, avatars and every import are loaded: from here full collections
+        # walk only what the sessions make (rapido.heap).
+        log.info("heap frozen: %d objects", freeze_heap())
     print(f"rapido serving at {node.url}/  (health {node.url}/health)", flush=True)
     if not is_loopback(config.host) and config.auth_required:
         log.info("listening on %s with API key auth", config.host)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -124,6 +125,8 @@ def test_sigterm_drains_then_exits_0(
             proc.kill()
     assert proc.returncode == 0, out
     assert "draining" in out and "stopped" in out
+    # Once warm, the start-up heap left the collector's way (gc_freeze, on by default).
+    assert re.search(r"heap frozen: \d{5,} objects", out), out
     # The utterance played to its end before the session closed: the recording holds it.
     (mp4,) = (tmp_path / "rec").glob("drain_*.mp4")
     with av.open(str(mp4)) as c:

@@ -27,7 +27,7 @@ TABLE_COLUMNS = (
     "batch_mean",
     "deadline_misses", "underruns", "sink_dropped", "encoded_fps_min", "cpu_percent",
     "cpu_ms_per_stream_second", "stretch", "buffer_delay_ms", "accelerated_ms",
-    "decelerated_ms", "realtime",
+    "decelerated_ms", "gc_pause_max_ms", "realtime",
 )
 
 

@@ -45,6 +45,7 @@ from rapido.bench.traces import Arrival, make_trace
 from rapido.config import Config
 from rapido.engine import Engine
 from rapido.gpu.registry import open_model
+from rapido.heap import GcPauses, freeze_heap
 from rapido.metrics import Metrics
 from rapido.pipeline.events import PlaybackStarted
 from rapido.pipeline.lipsync_lag import LagMeter, measure_lag, mouth_region
@@ -132,6 +133,11 @@ class BenchResult:
     # -- where the GIL went (--profile; rapido.bench.profile) ------------------------------
     gil_us_per_speaking_frame: float | None = None
     gil_stages: list[dict[str, Any]] | None = None
+
+    # -- the garbage collector in the window (rapido.heap; gc_freeze) ---------------------
+    gc_freeze: bool = False
+    gc_pause_max_ms: float = 0.0  # the longest collection, any generation
+    gc_full_collections: int = 0  # generation 2: the ones that walk the whole heap
 
     def json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +267,8 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         progress.phase(f"{streams} streams (max_batch {config.max_batch}, starting)",
                        warmup + duration)
     await engine.start()
+    if config.gc_freeze:
+        freeze_heap()  # as serve does once warm (rapido.node)
     tasks: list[asyncio.Task[None]] = []
     sts: list[_Stream] = []
     result: BenchResult | None = None
@@ -290,11 +298,14 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         if recorder is not None:
             await recorder.start()
         frames.collect = True
+        pauses = GcPauses().install()
         r0, t0w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         try:
             await asyncio.sleep(duration)
         except asyncio.CancelledError:
             cancelled = True
+        finally:
+            pauses.close()
         frames.collect = False
         stacks = await recorder.stop() if recorder is not None else None
         r1, t1w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -303,6 +314,9 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                          wall=max(t1w - t0w, 1e-6), duty=duty, sink=sink, jitter=jitter,
                          partial=cancelled,
                          model=standin.name if standin else config.model)
+        result.gc_freeze = config.gc_freeze
+        result.gc_pause_max_ms = round(pauses.longest_s * 1e3, 2)
+        result.gc_full_collections = pauses.count[2]
         if stacks is not None:
             rows = gil_table(parse_collapsed(stacks), rate_hz=RATE_HZ,
                              speaking_frames=frames.speaking)
@@ -467,7 +481,7 @@ class Outcome:
 def _log_run(r: BenchResult) -> None:
     print(f"  {r.streams:4d} streams: fps_min {r.fps_min:5.2f}  p99 "
           f"{r.lateness_exact_p99_ms:6.1f} ms  misses {r.deadline_misses}  underruns "
-          f"{r.underruns}  cpu {r.cpu_percent:5.1f}%  -> "
+          f"{r.underruns}  gc {r.gc_pause_max_ms:.0f} ms  cpu {r.cpu_percent:5.1f}%  -> "
           f"{'real time' if r.realtime else 'MISSED'}", file=sys.stderr, flush=True)
 
 
