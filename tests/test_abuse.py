@@ -3,7 +3,10 @@
 The node runs in a subprocess (its own memory is what is measured: VmHWM, the peak RSS,
 from /proc) with one honest neighbour: a session fed speech in real time over its
 WebSocket, whose delivered frame rate (``frames_out`` per second, read from the API) must
-stay at 24 fps or more in every second of the attack.
+stay at 24 fps or more in every second of the attack, unless the hypervisor took the
+machine's CPU in that second (steal time, ``/proc/stat``: this project's CI runs on a
+shared 2-core VM where a spell of steal stops the node, the client and the model alike),
+and at 24.5 fps or more over the whole attack whatever the steal.
 
 Starting a node (the model warmed up) is the costly part: the nodes of the selected
 tests (``on_node``: their settings) start all at once, and are all ready before the
@@ -42,6 +45,19 @@ from tests.test_ws import next_event
 ROOT = Path(__file__).resolve().parents[1]
 #: The honest neighbour's floor, every second of an attack.
 MIN_FPS = 24.0
+#: A second in which the VM lost at least this much CPU to steal (summed over its CPUs;
+#: one frame interval) is not held against the node: the hypervisor, not the attack,
+#: stopped it. The mean rate over the attack is still judged in full.
+STEAL_EXCUSE_S = 0.04
+
+
+def steal_s() -> float:
+    """CPU time the hypervisor has taken from this machine, all CPUs, since boot
+    (proc(5): the 8th field of /proc/stat's ``cpu`` line, in USER_HZ ticks)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    assert fields[0] == "cpu"
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +252,7 @@ class Honest:
         self.url = url
         self.headers = headers or {}
         self.samples: list[tuple[float, float]] = []  # (time, frames_out)
+        self.steal: list[float] = []  # steal_s() at each sample
         self._tasks: list[asyncio.Task[None]] = []
         self.session: dict[str, Any] = {}
 
@@ -294,6 +311,7 @@ class Honest:
             # so a slow reply does not stretch one window and shrink the next.
             self.samples.append(((sent + loop.time()) / 2,
                                  float(body["stats"]["frames_out"])))
+            self.steal.append(steal_s())
             await asyncio.sleep(1.0)
 
     def mark(self) -> float:
@@ -305,17 +323,26 @@ class Honest:
         return [(n1 - n0) / (t1 - t0_) for (t0_, n0), (t1, n1) in itertools.pairwise(pts)]
 
     def assert_kept_up(self, t0: float) -> None:
-        pts = [(t, n) for t, n in self.samples if t >= t0]
+        kept = [k for k, (t, _) in enumerate(self.samples) if t >= t0]
+        pts = [self.samples[k] for k in kept]
+        stolen = [self.steal[k1] - self.steal[k0] for k0, k1 in itertools.pairwise(kept)]
         fps = self.fps_since(t0)
         assert len(fps) >= 2, f"too few samples to judge the honest stream: {fps}"
         # Every second: a one-second window over a 25 fps stream holds 24, 25 or 26
         # frames depending on where its edges fall (and the edges are read over HTTP),
         # so each window may miss MIN_FPS by one frame's phase, never by more: a stall
-        # of two frames or more in any second still fails.
-        short = [(round(f, 2), round(t1 - t0_, 3))
-                 for f, ((t0_, _), (t1, _)) in zip(fps, itertools.pairwise(pts), strict=True)
+        # of two frames or more in any second still fails, unless the VM lost a frame
+        # interval or more of CPU to steal in it (then the mean below still judges it).
+        windows = zip(fps, itertools.pairwise(pts), stolen, strict=True)
+        short = [(round(f, 2), round(t1 - t0_, 3), round(st, 2))
+                 for f, ((t0_, _), (t1, _)), st in windows
                  if f * (t1 - t0_) < MIN_FPS * (t1 - t0_) - 1.0]
-        assert not short, f"the honest stream fell below {MIN_FPS} fps: {fps}"
+        judged = [w for w in short if w[2] < STEAL_EXCUSE_S]
+        assert not judged, (f"the honest stream fell below {MIN_FPS} fps (fps, window s, "
+                            f"steal s): {judged}; every second: {fps}")
+        if short:
+            print(f"windows short while the VM lost CPU to steal (fps, window s, steal s): "
+                  f"{short}")
         # Over the whole attack the phase evens out: the rate itself must hold.
         mean = (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
         assert mean >= MIN_FPS + 0.5, f"the honest stream averaged {mean:.2f} fps: {fps}"
