@@ -75,6 +75,10 @@ def _check_run(r: dict[str, Any], streams: int) -> None:
     assert "gpu_util_percent" in r and "gpu_mem_used_mb" in r
     assert r["partial"] is False
     assert "lipsync_lag_ms" in r and "lipsync_corr" in r and "lipsync_margin" in r
+    # The collector in the window (gc_freeze is on by default).
+    assert r["gc_freeze"] is True
+    assert r["gc_pause_max_ms"] >= 0 and r["gc_full_collections"] >= 0
+    assert r["gc_ms_per_second"] >= 0
     for key in ("duration_s", "speech_duty", "sink", "late_frames", "tick_p99_ms",
                 "realtime", "model", "jitter", "max_wait_ms"):
         assert key in r

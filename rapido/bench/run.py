@@ -138,6 +138,7 @@ class BenchResult:
     gc_freeze: bool = False
     gc_pause_max_ms: float = 0.0  # the longest collection, any generation
     gc_full_collections: int = 0  # generation 2: the ones that walk the whole heap
+    gc_ms_per_second: float = 0.0  # all collections' pauses over the window's wall time
 
     def json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -317,6 +318,7 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
         result.gc_freeze = config.gc_freeze
         result.gc_pause_max_ms = round(pauses.longest_s * 1e3, 2)
         result.gc_full_collections = pauses.count[2]
+        result.gc_ms_per_second = round(1e3 * sum(pauses.total_s) / max(t1w - t0w, 1e-6), 2)
         if stacks is not None:
             rows = gil_table(parse_collapsed(stacks), rate_hz=RATE_HZ,
                              speaking_frames=frames.speaking)
