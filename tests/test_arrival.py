@@ -8,7 +8,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from rapido.pipeline.arrival import ForgettingQuantile, WindowMin
+from rapido.pipeline.arrival import ForgettingQuantile, WindowMax, WindowMin
 
 
 class _ScanMin:
@@ -49,6 +49,32 @@ def test_window_min_matches_a_scan(seed: int) -> None:
         if i % 5000 == 4999:
             fast.clear()
             plain.q.clear()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_window_max_matches_a_scan_read_at_any_time(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    fast = WindowMax(5.0)
+    seen: list[tuple[float, float]] = []
+    t = 0.0
+    for i in range(20000):
+        t += float(rng.choice([0.0, 0.02, 0.02, 0.005, 0.3, 6.0]))
+        if i % 4:  # pushes, and reads between them (later times evict on their own)
+            v = float(rng.integers(-50, 50)) if i % 3 else float(rng.normal())
+            fast.push(t, v)
+            seen.append((t, v))
+        seen = [(tv, v) for tv, v in seen if t - tv <= 5.0]
+        assert fast.value(t) == (max(v for _, v in seen) if seen else None)
+
+
+def test_window_max_keeps_a_value_exactly_window_old() -> None:
+    w = WindowMax(1.0)
+    assert w.value(0.0) is None
+    w.push(0.0, 9.0)
+    w.push(0.5, 7.0)
+    assert w.value(1.0) == 9.0  # exactly 1 s old: still in
+    assert w.value(1.2) == 7.0
+    assert w.value(1.6) is None
 
 
 def test_window_min_keeps_a_value_exactly_window_old() -> None:

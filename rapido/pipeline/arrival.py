@@ -40,6 +40,29 @@ class WindowMin:
         self._q.clear()
 
 
+class WindowMax:
+    """The maximum of values seen over the last ``window_s`` seconds, readable at any time
+    (values older than the window are dropped as time moves on). The mirror of
+    :class:`WindowMin`; times must not go backwards."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._q: deque[tuple[float, float]] = deque()
+
+    def push(self, t: float, value: float) -> None:
+        q = self._q
+        while q and q[-1][1] <= value:
+            q.pop()
+        q.append((t, value))
+
+    def value(self, t: float) -> float | None:
+        """The maximum over ``(t - window_s, t]`` (None if nothing was seen in it)."""
+        q = self._q
+        while q and t - q[0][0] > self.window_s:
+            q.popleft()
+        return q[0][1] if q else None
+
+
 class ForgettingQuantile:
     """A quantile of a histogram of values that forgets exponentially.
 

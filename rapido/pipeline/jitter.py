@@ -10,7 +10,11 @@ Shape of the logic (after WebRTC's NetEQ):
   (half-life measured in media time), and the *target level* is a high quantile of it plus
   two frames of headroom, clamped to ``[min_target_ms, max_ms]``.
 * An utterance starts playing once ``start_ratio * target`` is buffered (96 ms at the
-  initial 160 ms target), or as soon as its end is known.
+  initial 160 ms target), or as soon as its end is known. After a delay spike, the
+  utterances that begin within ``_PEAK_WINDOW_S`` wait until the spike would be covered
+  (its relative delay + ``_PEAK_MARGIN_MS``, up to the target): on bursty links most
+  underruns came in an utterance's first half second, from a start level below the
+  link's recent spikes (``heavy`` traces: 88 -> 21 in 30 minutes, BENCHMARKS.md).
 * Playout needing audio mid-utterance with none buffered is an *underrun*: the frame is
   concealed with silence, one concealment event is counted, and playout resumes once
   ``resume_ms`` is buffered again. The silence between utterances is not an underrun.
@@ -68,7 +72,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rapido.pipeline.arrival import ForgettingQuantile, WindowMin
+from rapido.pipeline.arrival import ForgettingQuantile, WindowMax, WindowMin
 from rapido.pipeline.media import AUDIO_RATE
 from rapido.pipeline.stretch import (
     MIN_LAG_MS,
@@ -241,6 +245,11 @@ _EXPAND_FRAC = 0.5  # expand below this share of the target
 _AHEAD_FRAC = 0.5  # a source this share of max_ms ahead of real time is faster than it
 _BUCKET_MS = 60.0  # at burst rate 25 % and 5 % sustained: bursts of about 300 ms
 
+# The start level covers the largest relative delay of the last _PEAK_WINDOW_S plus this
+# margin (up to the target): on a link whose delays spike well above its usual, starting
+# at a share of the target ran dry within the first half second of most utterances.
+_PEAK_WINDOW_S = 5.0
+_PEAK_MARGIN_MS = 20.0
 _HIST_BIN_MS = 5.0
 _HIST_BINS = 200  # 0 .. 1 s of relative delay; anything later lands in the last bin
 
@@ -271,6 +280,8 @@ class AudioJitterBuffer:
         # Arrival-delay estimation, per input-side utterance.
         self._media_s = 0.0
         self._window = WindowMin(cfg.window_s)
+        self._peaks = WindowMax(_PEAK_WINDOW_S)  # relative delays, across utterances
+        self._last_arrival = 0.0
         # Seeded with the initial delay: the target stays at cfg.target_ms until
         # arrivals move it.
         self._delays = ForgettingQuantile(
@@ -442,7 +453,20 @@ class AudioJitterBuffer:
 
     @property
     def start_level_ms(self) -> float:
-        return self._target_ms * self.config.start_ms / self.config.target_ms
+        """What an utterance must have buffered before it starts (as of the last arrival):
+        ``start_ms`` scaled with the target, or, when the link's delays have spiked in
+        the last few seconds, enough to cover the largest spike (``_PEAK_MARGIN_MS`` on
+        top), never above the target; a spike no target could ride out (past
+        ``max_ms``, a stall) is not waited for."""
+        return self._start_level_ms(self._last_arrival)
+
+    def _start_level_ms(self, now: float) -> float:
+        cfg = self.config
+        level = self._target_ms * cfg.start_ms / cfg.target_ms
+        peak = self._peaks.value(now)
+        if peak is not None and peak + _PEAK_MARGIN_MS <= cfg.max_ms:
+            level = min(self._target_ms, max(level, peak + _PEAK_MARGIN_MS))
+        return level
 
     @property
     def current_utterance(self) -> int | None:
@@ -507,7 +531,7 @@ class AudioJitterBuffer:
     def _ready_to_start(self, utt: _Utterance, now: float) -> bool:
         if utt.ended:
             return utt.buffered > 0
-        if utt.buffered >= self._ms_to_samples(self.start_level_ms):
+        if utt.buffered >= self._ms_to_samples(self._start_level_ms(now)):
             return True
         # A short utterance whose end never came must not wait forever. Its source has
         # been silent for the stall timeout, so what is here is all there is: play it as
@@ -710,10 +734,13 @@ class AudioJitterBuffer:
         informative = self._buffered < self._ms_to_samples(self._target_ms)
         delay = now - self._media_s
         lowest = self._window.push(now, delay)
+        self._last_arrival = now
         if not informative:
             return
+        relative_ms = 1000.0 * (delay - lowest)
+        self._peaks.push(now, relative_ms)
         forget = 0.5 ** ((n / self._rate) / cfg.half_life_s)
-        q_ms = self._delays.add(1000.0 * (delay - lowest), forget)
+        q_ms = self._delays.add(relative_ms, forget)
         self._target_ms = min(cfg.max_ms, max(cfg.min_target_ms, q_ms + self._headroom_ms()))
 
     def _headroom_ms(self) -> float:
