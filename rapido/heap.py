@@ -3,10 +3,11 @@
 CPython's collector stops every thread while it walks the objects of the generations it
 collects. After the imports (torch, aiortc, PyAV, onnxruntime) and the model's warm-up a
 node holds ~200 000 tracked objects, and a full (generation 2) collection walks all of
-them: ~100 ms on this project's 2-core machines, every few seconds of streaming. That is
-a stall of the event loop (every stream's clock, feeds and sinks) and of the model worker
-at once: frames leave 100 ms late, the model misses its deadlines and the jitter buffers
-drain (``python -m rapido bench`` before and after, BENCHMARKS.md).
+them: 100-200 ms on this project's 2-core machines. One comes whenever about a quarter of
+that many new objects have survived: during start-up and warm-up, and while serving
+every few hundred sessions made (their sinks, encoders and peer connections; steady
+speech makes none). Each is a stall of the event loop (every stream's clock, feeds and
+sinks) and of the model worker at once (``scripts/gc_churn.py``, BENCHMARKS.md).
 
 Nearly all of those objects live as long as the process: modules, functions, classes,
 the model's and avatars' Python objects. :func:`freeze_heap` moves them to the
@@ -30,8 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-GENERATIONS = (0, 1, 2)
 
 
 def freeze_heap() -> int:
