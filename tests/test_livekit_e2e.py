@@ -474,6 +474,7 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         # A long segment, cleared a second into its playback.
         k = len(a.events)
         degraded = await _stat(run, sessions[0]["session_id"], "degraded_frames")
+        underruns = await _stat(run, sessions[0]["session_id"], "underruns")
         writer = await a.speak(_steady_vowel(4.0))
         began, _ = await a.next_event("lk.playback_started", k)
         await asyncio.sleep(1.0)
@@ -485,10 +486,16 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         _, done = await a.next_event("lk.playback_finished", k)
         assert done["interrupted"] is True
         played = done["playback_position"]
+        # Starved: its model behind (mouths not the model's) or its buffer run dry, the
+        # node shares the two cores with both agents, the stand-in and the receiver.
+        sid = sessions[0]["session_id"]
+        starved = (await _stat(run, sid, "degraded_frames") > degraded
+                   or await _stat(run, sid, "underruns") > underruns)
         # Cleared about a second into its playback (RPCs take their time on a loaded
-        # machine; a starved relay's underruns play less in that second), well before its
-        # end.
-        assert 0.5 <= played <= 3.5, played
+        # machine), well before its end. A starved node plays less in that second (0.41 s
+        # in one CI run with 8 % of the model's deadlines missed): then it must only have
+        # played some of it.
+        assert (0.0 if starved else 0.5) < played <= 3.5, (played, starved)
         await asyncio.sleep(0.8)
         heard, received, earlier = _heard(media, began - 0.5)
         print(f"livekit e2e agent: clear_buffer answered in {1000 * (cleared - t_clear):.0f} "
@@ -511,7 +518,6 @@ async def test_agent_avatar_through_the_standin(run: Run) -> None:
         # model's), the native buffer's timer runs late as well and holds more than its
         # account, so the position overstates by that much (48 ms in one run beside a CPU
         # hog, with every model deadline missed); printed then, not judged.
-        starved = await _stat(run, sessions[0]["session_id"], "degraded_frames") > degraded
         if starved:
             print("livekit e2e agent: the node was starved during the clear: not judged")
         else:
