@@ -24,12 +24,19 @@ class _ScanMin:
 
 
 class _NumpyQuantile:
-    def __init__(self, bins: int, width: float, quantile: float, seed: float) -> None:
+    def __init__(self, bins: int, width: float, quantile: float, seed: float,
+                 start_weight: float | None = None) -> None:
+        self.start_weight, self.adds = start_weight, 0
         self.h = np.zeros(bins)
         self.h[min(bins - 1, max(0, math.ceil(seed / width) - 1))] = 1.0
         self.width, self.quantile = width, quantile
 
     def add(self, value: float, forget: float) -> float:
+        if self.start_weight is not None:
+            # NetEQ's Histogram::Add: the factor starts at 0 and ramps towards the
+            # steady one as 1 - start_forget_weight / (adds + 1).
+            k, self.adds = self.adds, self.adds + 1
+            forget = 0.0 if k == 0 else min(forget, max(0.0, 1.0 - self.start_weight / (k + 1)))
         self.h *= forget
         self.h[min(len(self.h) - 1, int(value / self.width))] += 1.0 - forget
         cdf = np.cumsum(self.h)
@@ -118,3 +125,37 @@ def test_forgetting_quantile_seed_and_movement() -> None:
     for _ in range(400):
         q.add(1e9, 0.9)
     assert q.value == 100.0  # past the last bin counts in the last
+
+
+@pytest.mark.parametrize("start_weight", [1.0, 2.0, 3.5])
+def test_forgetting_quantile_start_ramp_matches_netEQs(start_weight: float) -> None:
+    """With ``start_weight`` the first adds forget faster, as NetEQ's histogram does after
+    a reset: answer for answer the dense form, through the ramp and long after it."""
+    rng = np.random.default_rng(7)
+    fast = ForgettingQuantile(200, 5.0, 0.95, seed=80.0, start_weight=start_weight)
+    plain = _NumpyQuantile(200, 5.0, 0.95, seed=80.0, start_weight=start_weight)
+    forget = 0.5 ** (0.02 / 1.5)
+    for i in range(3000):
+        v = abs(float(rng.normal(0, 10))) if i < 1500 else float(rng.exponential(60))
+        f = forget if i % 5 else 0.5 ** (float(rng.uniform(0.005, 0.1)) / 1.5)
+        expected = plain.add(v, f)
+        assert fast.add(v, f) == expected, i
+    assert fast.adds == 3000
+
+
+def test_forgetting_quantile_first_add_replaces_the_seed() -> None:
+    ramped = ForgettingQuantile(200, 5.0, 0.95, seed=80.0, start_weight=2.0)
+    steady = ForgettingQuantile(200, 5.0, 0.95, seed=80.0)
+    assert ramped.value == steady.value == 80.0
+    assert ramped.add(3.0, 0.99) == 5.0  # the seed is gone at once
+    assert steady.add(3.0, 0.99) == 80.0  # the seed holds the quantile
+    # Without the ramp a seed holding 95 % lets go only after ln(0.05)/ln(f) adds.
+    adds = 2  # the one above, and the one below that moves it
+    while steady.add(3.0, 0.99) > 5.0:
+        adds += 1
+    assert adds == math.ceil(math.log(0.05) / math.log(0.99))  # 299
+
+
+def test_forgetting_quantile_rejects_a_start_weight_below_one() -> None:
+    with pytest.raises(ValueError, match="start_weight"):
+        ForgettingQuantile(10, 5.0, 0.95, seed=0.0, start_weight=0.5)
