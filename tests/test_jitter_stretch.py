@@ -15,9 +15,11 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from rapido.bench.traces import make_trace, play_trace
+from rapido.bench.traces import Arrival, make_trace, play_trace
 from rapido.engine import Engine
 from rapido.metrics import Metrics
+from rapido.pipeline import jitter as jitter_module
+from rapido.pipeline.audio import Resampler
 from rapido.pipeline.avatar import Avatar
 from rapido.pipeline.events import SessionEvent
 from rapido.pipeline.jitter import (
@@ -259,8 +261,9 @@ def test_profiles_with_stretching_lose_nothing_and_underrun_no_more(
 def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
     """The defaults (a 96 ms start, stretching on) against OFF (128 ms, the start a buffer
     without stretching needs), with the model's look-ahead, on every profile's traces:
-    speech starts sooner and waits less in the buffer (20 ms or more where the
-    link leaves room), with no more underruns, except on heavy jitter, where this
+    speech starts sooner and waits less in the buffer (10 ms or more where the
+    link leaves room: 40 on steady, 15-20 on moderate, where expanding below 60 % of
+    the target lifts a sagging level), with no more underruns, except on heavy jitter, where this
     arrival-only simulation shows up to 2 in 30 s against OFF's none (the live bench,
     with the loop's own timing, shows fewer: BENCHMARKS.md)."""
     defaults = JitterConfig()
@@ -284,9 +287,47 @@ def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
             assert all(n <= o for n, o in zip(starts_new, starts_off, strict=True))
             assert sum(starts_new) < sum(starts_off), (profile, seed)
             if profile in ("steady", "moderate"):
-                assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms - 20.0, (profile, seed)
+                assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms - 10.0, (profile, seed)
             else:
                 assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms, (profile, seed)
+
+
+def _as_resampled_16k(trace: list[Arrival]) -> list[Arrival]:
+    """The trace with each chunk's size as a session pushes it for a 16 kHz client:
+    what the real resampler gives for a third as many input samples, the filter's tail
+    arriving with the utterance's end."""
+    out: list[Arrival] = []
+    rs = Resampler(16_000)
+    for a in trace:
+        if a.end:
+            out.append(Arrival(a.t, len(rs.flush())))
+            out.append(a)
+            continue
+        out.append(Arrival(a.t, len(rs.push(np.zeros(a.samples // 3, np.int16)))))
+    return [a for a in out if a.end or a.samples]
+
+
+def test_a_16k_streams_resampler_delay_does_not_run_moderate_jitter_dry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cause of most underruns on moderate jitter in the live bench: the resampler
+    holds back its group delay (48 samples at 48 kHz) until an utterance ends, so the
+    level sits 1 ms under every 20 ms chunk boundary and two chunks late by a little
+    ran the frame 1 ms short. Expanding below 60 % of the target (not 50 %) lifts the
+    level that sagged there from the start level."""
+    audio = voice(7.0, seed=1)
+    counts: dict[float, int] = {}
+    for frac in (0.5, 0.6):
+        monkeypatch.setattr(jitter_module, "_EXPAND_FRAC", frac)
+        total = 0
+        for seed in range(8):
+            trace = _as_resampled_16k(make_trace("moderate", duration_s=60.0, seed=seed,
+                                                 utterance_s=3.0, pause_s=3.0))
+            assert trace[0].samples == 960 - 48  # the resampler's delay, held back
+            r = play_trace(WithLookahead(JitterConfig()), trace, audio=audio,
+                           phase_s=0.0016 * (7 * seed % 25))
+            total += r.underruns
+        counts[frac] = total
+    assert counts[0.5] >= 5 and counts[0.6] <= 1, counts  # 8 and 0
 
 
 class HoldingRenderer:
