@@ -240,6 +240,9 @@ def test_http_mode_reports_client_side_figures(bench_env: dict[str, str], server
     assert r["underruns"] >= 0 and len(r["underruns_by_session"]) == 2
     # The client's own punctuality, to tell its late speech from the node's underruns.
     assert 0 <= r["client_send_late_p99_ms"] <= r["client_send_late_max_ms"]
+    # Its collector: the heap frozen before anything is timed (gc_freeze, on by default)
+    # is one full collection, timed like every other.
+    assert r["client_gc_full_collections"] >= 1 and r["client_gc_pause_max_ms"] > 0
     # The sessions were deleted at the end.
     with urllib.request.urlopen(server + "/api/sessions", timeout=5) as resp:
         listed = json.loads(resp.read())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ from rapido.bench import report
 from rapido.bench.run import INPUT_RATE, stream_trace
 from rapido.bench.viewer import WhepViewer, first_audible, viewer_onsets
 from rapido.config import Config
+from rapido.heap import GcPauses, freeze_heap
 from rapido.pipeline.speech import speech_like
 
 MAX_HTTP_STREAMS = 256
@@ -196,7 +198,8 @@ async def _sample_frames(api: _Api, c: _Client, hold_from: float, end_at: float)
 
 
 def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
-             wall: float, interrupted: bool) -> dict[str, Any]:
+             wall: float, interrupted: bool, pauses: GcPauses | None = None
+             ) -> dict[str, Any]:
     fps = [(c.frames1 - c.frames0) / (c.t_frames1 - c.t_frames0) for c in clients
            if c.frames0 is not None and c.frames1 is not None and c.t_frames1 > c.t_frames0]
     onsets = [s - f for c in clients for f, s in zip(c.fed, c.started, strict=False)]
@@ -251,6 +254,10 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
         # Sends more than a 40 ms chunk late: each can drain a buffer that started at
         # 96 ms, whatever the node does.
         "client_sends_late_40ms": sum(x > 0.04 for x in late),
+        # The client's own collector: a full collection stops every send at once (91 ms
+        # measured here without the freeze, one underrun in most of 48 sessions).
+        "client_gc_pause_max_ms": round(pauses.longest_s * 1e3, 1) if pauses else None,
+        "client_gc_full_collections": pauses.count[2] if pauses else None,
         "underruns": sum(under),
         "underruns_by_session": under,
         "underruns_per_session": round(sum(under) / max(len(clients), 1), 3),
@@ -265,6 +272,12 @@ def _summary(clients: list[_Client], args: argparse.Namespace, fps_target: int,
 
 async def run_http(config: Config, args: argparse.Namespace, clients: list[_Client]) -> float:
     loop = asyncio.get_running_loop()
+    if config.gc_freeze:
+        # The client stands in for a speech source in a process of its own: its collector
+        # must not stall every stream's sends at once, as a full collection of this
+        # process (aiortc, PyAV, numpy imported: ~90 ms) did. Frozen before anything is
+        # timed, and again once the sessions and viewers are set up (see _freeze_later).
+        freeze_heap()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=REQUEST_TIMEOUT_S,
                                     sock_read=REQUEST_TIMEOUT_S + args.duration + args.ramp)
@@ -286,18 +299,30 @@ async def run_http(config: Config, args: argparse.Namespace, clients: list[_Clie
                                          hold_from, end_at))
                 for i, c in enumerate(clients)
             ]
+            freezer = (loop.create_task(_freeze_later(hold_from), name="gc-freeze")
+                       if config.gc_freeze else None)
             try:
                 done = await asyncio.wait_for(
                     asyncio.gather(*tasks, return_exceptions=True),
                     end_at - loop.time() + GRACE_S)
             finally:
-                await cancel_and_wait(tasks)
+                await cancel_and_wait([*tasks, freezer])
             for c, res in zip(clients, done, strict=True):
                 if isinstance(res, BaseException):
                     c.errors.append(f"{type(res).__name__}: {res}")
     finally:
         await progress.stop()
     return loop.time() - t_start
+
+
+async def _freeze_later(at: float) -> None:
+    """At the measured window's start, freeze what setting up the sessions and viewers
+    made: without a collection first (that would be the very pause avoided), so any
+    garbage among it stays; this process ends with the run."""
+    delay = at - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    gc.freeze()
 
 
 def http_main(config: Config, args: argparse.Namespace) -> int:
@@ -308,6 +333,7 @@ def http_main(config: Config, args: argparse.Namespace) -> int:
     clients: list[_Client] = []
     interrupted = False
     t0 = time.monotonic()
+    pauses = GcPauses().install()
     try:
         wall = asyncio.run(run_http(config, args, clients))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -317,7 +343,9 @@ def http_main(config: Config, args: argparse.Namespace) -> int:
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         print(f"rapido: bench: --http {args.http}: {exc}", file=sys.stderr)
         return 1
-    summary = _summary(clients, args, config.fps, wall, interrupted)
+    finally:
+        pauses.close()
+    summary = _summary(clients, args, config.fps, wall, interrupted, pauses)
     cost = None
     if args.gpu_cost_per_hour is not None:
         cost = report.cost_json(args.gpu_cost_per_hour,
