@@ -252,6 +252,13 @@ _ACCEL_MARGIN_MS = 20.0  # accelerate above target + this (NetEQ's high limit is
 # two late chunks ran moderate jitter dry by 1 ms: 43 underruns in 50 stream-minutes of the
 # trace simulation with that 1 ms, 2 at 0.6, for 6 ms more delay (BENCHMARKS.md).
 _EXPAND_FRAC = 0.6
+# Expand, too, when less than the latest chunk (up to _TROUGH_MAX_MS) would be left after
+# the frame: with 20 ms chunks and 40 ms frames a level that starts at 51 ms dips to 19
+# after each frame (1 ms under a chunk, the resampler's delay), so a chunk landing just
+# after the tick left the next frame 1 ms short. A client a few ms unpunctual on a calm
+# link: 22 underruns in 50 stream-minutes of the trace simulation, 6 with this, for
+# 7 ms more delay (BENCHMARKS.md).
+_TROUGH_MAX_MS = 40.0
 _AHEAD_FRAC = 0.5  # a source this share of max_ms ahead of real time is faster than it
 _BUCKET_MS = 60.0  # at burst rate 25 % and 5 % sustained: bursts of about 300 ms
 
@@ -312,6 +319,7 @@ class AudioJitterBuffer:
         # spacing since the last change (samples played, and samples still to wait).
         self._op: str | None = None
         self._bucket = 0.0
+        self._chunk_ms = 0.0  # the latest push's duration
         self._bucket_max = self._ms_to_samples(_BUCKET_MS)
         self._since_op = 0
         self._op_gap = 0
@@ -335,6 +343,7 @@ class AudioJitterBuffer:
             return
         utt = self._open if self._open is not None else self._open_utterance(now)
         self._measure_arrival(n, now)
+        self._chunk_ms = 1000.0 * n / self._rate
         utt.chunks.append(_Chunk(samples, now))
         utt.buffered += n
         utt.received += n
@@ -614,7 +623,8 @@ class AudioJitterBuffer:
                                  - (utt.last_arrival - utt.first_arrival))
             if ahead_ms < _AHEAD_FRAC * cfg.max_ms:
                 self._op = "accelerate"
-        elif level_ms < _EXPAND_FRAC * self._target_ms:
+        elif (level_ms < _EXPAND_FRAC * self._target_ms
+              or level_ms - cfg.frame_ms < min(self._chunk_ms, _TROUGH_MAX_MS)):
             self._op = "expand"
 
     def _commit(self, utt: _Utterance, n: int) -> None:
