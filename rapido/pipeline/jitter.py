@@ -42,8 +42,8 @@ will be heard) and decides one thing for the next block of speech it commits:
 * *preemptive expand* (insert one) when the level has fallen below ``_EXPAND_FRAC`` of the
   target (60 %: the level an utterance starts at, so a level that has only sagged from
   its start is lifted back), or when less than the latest chunk would be left after the
-  frame: an underrun is near, and a slower voice is better than a gap. Relative to the target, not the start level, so a lower ``start_ms`` is made up
-  for by stretching
+  frame: an underrun is near, and a slower voice is better than a gap. Relative to the
+  target, not the start level, so a lower ``start_ms`` is made up for by stretching
   (in the trace simulation, ``heavy`` at a 104 ms start: 31 underruns in six minutes
   without, 13 with; at 128 ms: 5 without, 2 with);
 * otherwise nothing. Never once the utterance's end has arrived (everything is here: no
