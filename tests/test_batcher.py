@@ -195,6 +195,37 @@ def test_policy_preferred_batch_sizes() -> None:
         p.pad_to(0)
 
 
+def test_policy_a_flush_is_never_cut_to_a_preferred_size() -> None:
+    """After flush() nothing can join a remainder before the producer's next tick, so a
+    cut would only split one model call into several run back to back."""
+    p: BatchPolicy[int] = BatchPolicy(max_batch=8, max_wait_s=0.01,
+                                      preferred_batch_sizes=(2, 4, 8))
+    for i in range(7):
+        p.add(i, now=0.0, deadline=FAR)
+    p.flush()
+    assert p.ready(0.0) and p.next_wakeup(0.0) == 0.0
+    assert p.take(0.0) == (list(range(7)), [])  # not 4 + 2 + 1
+    assert not p.ready(0.0)
+    for i in range(11):
+        p.add(i, now=1.0, deadline=FAR)
+    p.flush()
+    assert p.take(1.0) == (list(range(8)), [])  # max_batch still bounds a batch
+    assert p.ready(1.0)  # the flush holds until the queue is empty
+    assert p.take(1.0) == ([8, 9, 10], [])  # not cut to 2
+    # The flush ended with the queue: a timer release is cut again.
+    for i in range(7):
+        p.add(i, now=2.0, deadline=FAR)
+    assert not p.ready(2.0)
+    assert p.take(2.01) == ([0, 1, 2, 3], [])
+    # Expired requests still leave as misses, and the flush takes what is runnable.
+    p.drain()
+    p.add(100, now=3.0, deadline=3.005)
+    for i in range(5):
+        p.add(i, now=3.0, deadline=FAR)
+    p.flush()
+    assert p.take(3.01) == ([0, 1, 2, 3, 4], [100])
+
+
 @pytest.mark.parametrize("kwargs", [
     {"max_batch": 0},
     {"max_wait_s": -0.001},

@@ -23,6 +23,13 @@ The policy (after Triton's dynamic batcher, plus deadlines):
   the largest preferred size that fits (all of them if none fits); the rest stay queued
   and, being old, leave with the next batch. The timing rules above are unchanged.
   :meth:`BatchPolicy.pad_to` tells the backend which size to pad a batch to.
+
+* After :meth:`BatchPolicy.flush` (the producer has submitted all it has until its next
+  tick) a release is never cut: it takes up to ``max_batch`` at once. Nothing can join
+  the remainder before the next tick, so a cut only splits one model call into several
+  run back to back (28 queued with sizes 1, 2, 4, 8, 32 went out as 8 + 8 + 8 + 4: four
+  device round trips where one, padded to 32, does the same work). Triton cuts to a
+  preferred size because more requests may still come; after a flush none can.
 """
 
 from __future__ import annotations
@@ -168,7 +175,8 @@ class BatchPolicy(Generic[T]):
             live.discard(entry[2])
             expired.append(entry[4])
         batch: list[T] = []
-        for _ in range(self.batch_size_for(len(queue))):
+        n = len(queue)
+        for _ in range(min(n, self.max_batch) if self._flushing else self.batch_size_for(n)):
             entry = heappop(queue)
             live.discard(entry[2])
             batch.append(entry[4])
