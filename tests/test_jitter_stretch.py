@@ -233,9 +233,12 @@ class WithLookahead(AudioJitterBuffer):
 @pytest.mark.parametrize("buffer", [AudioJitterBuffer, WithLookahead])
 def test_profiles_with_stretching_lose_nothing_and_underrun_no_more(
         buffer: type[AudioJitterBuffer]) -> None:
-    """Bursty links: stretching on never underruns more than off, the mean delay falls
-    (a little more for a period inserted now and then: at most 5 ms), and every sample
-    is accounted for; with the model's look-ahead too."""
+    """Bursty links: stretching on never underruns more than off and every sample is
+    accounted for; with the model's look-ahead too. On moderate jitter the mean delay
+    falls (a little more for a period inserted now and then: at most 5 ms); on heavy
+    jitter stretching holds the level at the last spike, which costs up to 30 ms in
+    these 30 s traces (over ten minutes it is OFF's delay with a quarter of its
+    underruns: BENCHMARKS.md)."""
     audio = voice(7.0, seed=6)
     for profile in ("moderate", "heavy"):
         delay_on = delay_off = 0.0
@@ -245,7 +248,8 @@ def test_profiles_with_stretching_lose_nothing_and_underrun_no_more(
             on = play_trace(buffer(ON), trace, audio=audio)
             s = on.stats
             assert s.underruns <= off.stats.underruns, (profile, seed)
-            assert s.mean_delay_ms <= off.stats.mean_delay_ms + 5.0, (profile, seed)
+            more = 5.0 if profile == "moderate" else 30.0
+            assert s.mean_delay_ms <= off.stats.mean_delay_ms + more, (profile, seed)
             delay_on += s.mean_delay_ms
             delay_off += off.stats.mean_delay_ms
             assert s.emitted_samples == len(on.played) == (
@@ -255,7 +259,8 @@ def test_profiles_with_stretching_lose_nothing_and_underrun_no_more(
             # Positions stay the source's: every utterance ends at its full length.
             assert [e.event.position_ms for e in on.of_type(PlaybackFinished)] == [
                 e.event.position_ms for e in off.of_type(PlaybackFinished)]
-        assert delay_on < delay_off - 5.0, profile
+        if profile == "moderate":
+            assert delay_on < delay_off - 5.0, profile
 
 
 def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
@@ -263,9 +268,10 @@ def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
     without stretching needs), with the model's look-ahead, on every profile's traces:
     speech starts sooner and waits less in the buffer (10 ms or more where the
     link leaves room: 40 on steady, 15-20 on moderate, where expanding below 60 % of
-    the target lifts a sagging level), with no more underruns, except on heavy jitter, where this
-    arrival-only simulation shows up to 2 in 30 s against OFF's none (the live bench,
-    with the loop's own timing, shows fewer: BENCHMARKS.md)."""
+    the target lifts a sagging level), with no more underruns; except on heavy jitter,
+    where these 30 s show up to 2 against OFF's none, and the level held at the last
+    spike waits up to 20 ms longer (over ten minutes: OFF's delay, a quarter of its
+    underruns, BENCHMARKS.md)."""
     defaults = JitterConfig()
     assert defaults.stretch and defaults.start_ms < OFF.start_ms
     audio = voice(7.0, seed=1)
@@ -288,6 +294,8 @@ def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
             assert sum(starts_new) < sum(starts_off), (profile, seed)
             if profile in ("steady", "moderate"):
                 assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms - 10.0, (profile, seed)
+            elif profile == "heavy":  # the level held at the last spike (see above)
+                assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms + 20.0, (profile, seed)
             else:
                 assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms, (profile, seed)
 
@@ -349,6 +357,8 @@ def test_a_16k_streams_resampler_delay_does_not_run_the_buffer_dry(
     frame, lifts it. Counted with the old rules and with the current ones."""
     monkeypatch.setattr(jitter_module, "_EXPAND_FRAC", 0.5)
     monkeypatch.setattr(jitter_module, "_TROUGH_MAX_MS", 0.0)
+    monkeypatch.setattr(jitter_module.AudioJitterBuffer, "_expand_below_ms",
+                        lambda self: 0.5 * self.target_ms)  # no spike level held then
     old = _underruns_16k(profile, seeds, late_s)
     monkeypatch.undo()
     new = _underruns_16k(profile, seeds, late_s)

@@ -17,7 +17,9 @@ Shape of the logic (after WebRTC's NetEQ):
   utterances that begin within ``_PEAK_WINDOW_S`` wait until the spike would be covered
   (its relative delay + ``_PEAK_MARGIN_MS``, up to the target): on bursty links most
   underruns came in an utterance's first half second, from a start level below the
-  link's recent spikes (``heavy`` traces: 88 -> 21 in 30 minutes, BENCHMARKS.md).
+  link's recent spikes (``heavy`` traces: 88 -> 21 in 30 minutes, BENCHMARKS.md). With
+  ``stretch`` on, the playing utterance's level is held there too (preemptive expand
+  below it, see below).
 * Playout needing audio mid-utterance with none buffered is an *underrun*: the frame is
   concealed with silence, one concealment event is counted, and playout resumes once
   ``resume_ms`` is buffered again. The silence between utterances is not an underrun.
@@ -41,7 +43,10 @@ will be heard) and decides one thing for the next block of speech it commits:
   four minutes of the ``stalls`` profile, in the trace simulation);
 * *preemptive expand* (insert one) when the level has fallen below ``_EXPAND_FRAC`` of the
   target (60 %: the level an utterance starts at, so a level that has only sagged from
-  its start is lifted back), or when less than the latest chunk would be left after the
+  its start is lifted back) or below the spike level of the last ``_PEAK_WINDOW_S`` (as
+  NetEQ's peak detector lifts its target to the peaks it saw: ``heavy`` traces, six
+  10-minute sessions, 21 underruns after the first utterance -> 2, for ~19 ms more
+  delay), or when less than the latest chunk would be left after the
   frame: an underrun is near, and a slower voice is better than a gap. Relative to the
   target, not the start level, so a lower ``start_ms`` is made up for by stretching
   (in the trace simulation, ``heavy`` at a 104 ms start: 31 underruns in six minutes
@@ -489,13 +494,19 @@ class AudioJitterBuffer:
         ``max_ms``, a stall) is not waited for."""
         return self._start_level_ms(self._last_arrival)
 
+    def _spike_level_ms(self, now: float) -> float:
+        """The level that rides out the largest relative delay of the last
+        ``_PEAK_WINDOW_S`` (+ ``_PEAK_MARGIN_MS``), never above the target; 0 when there
+        was none, or when it was past ``max_ms`` (a stall no level could ride out)."""
+        peak = self._peaks.value(now)
+        if peak is None or peak + _PEAK_MARGIN_MS > self.config.max_ms:
+            return 0.0
+        return min(self._target_ms, peak + _PEAK_MARGIN_MS)
+
     def _start_level_ms(self, now: float) -> float:
         cfg = self.config
         level = self._target_ms * cfg.start_ms / cfg.target_ms
-        peak = self._peaks.value(now)
-        if peak is not None and peak + _PEAK_MARGIN_MS <= cfg.max_ms:
-            level = min(self._target_ms, max(level, peak + _PEAK_MARGIN_MS))
-        return level
+        return max(level, self._spike_level_ms(now))
 
     @property
     def current_utterance(self) -> int | None:
@@ -623,9 +634,15 @@ class AudioJitterBuffer:
                                  - (utt.last_arrival - utt.first_arrival))
             if ahead_ms < _AHEAD_FRAC * cfg.max_ms:
                 self._op = "accelerate"
-        elif (level_ms < _EXPAND_FRAC * self._target_ms
+        elif (level_ms < self._expand_below_ms()
               or level_ms - cfg.frame_ms < min(self._chunk_ms, _TROUGH_MAX_MS)):
             self._op = "expand"
+
+    def _expand_below_ms(self) -> float:
+        # The spike level, too: mid-utterance the level sagged to 60 % of the target and a
+        # burst like the last one then ran it dry (heavy traces, six 10-minute sessions:
+        # 21 underruns after the first utterance; 2 holding the spike level).
+        return max(_EXPAND_FRAC * self._target_ms, self._spike_level_ms(self._last_arrival))
 
     def _commit(self, utt: _Utterance, n: int) -> None:
         """Make the first ``n`` samples left to play final (or all there are), after
