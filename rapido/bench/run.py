@@ -207,11 +207,11 @@ def stream_trace(profile: str, duty: float, length_s: float, seed: int,
                       utterance_s=UTTERANCE_S, pause_s=pause, seed=seed)
 
 
-async def _drive(st: _Stream, trace: list[Arrival], t0: float, seed: int) -> None:
-    """Feed one stream following ``trace`` (times relative to ``t0``, loop time)."""
+async def _drive(st: _Stream, trace: list[Arrival], t0: float, audio: np.ndarray) -> None:
+    """Feed one stream ``audio`` following ``trace`` (times relative to ``t0``, loop
+    time)."""
     loop = asyncio.get_running_loop()
     session = st.session
-    audio = syllables(UTTERANCE_S + 0.5, seed=seed)
     pos = 0
     open_utt = False
     try:
@@ -275,9 +275,14 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
     result: BenchResult | None = None
     cancelled = False
     try:
-        t_base = loop.time()
         length = warmup + duration + 1.0
-        for i in range(streams):
+        # Every stream's trace and speech before the first session: made in the drivers
+        # (~6 ms each, on the loop) they stalled the first tick ~200 ms at 32 streams, and
+        # the catch-up ticks ran every stream's first utterance dry.
+        plans = [(stream_trace(jitter, duty, length, seed=i),
+                  syllables(UTTERANCE_S + 0.5, seed=i)) for i in range(streams)]
+        t_base = loop.time()
+        for i, (trace, audio) in enumerate(plans):
             created = loop.time()
             s, _ = await engine.create_session(
                 SessionSpec(lesson_id=f"bench{i}", sample_rate=INPUT_RATE, sink=sink))
@@ -287,9 +292,8 @@ async def run_once(config: Config, streams: int, duration: float, warmup: float,
                 y = s.avatar.idle_frame(0)
                 frames.watch(s.id, mouth_region(s.avatar.mouth_boxes, 12, y.width, y.height))
             tasks.append(loop.create_task(_collect_events(st), name=f"events-{i}"))
-            trace = stream_trace(jitter, duty, length, seed=i)
             t0 = t_base + (i % 25) * 0.04 * PHASE_SPREAD_S
-            tasks.append(loop.create_task(_drive(st, trace, t0, i), name=f"drive-{i}"))
+            tasks.append(loop.create_task(_drive(st, trace, t0, audio), name=f"drive-{i}"))
         if progress is not None:
             progress.phase(f"{streams} streams (max_batch {config.max_batch})",
                            warmup + duration)
