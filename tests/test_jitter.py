@@ -74,6 +74,14 @@ def real_audio(results: list[PullResult]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
 
 
+def check_stretched(r: PlayResult) -> None:
+    """A stretched playout loses nothing: played = received - removed + inserted."""
+    s = r.stats
+    assert s.emitted_samples == len(r.played) == (
+        s.received_samples - s.removed_samples_for_acceleration
+        + s.inserted_samples_for_deceleration)
+
+
 def events(results: list[PullResult]) -> list[Any]:
     return [ev for r in results for ev in r.events]
 
@@ -265,10 +273,7 @@ def test_delay_spikes_cut_heavy_jitters_underruns_and_leave_calm_links_alone() -
             trace = make_trace(profile, duration_s=60.0, seed=seed)
             a = play_trace(Lookahead(JitterConfig()), trace, audio=audio)
             b = play_trace(LookaheadRatio(JitterConfig()), trace, audio=audio)
-            s = a.stats  # stretched: played = received - removed + inserted, no loss
-            assert s.emitted_samples == len(a.played) == (
-                s.received_samples - s.removed_samples_for_acceleration
-                + s.inserted_samples_for_deceleration)
+            check_stretched(a)
             new += a.underruns
             old += b.underruns
             if profile == "steady":
@@ -321,10 +326,7 @@ def test_holding_the_spike_level_mid_utterance_cuts_heavy_jitters_underruns() ->
         trace = make_trace("heavy", duration_s=300.0, seed=seed)
         a = play_trace(Lookahead(JitterConfig()), trace, audio=audio)
         b = play_trace(LookaheadRatioExpand(JitterConfig()), trace, audio=audio)
-        s = a.stats  # stretched: played = received - removed + inserted, no loss
-        assert s.emitted_samples == len(a.played) == (
-            s.received_samples - s.removed_samples_for_acceleration
-            + s.inserted_samples_for_deceleration)
+        check_stretched(a)
         new += a.underruns
         old += b.underruns
         assert a.stats.mean_delay_ms <= b.stats.mean_delay_ms + 30.0
