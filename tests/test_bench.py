@@ -65,6 +65,9 @@ def _check_run(r: dict[str, Any], streams: int) -> None:
     assert all(u >= 0 for u in r["underruns_by_session"])
     assert r["underruns_per_session"] >= 0
     assert r["cpu_percent"] > 0 and r["cpu_ms_per_stream_second"] > 0
+    # The loop thread's share is part of the process's, and it did the streams' work.
+    assert 0 < r["loop_cpu_percent"] <= r["cpu_percent"] + 1.0
+    assert r["loop_cpu_us_per_speaking_frame"] > 0
     assert r["batches"] > 0
     assert sum(r["batch_hist"].values()) == r["batches"]
     assert 1 <= r["batch_mean"] <= r["max_batch"]

@@ -26,8 +26,8 @@ TABLE_COLUMNS = (
     "lateness_p99_ms", "lateness_exact_p99_ms", "onset_p50_ms", "onset_p95_ms", "lipsync_lag_ms",
     "batch_mean",
     "deadline_misses", "underruns", "sink_dropped", "encoded_fps_min", "cpu_percent",
-    "cpu_ms_per_stream_second", "stretch", "buffer_delay_ms", "accelerated_ms",
-    "decelerated_ms", "gc_pause_max_ms", "realtime",
+    "cpu_ms_per_stream_second", "loop_cpu_us_per_speaking_frame", "stretch",
+    "buffer_delay_ms", "accelerated_ms", "decelerated_ms", "gc_pause_max_ms", "realtime",
 )
 
 
