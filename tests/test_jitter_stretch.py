@@ -267,8 +267,9 @@ def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
     """The defaults (a 96 ms start, stretching on) against OFF (128 ms, the start a buffer
     without stretching needs), with the model's look-ahead, on every profile's traces:
     speech starts sooner and waits less in the buffer (10 ms or more where the
-    link leaves room: 40 on steady, 15-20 on moderate, where expanding below 60 % of
-    the target lifts a sagging level), with no more underruns; except on heavy jitter,
+    link leaves room: 40 on steady), with no more underruns; on moderate jitter the
+    start waits for 1.5x the learned delay quantile, about OFF's start, so there it
+    is no later and waits no longer (5-14 ms less); except on heavy jitter,
     where these 30 s show up to 2 against OFF's none, and the level held at the last
     spike waits up to 20 ms longer (over ten minutes: OFF's delay, a quarter of its
     underruns, BENCHMARKS.md)."""
@@ -291,8 +292,14 @@ def test_the_defaults_start_sooner_than_a_buffer_without_stretching() -> None:
             starts_new = [e.frame for e in new.of_type(PlaybackStarted)]
             assert len(starts_new) == len(starts_off) >= 5
             assert all(n <= o for n, o in zip(starts_new, starts_off, strict=True))
+            if profile == "moderate":
+                # The start also covers 1.5x the learned delay quantile, which on this
+                # link is about OFF's start: no later, sooner now and then (0-2 frames in
+                # these 30 s), and never waiting longer in the buffer.
+                assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms, (profile, seed)
+                continue
             assert sum(starts_new) < sum(starts_off), (profile, seed)
-            if profile in ("steady", "moderate"):
+            if profile == "steady":
                 assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms - 10.0, (profile, seed)
             elif profile == "heavy":  # the level held at the last spike (see above)
                 assert new.stats.mean_delay_ms <= off.stats.mean_delay_ms + 20.0, (profile, seed)
@@ -359,10 +366,61 @@ def test_a_16k_streams_resampler_delay_does_not_run_the_buffer_dry(
     monkeypatch.setattr(jitter_module, "_TROUGH_MAX_MS", 0.0)
     monkeypatch.setattr(jitter_module.AudioJitterBuffer, "_expand_below_ms",
                         lambda self: 0.5 * self.target_ms)  # no spike level held then
+    # Nor did the start cover the delay quantile's tail (which cures these too).
+    monkeypatch.setattr(jitter_module.AudioJitterBuffer, "_tail_level_ms", lambda self: 0.0)
     old = _underruns_16k(profile, seeds, late_s)
     monkeypatch.undo()
     new = _underruns_16k(profile, seeds, late_s)
     assert old >= 5 and new <= 1, (old, new)
+
+
+def _sessions(profile: str, seeds: int) -> list[Any]:
+    """Minute-long sessions of 3 s utterances with half-second pauses, from a client up
+    to 5 ms late, each at its own tick phase, with the model's look-ahead."""
+    audio = voice(7.0, seed=1)
+    runs = []
+    for seed in range(seeds):
+        trace = make_trace(profile, duration_s=60.0, utterance_s=3.0, pause_s=0.5,
+                           seed=1000 + seed)
+        runs.append(play_trace(WithLookahead(JitterConfig()), _unpunctual(trace, 0.005, seed),
+                               audio=audio, phase_s=(seed * 0.0037) % 0.04))
+    return runs
+
+
+def test_the_start_covers_the_tail_of_the_learned_delays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cause of the moderate-jitter underruns left in the live bench: an utterance
+    started at 60 % of a learned target (its 95 % delay quantile + two frames) rides on
+    the few chunks that made that level; when those came early and the next ones late,
+    it ran dry within its first few hundred ms. The start now waits, too, for a frame
+    plus 1.5x the learned quantile. A hundred stream-minutes of moderate jitter, with
+    and without: underruns 3 -> 0, for half a frame of onset and 8 ms of delay on average
+    (up to two frames and 16 ms in a session). On a steady link the quantile is ~0 and
+    stalls saturate the target: the very same playout."""
+    new = _sessions("moderate", 100)
+    calm = {p: _sessions(p, 4) for p in ("steady", "stalls")}
+    monkeypatch.setattr(jitter_module.AudioJitterBuffer, "_tail_level_ms", lambda self: 0.0)
+    old = _sessions("moderate", 100)
+    old_calm = {p: _sessions(p, 4) for p in ("steady", "stalls")}
+    monkeypatch.undo()
+
+    assert sum(r.underruns for r in old) >= 3
+    assert sum(r.underruns for r in new) == 0
+    for a, b in zip(new, old, strict=True):
+        for r in (a, b):  # every sample pushed is played, less or more what was stretched
+            st = r.stats
+            assert (st.emitted_samples - st.inserted_samples_for_deceleration
+                    + st.removed_samples_for_acceleration) == len(r.pushed)
+        assert a.stats.mean_delay_ms <= b.stats.mean_delay_ms + 20.0
+    assert (np.mean([r.stats.mean_delay_ms for r in new])
+            <= np.mean([r.stats.mean_delay_ms for r in old]) + 10.0)
+    starts = [[e.frame for e in r.of_type(PlaybackStarted)] for r in (*new, *old)]
+    late = [n - o for s_new, s_old in zip(starts[:100], starts[100:], strict=True)
+            for n, o in zip(s_new, s_old, strict=True)]
+    assert min(late) >= 0 and np.mean(late) <= 1.0  # whole frames: the tick that finds it
+    for profile, runs in calm.items():
+        for a, b in zip(runs, old_calm[profile], strict=True):
+            assert np.array_equal(a.played, b.played), profile
 
 
 class HoldingRenderer:

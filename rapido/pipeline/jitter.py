@@ -19,7 +19,9 @@ Shape of the logic (after WebRTC's NetEQ):
   underruns came in an utterance's first half second, from a start level below the
   link's recent spikes (``heavy`` traces: 88 -> 21 in 30 minutes, BENCHMARKS.md). With
   ``stretch`` on, the playing utterance's level is held there too (preemptive expand
-  below it, see below).
+  below it, see below). Once a second has been measured, the start also waits for a
+  frame plus ``_TAIL_FACTOR`` times the learned delay quantile (the tail past it, which
+  ran moderate jitter dry early in an utterance; near 0 on a calm link).
 * Playout needing audio mid-utterance with none buffered is an *underrun*: the frame is
   concealed with silence, one concealment event is counted, and playout resumes once
   ``resume_ms`` is buffered again. The silence between utterances is not an underrun.
@@ -282,6 +284,16 @@ _HIST_BINS = 200  # 0 .. 1 s of relative delay; anything later lands in the last
 # there for ~6.5 s of speech; steady onset p95 in the trace simulation 93 -> 53 ms).
 _START_FORGET_WEIGHT = 2.0
 _LEARN_S = 1.0
+# An utterance's start waits, too, until a frame plus this many times the learned delay
+# quantile is buffered. The quantile (95 %) is what one chunk in twenty exceeds; an
+# utterance rides on the few chunks that made its start level, and the level stays about
+# where it started. Started at 60 % of the target (the quantile + two frames), when those
+# chunks came early and the next ones late it ran dry, mostly within 80-360 ms of the
+# start: on moderate jitter from a client up to 5 ms late, 13 underruns in 400
+# stream-minutes of the trace simulation; 9 at 1.25x, none at 1.5x (about the 99.7th
+# percentile of a Gaussian link's delays), for ~20 ms more onset there. On a steady link
+# the quantile is near 0 and the start is unchanged (BENCHMARKS.md).
+_TAIL_FACTOR = 1.5
 
 
 class AudioJitterBuffer:
@@ -506,7 +518,16 @@ class AudioJitterBuffer:
     def _start_level_ms(self, now: float) -> float:
         cfg = self.config
         level = self._target_ms * cfg.start_ms / cfg.target_ms
-        return max(level, self._spike_level_ms(now))
+        return max(level, self._spike_level_ms(now), self._tail_level_ms())
+
+    def _tail_level_ms(self) -> float:
+        """A frame plus ``_TAIL_FACTOR`` times the learned delay quantile, up to the
+        target: 0 while the target is still the initial floor, or saturated at
+        ``max_ms`` (stalls, which no start level rides out)."""
+        if self._learned_s < _LEARN_S or self._target_ms >= self.config.max_ms:
+            return 0.0
+        quantile_ms = self._target_ms - self._headroom_ms()
+        return min(self._target_ms, self.config.frame_ms + _TAIL_FACTOR * quantile_ms)
 
     @property
     def current_utterance(self) -> int | None:
