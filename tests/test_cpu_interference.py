@@ -20,8 +20,8 @@ def test_one_short_round_prints_every_cell_against_alone() -> None:
     lines = proc.stdout.splitlines()
     assert "beside another process" in lines[1]
     rows = {line.split("  ")[0]: line for line in lines[2:]}
-    assert set(rows) == {"compose_batch(2)", "its matrix products", "its base-frame copies",
-                         "pure Python loop"}
+    assert set(rows) == {"compose_batch(2)", "its matrix products", "2 frame copies, numpy",
+                         "2 frame copies, bytes", "pure Python loop"}
     for row in rows.values():
         assert row.count("x)") == 3 and "( 1.0x)" in row  # alone is the 1.0x column
 
