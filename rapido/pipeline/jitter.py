@@ -289,15 +289,17 @@ _LEARN_S = 1.0
 # utterance rides on the few chunks that made its start level, and the level stays about
 # where it started. Started at 60 % of the target (the quantile + two frames), when those
 # chunks came early and the next ones late it ran dry, mostly within 80-360 ms of the
-# start: on moderate jitter from a client up to 5 ms late, 13 underruns in 400
-# stream-minutes of the trace simulation; 9 at 1.25x, none at 1.5x (about the 99.7th
-# percentile of a Gaussian link's delays), for ~20 ms more onset there. On a steady link
-# the quantile is near 0 and the start is unchanged (BENCHMARKS.md).
+# start: on moderate jitter from a client up to 5 ms late, 14 underruns in 400
+# stream-minutes of the trace simulation (scripts/jitter_sim.py); 10 at 1.25x, none at
+# 1.5x (about the 99.7th percentile of a Gaussian link's delays), for ~20 ms more onset
+# there. On a steady link the quantile is near 0 and the start is unchanged
+# (BENCHMARKS.md).
 _TAIL_FACTOR = 1.5
 # Where a link's tail is bursts (heavy), the spike level above already covers what the
 # last bursts showed: the tail up to the whole target started heavy jitter's utterances
 # 48 ms later (onset p95, live, 16 streams) for no fewer underruns; at 80 % of it,
-# heavy plays exactly as without, moderate as with the whole target.
+# heavy plays as without (the same underruns and onsets over 100 simulated minutes),
+# moderate as with the whole target.
 _TAIL_MAX_FRAC = 0.8
 
 
