@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The jitter buffer in the trace simulation: underruns, onset and delay per profile.
 
-Plays minute-long sessions of the bench's arrival traces (``rapido.bench.traces``) through
+Plays sessions (a minute each by default) of the bench's arrival traces
+(``rapido.bench.traces``) through
 :class:`rapido.pipeline.jitter.AudioJitterBuffer` as a session drives it (one pull per
 40 ms frame at its own tick phase, the model's look-ahead read after every speaking
 frame, speech-like audio), optionally from a client up to ``--late-ms`` unpunctual, and
@@ -50,7 +51,13 @@ def _unpunctual(trace: list[Arrival], late_s: float, rng: np.random.Generator
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=PROFILES, default="moderate")
-    ap.add_argument("--sessions", type=int, default=100, help="minute-long sessions")
+    ap.add_argument("--sessions", type=int, default=100, help="sessions (default 100)")
+    ap.add_argument("--session-s", type=float, default=60.0,
+                    help="each session's length in seconds (default 60)")
+    ap.add_argument("--utterance-s", type=float, default=3.0, help="default 3")
+    ap.add_argument("--pause-s", type=float, default=0.5,
+                    help="silence between utterances (default 0.5)")
+    ap.add_argument("--seed", type=int, default=1000, help="the first session's trace seed")
     ap.add_argument("--late-ms", type=float, default=0.0,
                     help="each chunk up to this late on top of the profile (the client)")
     ap.add_argument("--tail-factor", type=float, default=jitter_module._TAIL_FACTOR)
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.sessions < 1:
         ap.error("--sessions must be >= 1")
+    if not (args.session_s > 0 and args.utterance_s > 0 and args.pause_s >= 0):
+        ap.error("--session-s and --utterance-s must be > 0, --pause-s >= 0")
     if not 0 <= args.late_ms < 1000:
         ap.error("--late-ms must be in [0, 1000)")
     if args.tail_factor < 0 or not 0 <= args.tail_max_frac <= 1:
@@ -71,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     delays: list[float] = []
     for seed in range(args.sessions):
         rng = np.random.default_rng(seed)
-        trace = make_trace(args.profile, duration_s=60.0, utterance_s=3.0, pause_s=0.5,
-                           seed=1000 + seed)
+        trace = make_trace(args.profile, duration_s=args.session_s,
+                           utterance_s=args.utterance_s, pause_s=args.pause_s,
+                           seed=args.seed + seed)
         trace = _unpunctual(trace, args.late_ms / 1000.0, rng)
         r = play_trace(_SessionBuffer(JitterConfig()), trace, audio=audio,
                        phase_s=(seed * 0.0037) % 0.04)
@@ -86,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\r{seed + 1}/{args.sessions} sessions", end="", file=sys.stderr,
                   flush=True)
     print(file=sys.stderr)
-    print(f"{args.profile}, {args.sessions} min, client <= {args.late_ms:g} ms late, tail "
+    minutes = args.sessions * args.session_s / 60.0
+    print(f"{args.profile}, {minutes:g} min, client <= {args.late_ms:g} ms late, tail "
           f"{args.tail_factor:g}x up to {args.tail_max_frac:g} of the target: "
           f"underruns {underruns}, onset p50/p95 {np.percentile(onsets, 50):.0f}/"
           f"{np.percentile(onsets, 95):.0f} ms, mean delay {np.mean(delays):.1f} ms")

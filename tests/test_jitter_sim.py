@@ -35,6 +35,7 @@ def test_bad_arguments_exit_2_and_say_which() -> None:
     for args, name in ((("--sessions", "0"), "--sessions"),
                        (("--late-ms", "-1"), "--late-ms"),
                        (("--tail-max-frac", "2"), "--tail-max-frac"),
+                       (("--session-s", "0"), "--session-s"),
                        (("--profile", "nope"), "--profile")):
         proc = _run(*args)
         assert proc.returncode == 2, args
