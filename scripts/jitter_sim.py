@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from rapido.bench.traces import PROFILES, Arrival, make_trace, play_trace
+from rapido.bench.traces import PROFILES, make_trace, play_trace, unpunctual
 from rapido.pipeline import jitter as jitter_module
 from rapido.pipeline.jitter import AudioJitterBuffer, JitterConfig, PlaybackStarted, PullResult
 from rapido.pipeline.speech import speech_like
@@ -36,16 +36,6 @@ class _SessionBuffer(AudioJitterBuffer):
         if result.speaking and result.utterance is not None:
             self.lookahead(result.utterance, LOOKAHEAD_SAMPLES)
         return result
-
-
-def _unpunctual(trace: list[Arrival], late_s: float, rng: np.random.Generator
-                ) -> list[Arrival]:
-    out: list[Arrival] = []
-    last = 0.0
-    for a in trace:
-        last = max(last, a.t + float(rng.uniform(0.0, late_s)))
-        out.append(Arrival(last, a.samples, end=a.end))
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     onsets: list[float] = []
     delays: list[float] = []
     for seed in range(args.sessions):
-        rng = np.random.default_rng(seed)
         trace = make_trace(args.profile, duration_s=args.session_s,
                            utterance_s=args.utterance_s, pause_s=args.pause_s,
                            seed=args.seed + seed)
-        trace = _unpunctual(trace, args.late_ms / 1000.0, rng)
+        trace = unpunctual(trace, args.late_ms / 1000.0, seed)
         r = play_trace(_SessionBuffer(JitterConfig()), trace, audio=audio,
                        phase_s=(seed * 0.0037) % 0.04)
         underruns += r.underruns

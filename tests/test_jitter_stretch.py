@@ -15,7 +15,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from rapido.bench.traces import Arrival, make_trace, play_trace
+from rapido.bench.traces import Arrival, make_trace, play_trace, unpunctual
 from rapido.engine import Engine
 from rapido.metrics import Metrics
 from rapido.pipeline import jitter as jitter_module
@@ -322,17 +322,6 @@ def _as_resampled_16k(trace: list[Arrival]) -> list[Arrival]:
     return [a for a in out if a.end or a.samples]
 
 
-def _unpunctual(trace: list[Arrival], late_s: float, seed: int) -> list[Arrival]:
-    """Each chunk up to ``late_s`` late (uniformly), order kept: a client a few ms off."""
-    rng = np.random.default_rng(seed)
-    out: list[Arrival] = []
-    last = 0.0
-    for a in trace:
-        last = max(last, a.t + float(rng.uniform(0.0, late_s)))
-        out.append(Arrival(last, a.samples, end=a.end))
-    return out
-
-
 def _underruns_16k(profile: str, seeds: int, late_s: float = 0.0) -> int:
     audio = voice(7.0, seed=1)
     total = 0
@@ -340,7 +329,7 @@ def _underruns_16k(profile: str, seeds: int, late_s: float = 0.0) -> int:
         trace = make_trace(profile, duration_s=60.0, seed=seed, utterance_s=3.0,
                            pause_s=3.0)
         if late_s:
-            trace = _unpunctual(trace, late_s, seed)
+            trace = unpunctual(trace, late_s, seed)
         trace = _as_resampled_16k(trace)
         assert trace[0].samples == 960 - 48  # the resampler's delay, held back
         r = play_trace(WithLookahead(JitterConfig()), trace, audio=audio,
@@ -382,7 +371,7 @@ def _sessions(profile: str, seeds: int) -> list[Any]:
     for seed in range(seeds):
         trace = make_trace(profile, duration_s=60.0, utterance_s=3.0, pause_s=0.5,
                            seed=1000 + seed)
-        runs.append(play_trace(WithLookahead(JitterConfig()), _unpunctual(trace, 0.005, seed),
+        runs.append(play_trace(WithLookahead(JitterConfig()), unpunctual(trace, 0.005, seed),
                                audio=audio, phase_s=(seed * 0.0037) % 0.04))
     return runs
 

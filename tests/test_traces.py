@@ -21,6 +21,7 @@ from rapido.bench.traces import (
     play_trace,
     profile_description,
     trace_stats,
+    unpunctual,
 )
 from rapido.pipeline.jitter import AudioJitterBuffer, JitterConfig
 
@@ -234,3 +235,20 @@ def test_play_trace_rejects_mismatched_arguments() -> None:
     r = play_trace(AudioJitterBuffer(JitterConfig(frame_samples=1600)), trace, fps=30,
                    phase_s=0.01)
     assert np.array_equal(r.played, r.pushed)
+
+
+def test_unpunctual_delays_each_arrival_within_its_bound_and_keeps_the_order() -> None:
+    trace = make_trace("moderate", duration_s=5.0, seed=2)
+    late = unpunctual(trace, 0.005, seed=7)
+    assert [(a.samples, a.end) for a in late] == [(a.samples, a.end) for a in trace]
+    shifts = [b.t - a.t for a, b in zip(trace, late, strict=True)]
+    assert min(shifts) >= 0.0 and max(shifts) <= 0.005 + 1e-12  # order kept costs no more
+    assert all(b.t >= a.t for a, b in itertools.pairwise(late))
+    assert unpunctual(trace, 0.005, seed=7) == late  # seeded: the same every time
+    assert unpunctual(trace, 0.0, seed=7) == trace
+
+
+@pytest.mark.parametrize("late_s", [-0.001, float("nan"), float("inf")])
+def test_unpunctual_refuses_a_bad_bound(late_s: float) -> None:
+    with pytest.raises(ValueError, match="late_s"):
+        unpunctual(make_trace("steady", duration_s=1.0), late_s, seed=0)

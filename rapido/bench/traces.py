@@ -204,6 +204,20 @@ def concat_traces(traces: Sequence[list[Arrival]], *, gap_s: float = 1.0) -> lis
     return out
 
 
+def unpunctual(trace: list[Arrival], late_s: float, seed: int) -> list[Arrival]:
+    """``trace`` from a client a few ms off: each arrival (end markers too) up to
+    ``late_s`` later, uniformly, order kept (a chunk never overtakes the one before it)."""
+    if not (math.isfinite(late_s) and late_s >= 0):
+        raise ValueError(f"unpunctual: late_s must be >= 0, got {late_s!r}")
+    rng = np.random.default_rng(seed)
+    out: list[Arrival] = []
+    last = 0.0
+    for a in trace:
+        last = max(last, a.t + float(rng.uniform(0.0, late_s)))
+        out.append(Arrival(last, a.samples, end=a.end))
+    return out
+
+
 def _check_profile(profile: str) -> None:
     if profile not in PROFILES:
         raise ValueError(f"unknown trace profile {profile!r}; choose one of {', '.join(PROFILES)}")
