@@ -14,6 +14,10 @@ property test and the benchmark.
 the buffer at their arrival times and playout pulls one frame per video tick, with the
 tick phase unrelated to the arrivals (as it is in the server, where the clock and the
 socket are independent). Nothing sleeps; time is the trace's.
+
+Why one module over 500 lines: the profiles, the transformations of a trace (concatenated,
+made unpunctual) and the simulation that plays them share one data shape and one set of
+constants that the tests check against; split, each part would import the others'.
 """
 
 from __future__ import annotations
